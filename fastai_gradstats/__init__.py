@@ -1,0 +1,11 @@
+"Make a network's gradients visible while it trains: a fastai callback, its record, plots and diagnosis."
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try: __version__ = _version('fastai_gradstats')  # settings.ini is the one source; pip wrote it into the metadata
+except PackageNotFoundError: __version__ = 'unknown'
+
+from .stats import METRICS, LayerStats, count_nonfinite
+from .record import GradRecord, load
+from .callback import GradStats
+
+__all__ = ['GradStats', 'GradRecord', 'load', 'LayerStats', 'count_nonfinite', 'METRICS', '__version__']

@@ -1,0 +1,147 @@
+"""`GradStats`, the fastai callback: the only module that knows fastai's training loop.
+
+At `before_step` it hands the final gradients of one optimizer step to
+`fastai_gradstats.stats.LayerStats`, copies the one result tensor to the host and appends
+it to a `GradRecord`, which stays at `learn.grad_stats` after the callback is removed.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastcore.basics import store_attr
+
+from .record import GradRecord
+from .stats import METRICS, LayerStats, count_nonfinite
+
+__all__ = ['GradStats']
+
+
+def _to_host(tensor: torch.Tensor) -> np.ndarray:
+    "The one device-to-host copy of a recorded step (kept in one place so tests can count it)."
+    return tensor.detach().cpu().numpy()
+
+
+def _check_every(every):
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)):
+        raise TypeError(f"`every` must be an int, got {type(every).__name__}")
+    if every < 1: raise ValueError(f"`every` must be >= 1, got {every}")
+
+
+def _check_zero_tol(zero_tol):
+    if isinstance(zero_tol, bool) or not isinstance(zero_tol, (int, float, np.floating, np.integer)):
+        raise TypeError(f"`zero_tol` must be a number, got {type(zero_tol).__name__}")
+    if not math.isfinite(zero_tol) or zero_tol < 0:
+        raise ValueError(f"`zero_tol` must be a finite number >= 0, got {zero_tol}")
+
+
+class GradStats(Callback):
+    "Record per-layer gradient statistics of every `every`-th optimizer step into `learn.grad_stats`"
+    # Gradients are final between MixedPrecision (order 10), which unscales them in its
+    # before_step, and GradientClip (order 11), which clips them: record the true, pre-clip values.
+    # GradientAccumulation (order 6) cancels the batches that do not step before we run.
+    order = MixedPrecision.order + 0.5
+    run_valid = False
+
+    def __init__(self,
+        every:int=1,        # Record optimizer steps 0, `every`, 2*`every`, ... (steps count from 0 across fits)
+        zero_tol:float=0.0, # A gradient element with |g| <= `zero_tol` counts as zero in `zero_frac` and `dead_frac`
+    ):
+        _check_every(every); _check_zero_tol(zero_tol)
+        store_attr()
+        self.record = GradRecord(args={'every': int(every), 'zero_tol': float(zero_tol)})
+        self.step_count, self._active, self._hooks, self._params, self._plan = 0, False, [], None, None
+
+    @property
+    def name(self):
+        # `learn.grad_stats` is the record, which outlives the callback; the callback is `learn.grad_stats_cb`.
+        return 'grad_stats_cb'
+
+    # --- events --------------------------------------------------------------------------
+    def before_fit(self):
+        self._remove_hooks()
+        self._active = not hasattr(self.learn, 'lr_finder')  # lr_find trains a throwaway copy
+        if not self._active: return
+        self.learn.grad_stats = self.record
+        model = self.learn.model
+        self._params = list(model.named_parameters())
+        self._module_of = {}
+        for mod_name, module in model.named_modules():
+            for p_name, _ in module.named_parameters(recurse=False):
+                self._module_of[f'{mod_name}.{p_name}' if mod_name else p_name] = (mod_name, module)
+        self._describe_layers(call_order=None)
+        self._call_order = []
+        for mod_name, module in {v[0]: v[1] for v in self._module_of.values()}.items():
+            self._hooks.append(module.register_forward_pre_hook(self._note_call(mod_name)))
+        self._plan, self._plan_key, self._recorded_step = None, None, False
+
+    def after_pred(self):
+        if self._hooks:
+            self._remove_hooks()
+            self._describe_layers(self._call_order)
+
+    def before_step(self):
+        if self._active: self._record(skipped=False)
+
+    def after_cancel_step(self):
+        if not self._active: return
+        if self._recorded_step: self.record.mark_skipped()
+        else: self._record(skipped=True)
+
+    def after_step(self):
+        if not self._active: return
+        self.step_count += 1
+        self._recorded_step = False
+
+    def after_cancel_fit(self): self._remove_hooks()
+
+    def after_fit(self):
+        self._remove_hooks()
+        self._params, self._plan, self._module_of, self._active = None, None, None, False
+
+    # --- helpers -------------------------------------------------------------------------
+    def _note_call(self, mod_name):
+        def hook(module, args):
+            if mod_name not in self._call_order: self._call_order.append(mod_name)
+        return hook
+
+    def _remove_hooks(self):
+        for h in self._hooks: h.remove()
+        self._hooks = []
+
+    def _describe_layers(self, call_order):
+        "Describe every parameter; `depth` follows the order modules ran in (registration order until known)."
+        rank = {m: i for i, m in enumerate(call_order or [])}
+        named_order = {n: i for i, (n, _) in enumerate(self._params)}
+        by_depth = sorted(self._params, key=lambda np_: (rank.get(self._module_of[np_[0]][0], len(rank)), named_order[np_[0]]))
+        self._params = by_depth
+        self.record.set_layers([{'name': n, 'module': type(self._module_of[n][1]).__name__, 'shape': tuple(p.shape),
+                                 'numel': p.numel(), 'depth': d} for d, (n, p) in enumerate(by_depth)])
+        self._plan_key = None
+
+    def _record(self, skipped):
+        if self.step_count % self.every: return
+        chosen = [(n, p) for n, p in self._params
+                  if p.requires_grad and p.grad is not None and not p.grad.is_sparse]
+        key = tuple(n for n, _ in chosen)
+        if key != self._plan_key:
+            self._plan = LayerStats([p.shape for _, p in chosen], self.zero_tol)
+            self._plan_index, self._plan_key = self.record.layer_index(key), key
+        params = [p for _, p in chosen]
+        grads = [p.grad for p in params]
+        values = self._plan(grads, params)
+        loss = self.learn.loss
+        loss = (torch.full((), torch.nan) if loss is None else loss.detach().float().mean()).to(values.device)
+        host = _to_host(torch.cat([values.reshape(-1), loss.reshape(1)]))
+        values, loss = host[:-1].reshape(len(params), len(METRICS)), float(host[-1])
+        counts = np.zeros((len(params), 2), np.int64)
+        nonfinite = np.flatnonzero(~np.isfinite(values[:, METRICS.index('grad_norm')]))
+        if len(nonfinite):  # rare: a second copy, only on steps whose gradients hold NaN or Inf
+            counts[nonfinite] = _to_host(count_nonfinite([grads[i] for i in nonfinite]))
+        self.record.add_step(self.step_count, self.learn.epoch, self.learn.opt.hypers[-1]['lr'], loss,
+                             self._plan_index, values, counts, skipped)
+        self._recorded_step = True

@@ -1,0 +1,242 @@
+"""What `GradStats` recorded: compact per-step arrays, tidy DataFrames on demand, save and load.
+
+The record knows nothing of fastai. It holds float32 arrays that grow by doubling while
+training; `.df` and `.steps` build pandas DataFrames from them when asked and cache them
+until the next step arrives. Saved runs are a directory of parquet files and a small JSON
+file (no pickle), so a run from someone else is safe to open and other tools read it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .stats import METRICS
+
+__all__ = ['GradRecord', 'load', 'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS']
+
+COUNT_COLUMNS = ('n_nan', 'n_inf')
+"Integer per-layer columns: how many gradient elements are NaN, and how many are ±Inf."
+LAYER_COLUMNS = ('name', 'module', 'shape', 'numel', 'depth')
+"Columns of `GradRecord.layers`: one row per parameter tensor, `depth` 0 nearest the input."
+STEP_COLUMNS = ('step', 'epoch', 'lr', 'loss', 'grad_norm', 'skipped')
+"Columns of `GradRecord.steps`: one row per recorded optimizer step."
+FORMAT_VERSION = 1
+_FILES = {'meta': 'meta.json', 'steps': 'steps.parquet', 'stats': 'stats.parquet'}
+
+
+class _Growable:
+    "A numpy array that grows along its first axis by doubling, without per-append copies."
+    def __init__(self, dtype, width=None):
+        self.shape_tail = () if width is None else (width,)
+        self.data = np.empty((16,) + self.shape_tail, dtype)
+        self.n = 0
+
+    def extend(self, rows):
+        rows = np.asarray(rows, self.data.dtype).reshape((-1,) + self.shape_tail)
+        need = self.n + len(rows)
+        if need > len(self.data):
+            grown = np.empty((max(need, 2 * len(self.data)),) + self.shape_tail, self.data.dtype)
+            grown[:self.n] = self.data[:self.n]
+            self.data = grown
+        self.data[self.n:need] = rows
+        self.n = need
+
+    @property
+    def view(self): return self.data[:self.n]
+
+    def __len__(self): return self.n
+
+
+class GradRecord:
+    """Per-layer gradient statistics of a training run, one entry per recorded optimizer step.
+
+    `GradStats` fills it while training and leaves it at `learn.grad_stats`; `load` reads a
+    saved one back. Read it through:
+
+    - `df`: tidy DataFrame, one row per (recorded step, parameter tensor), ordered by step and
+      then from input to output; columns `step`, `epoch`, `layer`, the statistics of
+      `fastai_gradstats.stats.METRICS`, `grad_param_ratio`, `n_nan`, `n_inf`;
+    - `steps`: one row per recorded step: `step`, `epoch`, `lr`, `loss`, `grad_norm` (the L2 norm
+      over all recorded parameters), `skipped` (the optimizer did not apply this step);
+    - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`.
+    """
+    def __init__(self, layers=(), args=None):
+        self._layers = []
+        self._index = {}
+        self.args = dict(args or {})
+        self._values = _Growable(np.float32, len(METRICS))
+        self._counts = _Growable(np.int64, len(COUNT_COLUMNS))
+        self._row_layer = _Growable(np.int32)
+        self._step_cols = {'step': _Growable(np.int64), 'epoch': _Growable(np.int32), 'lr': _Growable(np.float64),
+                           'loss': _Growable(np.float32), 'skipped': _Growable(np.bool_), 'n_rows': _Growable(np.int64)}
+        self._cache = {}
+        self.set_layers(layers)
+
+    # --- filling -------------------------------------------------------------------------
+    def set_layers(self, layers):
+        """Add the parameter tensors described by `layers` (dicts with the keys of `LAYER_COLUMNS`).
+
+        A layer already known by name keeps its index and takes the new description."""
+        for layer in layers:
+            missing = set(LAYER_COLUMNS) - set(layer)
+            if missing: raise ValueError(f"`layers` entry {layer!r} lacks {sorted(missing)}")
+            entry = {k: layer[k] for k in LAYER_COLUMNS}
+            entry['shape'] = tuple(int(s) for s in entry['shape'])
+            if entry['name'] in self._index: self._layers[self._index[entry['name']]] = entry
+            else:
+                self._index[entry['name']] = len(self._layers)
+                self._layers.append(entry)
+        self._cache.clear()
+
+    def layer_index(self, names):
+        "Indices of the layers called `names`, for `add_step`."
+        codes = pd.Categorical(np.asarray(names, dtype=object), categories=[l['name'] for l in self._layers]).codes
+        if (codes < 0).any():
+            unknown = np.asarray(names, dtype=object)[codes < 0][0]
+            raise ValueError(f"unknown layer {unknown!r}; add it with `set_layers` first")
+        return codes.astype(np.int32)
+
+    def add_step(self, step, epoch, lr, loss, layer_index, values, counts=None, skipped=False):
+        """Append one recorded optimizer step.
+
+        `layer_index` (from `layer_index`) says which layer each row of `values` belongs to;
+        `values` has one column per entry of `METRICS`; `counts` one per `COUNT_COLUMNS`
+        (zeros when omitted)."""
+        values = np.asarray(values, np.float32).reshape(-1, len(METRICS))
+        layer_index = np.asarray(layer_index, np.int32).reshape(-1)
+        if len(layer_index) != len(values):
+            raise ValueError(f"`layer_index` has {len(layer_index)} entries for {len(values)} rows of `values`")
+        if counts is None: counts = np.zeros((len(values), len(COUNT_COLUMNS)), np.int64)
+        self._extend({'step': [step], 'epoch': [epoch], 'lr': [lr], 'loss': [loss], 'skipped': [skipped]},
+                     [len(values)], layer_index, values, counts)
+
+    def _extend(self, steps, n_rows, layer_index, values, counts):
+        "Append several steps at once: `steps` maps step columns to sequences, `n_rows` rows per step."
+        new_steps = np.asarray(steps['step'], np.int64)
+        last = self._step_cols['step'].view[-1:]
+        if len(new_steps) and np.any(np.diff(np.concatenate([last, new_steps])) <= 0):
+            raise ValueError(f"`step` must increase: got {new_steps.tolist()[:5]} after {last.tolist()}")
+        self._values.extend(values); self._counts.extend(counts); self._row_layer.extend(layer_index)
+        for name in ('step', 'epoch', 'lr', 'loss', 'skipped'): self._step_cols[name].extend(np.asarray(steps[name]))
+        self._step_cols['n_rows'].extend(n_rows)
+        self._cache.clear()
+
+    def mark_skipped(self):
+        "Flag the last recorded step as one the optimizer did not apply."
+        if not len(self._step_cols['step']): raise ValueError("no step recorded yet")
+        self._step_cols['skipped'].view[-1] = True
+        self._cache.clear()
+
+    # --- reading -------------------------------------------------------------------------
+    def __len__(self): return len(self._step_cols['step'])
+
+    @property
+    def metrics(self):
+        "Names of the per-layer statistics in `df`."
+        return list(METRICS) + ['grad_param_ratio'] + list(COUNT_COLUMNS)
+
+    @property
+    def layers(self) -> pd.DataFrame:
+        "One row per parameter tensor seen, with `name`, `module`, `shape`, `numel` and `depth`."
+        if 'layers' not in self._cache:
+            self._cache['layers'] = pd.DataFrame(self._layers, columns=list(LAYER_COLUMNS))
+        return self._cache['layers']
+
+    def _row_step(self):
+        return np.repeat(np.arange(len(self)), self._step_cols['n_rows'].view)
+
+    @property
+    def df(self) -> pd.DataFrame:
+        "Tidy DataFrame, one row per (recorded step, parameter tensor); see the class docstring."
+        if 'df' not in self._cache:
+            row_step = self._row_step()
+            values = self._values.view
+            cols = {'step': self._step_cols['step'].view[row_step],
+                    'epoch': self._step_cols['epoch'].view[row_step],
+                    'layer': pd.Categorical.from_codes(self._row_layer.view, [l['name'] for l in self._layers])}
+            for i, name in enumerate(METRICS): cols[name] = values[:, i]
+            with np.errstate(divide='ignore', invalid='ignore'):
+                cols['grad_param_ratio'] = values[:, METRICS.index('grad_norm')] / values[:, METRICS.index('param_norm')]
+            for i, name in enumerate(COUNT_COLUMNS): cols[name] = self._counts.view[:, i]
+            self._cache['df'] = pd.DataFrame(cols)
+        return self._cache['df']
+
+    @property
+    def steps(self) -> pd.DataFrame:
+        "One row per recorded step: `step`, `epoch`, `lr`, `loss`, `grad_norm` (total), `skipped`."
+        if 'steps' not in self._cache:
+            sq = self._values.view[:, METRICS.index('grad_norm')].astype(np.float64) ** 2
+            total = np.sqrt(np.bincount(self._row_step(), weights=sq, minlength=len(self)))
+            cols = {k: self._step_cols[k].view.copy() for k in ('step', 'epoch', 'lr', 'loss')}
+            cols['grad_norm'] = total
+            cols['skipped'] = self._step_cols['skipped'].view.copy()
+            self._cache['steps'] = pd.DataFrame(cols, columns=list(STEP_COLUMNS))
+        return self._cache['steps']
+
+    def __repr__(self):
+        if not len(self): return f"GradRecord(no steps recorded, {len(self._layers)} layers)"
+        s = self._step_cols['step'].view
+        return (f"GradRecord({len(self)} steps from {s[0]} to {s[-1]}, {len(self._layers)} layers, "
+                f"{int(self._step_cols['skipped'].view.sum())} skipped)")
+
+    # --- save and load -------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write the record to the directory `path` (created if needed) and return it.
+
+        The directory holds `stats.parquet` (the `df`), `steps.parquet` (the `steps`) and
+        `meta.json` (format and package version, the callback's arguments, the layer table)."""
+        if not isinstance(path, (str, Path)): raise TypeError(f"`path` must be a str or Path, got {type(path).__name__}")
+        path = Path(path)
+        if path.exists() and not path.is_dir(): raise ValueError(f"`path` {str(path)!r} exists and is not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        from . import __version__
+        meta = {'format': 'fastai_gradstats.record', 'format_version': FORMAT_VERSION, 'version': __version__,
+                'args': self.args, 'layers': [dict(l, shape=list(l['shape'])) for l in self._layers]}
+        (path/_FILES['meta']).write_text(json.dumps(meta, indent=1, default=_json_default))
+        df = self.df.copy()
+        df['layer'] = df['layer'].astype(str)
+        df.drop(columns=['grad_param_ratio']).to_parquet(path/_FILES['stats'], index=False)
+        self.steps.drop(columns=['grad_norm']).to_parquet(path/_FILES['steps'], index=False)
+        return path
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)): return int(o)
+    if isinstance(o, (np.floating,)): return float(o)
+    return repr(o)
+
+
+def load(path) -> GradRecord:
+    """Read a record written by `GradRecord.save` from the directory `path`.
+
+    The result has the same `df`, `steps` and `layers` as the saved one and works with every
+    plot and check that a live record does."""
+    if not isinstance(path, (str, Path)): raise TypeError(f"`path` must be a str or Path, got {type(path).__name__}")
+    path = Path(path)
+    if not path.is_dir(): raise FileNotFoundError(f"no saved GradStats run at {str(path)!r}: not a directory")
+    missing = [f for f in _FILES.values() if not (path/f).is_file()]
+    if missing: raise FileNotFoundError(f"{str(path)!r} is not a saved GradStats run: missing {', '.join(missing)}")
+    try:
+        meta = json.loads((path/_FILES['meta']).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path/_FILES['meta'])!r} is not valid JSON: {e}") from None
+    if meta.get('format') != 'fastai_gradstats.record':
+        raise ValueError(f"{str(path)!r} is not a saved GradStats run (meta.json has no GradStats format)")
+    if meta.get('format_version', 0) > FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r} was written by a newer fastai_gradstats (format {meta['format_version']})")
+    record = GradRecord(meta['layers'], meta.get('args'))
+    try:
+        stats, steps = pd.read_parquet(path/_FILES['stats']), pd.read_parquet(path/_FILES['steps'])
+    except Exception as e:
+        raise ValueError(f"{str(path)!r} holds an unreadable parquet file: {e}") from None
+    step_pos = pd.Index(steps['step']).get_indexer(stats['step'])
+    if (step_pos < 0).any(): raise ValueError(f"{str(path)!r}: stats.parquet has steps that steps.parquet lacks")
+    order = np.argsort(step_pos, kind='stable')
+    stats = stats.iloc[order]
+    record._extend(steps, np.bincount(step_pos, minlength=len(steps)), record.layer_index(stats['layer']),
+                   stats[list(METRICS)].to_numpy(np.float32), stats[list(COUNT_COLUMNS)].to_numpy(np.int64))
+    return record

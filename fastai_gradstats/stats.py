@@ -1,0 +1,106 @@
+"""Per-tensor gradient statistics, computed in batched form with plain torch.
+
+Nothing here knows fastai or pandas. Given the gradients and parameters of a model,
+`LayerStats` returns one tensor of shape `(n_tensors, len(METRICS))` on the gradients'
+device. The work is a handful of batched `torch._foreach_*` calls and small loops of
+reductions that never leave the device: no `.item()` and no host copy per tensor or
+per metric. The caller decides when to move the one result tensor to the host.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+__all__ = ['METRICS', 'LayerStats', 'count_nonfinite']
+
+METRICS = ('grad_norm', 'param_norm', 'grad_max', 'grad_mean', 'grad_std',
+           'zero_frac', 'dead_frac')
+"Columns of the tensor `LayerStats` returns, in order."
+
+
+def _check_tensors(tensors, argname):
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"`{argname}` must be a list or tuple of tensors, got {type(tensors).__name__}")
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{argname}` must hold tensors only, got {type(t).__name__}")
+
+
+class LayerStats:
+    """Batched statistics of a fixed list of gradient tensors and their parameters.
+
+    Build it once for a list of shapes (the shape metadata is precomputed), then call it
+    every step with the current gradients and parameters. Statistics per tensor:
+
+    - `grad_norm`: L2 norm of the gradient; `param_norm`: L2 norm of the parameter;
+    - `grad_max`: largest |g|; `grad_mean`, `grad_std`: mean and standard deviation of the
+      gradient's elements (`grad_std` with Bessel's correction, as `torch.std`; NaN for one element);
+    - `zero_frac`: fraction of elements with |g| <= `zero_tol`;
+    - `dead_frac`: fraction of units (slices along dim 0 of a tensor with 2+ dims: output
+      neurons or channels) whose whole gradient is <= `zero_tol`; NaN for 0-D and 1-D tensors.
+
+    NaN and Inf propagate into the norms, the max, the mean and the std as they are; count
+    them with `count_nonfinite` for the tensors whose `grad_norm` is not finite.
+    """
+    def __init__(self, shapes: Sequence[torch.Size], zero_tol: float = 0.0):
+        if not isinstance(zero_tol, (int, float)) or isinstance(zero_tol, bool) or not math.isfinite(zero_tol) or zero_tol < 0:
+            raise ValueError(f"`zero_tol` must be a finite number >= 0, got {zero_tol!r}")
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.zero_tol = float(zero_tol)
+        self.numel = torch.tensor([s.numel() for s in self.shapes], dtype=torch.float64)
+        self.is_matrix = torch.tensor([len(s) >= 2 for s in self.shapes])
+        rows = [s[0] if len(s) >= 2 else 1 for s in self.shapes]
+        self.n_units = torch.tensor(rows, dtype=torch.float64)
+        self.row_owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows, dtype=torch.long))
+        self._on_device = {}
+
+    def __len__(self): return len(self.shapes)
+
+    def _meta(self, device):
+        "The shape metadata, copied to `device` once and kept."
+        if device not in self._on_device:
+            self._on_device[device] = tuple(t.to(device) for t in
+                                           (self.numel, self.is_matrix, self.n_units, self.row_owner))
+        return self._on_device[device]
+
+    def __call__(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
+        "Statistics of `grads` and `params` as a float32 tensor of shape `(len(grads), len(METRICS))`."
+        _check_tensors(grads, 'grads'); _check_tensors(params, 'params')
+        if len(grads) != len(self.shapes) or len(params) != len(self.shapes):
+            raise ValueError(f"expected {len(self.shapes)} gradients and parameters, "
+                             f"got {len(grads)} and {len(params)}")
+        if not grads: return torch.empty(0, len(METRICS))
+        device = grads[0].device
+        numel, is_matrix, n_units, row_owner = self._meta(device)
+        with torch.no_grad():
+            grad_norm = torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).double()
+            param_norm = torch.stack(torch._foreach_norm(params, dtype=torch.float32)).to(device, torch.float64)
+            abs_grads = torch._foreach_abs(grads)
+            # Largest |g| of each unit (row); the largest of a tensor's rows is its grad_max.
+            row_max = torch.cat([a.reshape(a.shape[0], -1).amax(1) if a.dim() >= 2 else a.reshape(1, -1).amax(1)
+                                 for a in abs_grads]).double()
+            grad_max = torch.zeros(len(grads), dtype=torch.float64, device=device).scatter_reduce_(
+                0, row_owner, row_max, 'amax', include_self=False)
+            dead_units = torch.zeros_like(grad_max).index_add_(0, row_owner, (row_max <= self.zero_tol).double())
+            dead_frac = torch.where(is_matrix, dead_units / n_units, torch.nan)
+            # NaN is not <= zero_tol and is counted as non-zero, so the count is exact with NaN too.
+            above_tol = abs_grads if self.zero_tol == 0 else torch._foreach_clamp_min(torch._foreach_sub(abs_grads, self.zero_tol), 0.0)
+            nonzero = torch.stack([torch.count_nonzero(a) for a in above_tol]).double()
+            zero_frac = 1 - nonzero / numel
+            grad_sum = torch.stack([g.sum(dtype=torch.float32) for g in grads]).double()
+            grad_mean = grad_sum / numel
+            sum_sq = grad_norm ** 2
+            var = (sum_sq - grad_sum * grad_mean).clamp_min(0) / (numel - 1)
+            grad_std = torch.where(numel > 1, var.sqrt(), torch.nan)
+            return torch.stack([grad_norm, param_norm, grad_max, grad_mean, grad_std,
+                                zero_frac, dead_frac], dim=1).float()
+
+
+def count_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    "Number of NaN and of ±Inf elements in each of `grads`, as an int64 tensor of shape `(len(grads), 2)`."
+    _check_tensors(grads, 'grads')
+    if not grads: return torch.zeros(0, 2, dtype=torch.long)
+    with torch.no_grad():
+        return torch.stack([torch.stack([torch.isnan(g).sum(), torch.isinf(g).sum()]) for g in grads])
