@@ -16,7 +16,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastcore.basics import store_attr
 
 from .record import GradRecord
-from .stats import METRICS, LayerStats, count_nonfinite
+from .stats import METRICS, LayerStats, MagnitudeHistogram, count_nonfinite
 
 __all__ = ['GradStats']
 
@@ -48,13 +48,24 @@ class GradStats(Callback):
     run_valid = False
 
     def __init__(self,
-        every:int=1,        # Record optimizer steps 0, `every`, 2*`every`, ... (steps count from 0 across fits)
-        zero_tol:float=0.0, # A gradient element with |g| <= `zero_tol` counts as zero in `zero_frac` and `dead_frac`
+        every:int=1,             # Record optimizer steps 0, `every`, 2*`every`, ... (steps count from 0 across fits)
+        zero_tol:float=0.0,      # A gradient element with |g| <= `zero_tol` counts as zero in `zero_frac` and `dead_frac`
+        hist:bool=True,          # Also record each layer's log10 |g| histogram (`learn.grad_stats.hist`)
+        hist_sample:int|None=2048, # Count the histogram of a larger tensor on this many fixed random elements; None: all
+        update_ratio:bool=False, # Also record ||w_after - w_before|| / ||w_before|| per layer (keeps a copy of the weights)
     ):
         _check_every(every); _check_zero_tol(zero_tol)
+        for name, flag in (('hist', hist), ('update_ratio', update_ratio)):
+            if not isinstance(flag, bool): raise TypeError(f"`{name}` must be True or False, got {flag!r}")
+        if hist_sample is not None and (isinstance(hist_sample, bool) or not isinstance(hist_sample, (int, np.integer)) or hist_sample < 1):
+            raise ValueError(f"`hist_sample` must be a positive int or None, got {hist_sample!r}")
         store_attr()
-        self.record = GradRecord(args={'every': int(every), 'zero_tol': float(zero_tol)})
+        hist_dtype = None if not hist else np.uint16 if hist_sample is not None and hist_sample < 2**16 else np.int64
+        self.record = GradRecord(args={'every': int(every), 'zero_tol': float(zero_tol), 'hist': hist,
+                                       'hist_sample': hist_sample, 'update_ratio': update_ratio},
+                                 extra_columns=('update_ratio',) if update_ratio else (), hist_dtype=hist_dtype)
         self.step_count, self._active, self._hooks, self._params, self._plan = 0, False, [], None, None
+        self._weights_before = None
 
     @property
     def name(self):
@@ -94,6 +105,7 @@ class GradStats(Callback):
 
     def after_step(self):
         if not self._active: return
+        if self._weights_before is not None: self._record_update_ratio()
         self.step_count += 1
         self._recorded_step = False
 
@@ -101,7 +113,8 @@ class GradStats(Callback):
 
     def after_fit(self):
         self._remove_hooks()
-        self._params, self._plan, self._module_of, self._active = None, None, None, False
+        self._params, self._plan, self._hist_plan, self._module_of, self._active = None, None, None, None, False
+        self._weights_before = None
 
     # --- helpers -------------------------------------------------------------------------
     def _note_call(self, mod_name):
@@ -129,19 +142,40 @@ class GradStats(Callback):
                   if p.requires_grad and p.grad is not None and not p.grad.is_sparse]
         key = tuple(n for n, _ in chosen)
         if key != self._plan_key:
-            self._plan = LayerStats([p.shape for _, p in chosen], self.zero_tol)
+            shapes = [p.shape for _, p in chosen]
+            self._plan = LayerStats(shapes, self.zero_tol)
+            self._hist_plan = MagnitudeHistogram(shapes, self.zero_tol, self.hist_sample) if self.hist else None
             self._plan_index, self._plan_key = self.record.layer_index(key), key
         params = [p for _, p in chosen]
         grads = [p.grad for p in params]
         values = self._plan(grads, params)
         loss = self.learn.loss
         loss = (torch.full((), torch.nan) if loss is None else loss.detach().float().mean()).to(values.device)
-        host = _to_host(torch.cat([values.reshape(-1), loss.reshape(1)]))
-        values, loss = host[:-1].reshape(len(params), len(METRICS)), float(host[-1])
+        parts = [values.reshape(-1), loss.reshape(1)]
+        if self.hist: parts.append(self._hist_plan(grads).reshape(-1).to(values.dtype))  # counts <= 2**24: exact in float32
+        host = _to_host(torch.cat(parts))
+        n, width = len(params), len(METRICS)
+        values, loss, hist = host[:n * width].reshape(n, width), float(host[n * width]), host[n * width + 1:]
         counts = np.zeros((len(params), 2), np.int64)
         nonfinite = np.flatnonzero(~np.isfinite(values[:, METRICS.index('grad_norm')]))
         if len(nonfinite):  # rare: a second copy, only on steps whose gradients hold NaN or Inf
             counts[nonfinite] = _to_host(count_nonfinite([grads[i] for i in nonfinite]))
+        if self.update_ratio:
+            values = np.concatenate([values, np.full((n, 1), np.nan, np.float32)], axis=1)
+            self._weights_before = (torch._foreach_mul(params, 1.0), params)
         self.record.add_step(self.step_count, self.learn.epoch, self.learn.opt.hypers[-1]['lr'], loss,
-                             self._plan_index, values, counts, skipped)
+                             self._plan_index, values, counts, skipped,
+                             hist.reshape(n, -1).round() if self.hist else None)
         self._recorded_step = True
+
+    def _record_update_ratio(self):
+        "||w_after - w_before|| / ||w_before|| of the step just taken, into the last recorded step."
+        before, params = self._weights_before
+        self._weights_before = None
+        if not params: return self.record.set_last('update_ratio', [])
+        with torch.no_grad():
+            norms = torch.stack(torch._foreach_norm(torch._foreach_sub(params, before), dtype=torch.float32)
+                                + torch._foreach_norm(before, dtype=torch.float32)).view(2, -1)
+        delta, weight = _to_host(norms)
+        with np.errstate(divide='ignore', invalid='ignore'):
+            self.record.set_last('update_ratio', delta / weight)

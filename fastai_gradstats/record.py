@@ -14,10 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .stats import METRICS
+from .stats import HIST_BINS, METRICS
 
-__all__ = ['GradRecord', 'load', 'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS']
+__all__ = ['GradRecord', 'load', 'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS', 'EXTRA_COLUMNS']
 
+DERIVED_COLUMNS = ('grad_param_ratio', 'grad_rms')
+"Per-layer columns derived when `df` is built: grad_norm / param_norm, and grad_norm / sqrt(numel)."
+EXTRA_COLUMNS = ('update_ratio',)
+"""Optional per-layer columns: `update_ratio` is ||w_after - w_before|| / ||w_before||, the size of the
+step the optimizer took relative to the weights (0 on a skipped step)."""
 COUNT_COLUMNS = ('n_nan', 'n_inf')
 "Integer per-layer columns: how many gradient elements are NaN, and how many are ±Inf."
 LAYER_COLUMNS = ('name', 'module', 'shape', 'numel', 'depth')
@@ -26,6 +31,7 @@ STEP_COLUMNS = ('step', 'epoch', 'lr', 'loss', 'grad_norm', 'skipped')
 "Columns of `GradRecord.steps`: one row per recorded optimizer step."
 FORMAT_VERSION = 1
 _FILES = {'meta': 'meta.json', 'steps': 'steps.parquet', 'stats': 'stats.parquet'}
+_HIST_FILE = 'hist.parquet'  # present when the run kept magnitude histograms, rows aligned with stats.parquet
 
 
 class _Growable:
@@ -59,16 +65,21 @@ class GradRecord:
 
     - `df`: tidy DataFrame, one row per (recorded step, parameter tensor), ordered by step and
       then from input to output; columns `step`, `epoch`, `layer`, the statistics of
-      `fastai_gradstats.stats.METRICS`, `grad_param_ratio`, `n_nan`, `n_inf`;
+      `fastai_gradstats.stats.METRICS`, `grad_param_ratio`, `grad_rms` (root mean square of the
+      gradient's elements), `n_nan`, `n_inf`, and `update_ratio` when it was recorded;
     - `steps`: one row per recorded step: `step`, `epoch`, `lr`, `loss`, `grad_norm` (the L2 norm
       over all recorded parameters), `skipped` (the optimizer did not apply this step);
     - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`.
     """
-    def __init__(self, layers=(), args=None):
+    def __init__(self, layers=(), args=None, extra_columns=(), hist_dtype=None):
         self._layers = []
         self._index = {}
         self.args = dict(args or {})
-        self._values = _Growable(np.float32, len(METRICS))
+        unknown = set(extra_columns) - set(EXTRA_COLUMNS)
+        if unknown: raise ValueError(f"`extra_columns` has unknown names {sorted(unknown)}; known: {list(EXTRA_COLUMNS)}")
+        self.value_columns = list(METRICS) + [c for c in EXTRA_COLUMNS if c in extra_columns]
+        self._values = _Growable(np.float32, len(self.value_columns))
+        self._hist = None if hist_dtype is None else _Growable(np.dtype(hist_dtype), len(HIST_BINS))
         self._counts = _Growable(np.int64, len(COUNT_COLUMNS))
         self._row_layer = _Growable(np.int32)
         self._step_cols = {'step': _Growable(np.int64), 'epoch': _Growable(np.int32), 'lr': _Growable(np.float64),
@@ -100,29 +111,43 @@ class GradRecord:
             raise ValueError(f"unknown layer {unknown!r}; add it with `set_layers` first")
         return codes.astype(np.int32)
 
-    def add_step(self, step, epoch, lr, loss, layer_index, values, counts=None, skipped=False):
+    def add_step(self, step, epoch, lr, loss, layer_index, values, counts=None, skipped=False, hist=None):
         """Append one recorded optimizer step.
 
         `layer_index` (from `layer_index`) says which layer each row of `values` belongs to;
-        `values` has one column per entry of `METRICS`; `counts` one per `COUNT_COLUMNS`
-        (zeros when omitted)."""
-        values = np.asarray(values, np.float32).reshape(-1, len(METRICS))
+        `values` has one column per entry of `value_columns` (NaN for an extra column not known
+        yet, see `set_last`); `counts` one per `COUNT_COLUMNS` (zeros when omitted); `hist`, when
+        the record keeps histograms, one per `HIST_BINS`."""
+        values = np.asarray(values, np.float32).reshape(-1, len(self.value_columns))
         layer_index = np.asarray(layer_index, np.int32).reshape(-1)
         if len(layer_index) != len(values):
             raise ValueError(f"`layer_index` has {len(layer_index)} entries for {len(values)} rows of `values`")
         if counts is None: counts = np.zeros((len(values), len(COUNT_COLUMNS)), np.int64)
+        if (hist is None) != (self._hist is None):
+            raise ValueError("`hist` must be given exactly when the record keeps histograms (`hist_dtype` set)")
         self._extend({'step': [step], 'epoch': [epoch], 'lr': [lr], 'loss': [loss], 'skipped': [skipped]},
-                     [len(values)], layer_index, values, counts)
+                     [len(values)], layer_index, values, counts, hist)
 
-    def _extend(self, steps, n_rows, layer_index, values, counts):
+    def _extend(self, steps, n_rows, layer_index, values, counts, hist=None):
         "Append several steps at once: `steps` maps step columns to sequences, `n_rows` rows per step."
         new_steps = np.asarray(steps['step'], np.int64)
         last = self._step_cols['step'].view[-1:]
         if len(new_steps) and np.any(np.diff(np.concatenate([last, new_steps])) <= 0):
             raise ValueError(f"`step` must increase: got {new_steps.tolist()[:5]} after {last.tolist()}")
         self._values.extend(values); self._counts.extend(counts); self._row_layer.extend(layer_index)
+        if self._hist is not None: self._hist.extend(hist)
         for name in ('step', 'epoch', 'lr', 'loss', 'skipped'): self._step_cols[name].extend(np.asarray(steps[name]))
         self._step_cols['n_rows'].extend(n_rows)
+        self._cache.clear()
+
+    def set_last(self, column, values):
+        "Fill the extra column `column` (one of `value_columns`) of the rows of the last recorded step."
+        if column not in self.value_columns[len(METRICS):]:
+            raise ValueError(f"`column` must be one of the record's extra columns {self.value_columns[len(METRICS):]}, got {column!r}")
+        n = self._step_cols['n_rows'].view[-1] if len(self) else 0
+        values = np.asarray(values, np.float32).reshape(-1)
+        if len(values) != n: raise ValueError(f"`values` has {len(values)} entries for the last step's {n} rows")
+        if n: self._values.view[-n:, self.value_columns.index(column)] = values
         self._cache.clear()
 
     def mark_skipped(self):
@@ -137,7 +162,7 @@ class GradRecord:
     @property
     def metrics(self):
         "Names of the per-layer statistics in `df`."
-        return list(METRICS) + ['grad_param_ratio'] + list(COUNT_COLUMNS)
+        return list(METRICS) + list(DERIVED_COLUMNS) + list(COUNT_COLUMNS) + self.value_columns[len(METRICS):]
 
     @property
     def layers(self) -> pd.DataFrame:
@@ -159,11 +184,30 @@ class GradRecord:
                     'epoch': self._step_cols['epoch'].view[row_step],
                     'layer': pd.Categorical.from_codes(self._row_layer.view, [l['name'] for l in self._layers])}
             for i, name in enumerate(METRICS): cols[name] = values[:, i]
+            numel = np.array([l['numel'] for l in self._layers], np.float32)[self._row_layer.view]
             with np.errstate(divide='ignore', invalid='ignore'):
                 cols['grad_param_ratio'] = values[:, METRICS.index('grad_norm')] / values[:, METRICS.index('param_norm')]
+                cols['grad_rms'] = values[:, METRICS.index('grad_norm')] / np.sqrt(numel)
             for i, name in enumerate(COUNT_COLUMNS): cols[name] = self._counts.view[:, i]
+            for i, name in enumerate(self.value_columns[len(METRICS):], len(METRICS)): cols[name] = values[:, i]
             self._cache['df'] = pd.DataFrame(cols)
         return self._cache['df']
+
+    @property
+    def has_hist(self) -> bool:
+        "Whether the record keeps magnitude histograms (`GradStats(hist=True)`)."
+        return self._hist is not None
+
+    @property
+    def hist(self) -> pd.DataFrame:
+        """Magnitude histograms: one row per (recorded step, layer), as in `df`, with `step`, `layer` and
+        one count column per bin of `fastai_gradstats.stats.HIST_BINS`."""
+        if self._hist is None: raise ValueError("this record has no histograms: record with `GradStats(hist=True)`")
+        if 'hist' not in self._cache:
+            df = self.df
+            counts = pd.DataFrame(self._hist.view, columns=list(HIST_BINS))
+            self._cache['hist'] = pd.concat([df[['step', 'layer']], counts], axis=1)
+        return self._cache['hist']
 
     @property
     def steps(self) -> pd.DataFrame:
@@ -195,12 +239,16 @@ class GradRecord:
         path.mkdir(parents=True, exist_ok=True)
         from . import __version__
         meta = {'format': 'fastai_gradstats.record', 'format_version': FORMAT_VERSION, 'version': __version__,
-                'args': self.args, 'layers': [dict(l, shape=list(l['shape'])) for l in self._layers]}
+                'args': self.args, 'extra_columns': self.value_columns[len(METRICS):],
+                'hist_dtype': None if self._hist is None else self._hist.data.dtype.name,
+                'layers': [dict(l, shape=list(l['shape'])) for l in self._layers]}
         (path/_FILES['meta']).write_text(json.dumps(meta, indent=1, default=_json_default))
         df = self.df.copy()
         df['layer'] = df['layer'].astype(str)
-        df.drop(columns=['grad_param_ratio']).to_parquet(path/_FILES['stats'], index=False)
+        df.drop(columns=list(DERIVED_COLUMNS)).to_parquet(path/_FILES['stats'], index=False)
         self.steps.drop(columns=['grad_norm']).to_parquet(path/_FILES['steps'], index=False)
+        if self._hist is not None: self.hist.drop(columns=['step', 'layer']).to_parquet(path/_HIST_FILE, index=False)
+        elif (path/_HIST_FILE).exists(): (path/_HIST_FILE).unlink()
         return path
 
 
@@ -228,9 +276,10 @@ def load(path) -> GradRecord:
         raise ValueError(f"{str(path)!r} is not a saved GradStats run (meta.json has no GradStats format)")
     if meta.get('format_version', 0) > FORMAT_VERSION:
         raise ValueError(f"{str(path)!r} was written by a newer fastai_gradstats (format {meta['format_version']})")
-    record = GradRecord(meta['layers'], meta.get('args'))
+    record = GradRecord(meta['layers'], meta.get('args'), meta.get('extra_columns', ()), meta.get('hist_dtype'))
     try:
         stats, steps = pd.read_parquet(path/_FILES['stats']), pd.read_parquet(path/_FILES['steps'])
+        hist = pd.read_parquet(path/_HIST_FILE) if record.has_hist else None
     except Exception as e:
         raise ValueError(f"{str(path)!r} holds an unreadable parquet file: {e}") from None
     step_pos = pd.Index(steps['step']).get_indexer(stats['step'])
@@ -238,5 +287,6 @@ def load(path) -> GradRecord:
     order = np.argsort(step_pos, kind='stable')
     stats = stats.iloc[order]
     record._extend(steps, np.bincount(step_pos, minlength=len(steps)), record.layer_index(stats['layer']),
-                   stats[list(METRICS)].to_numpy(np.float32), stats[list(COUNT_COLUMNS)].to_numpy(np.int64))
+                   stats[record.value_columns].to_numpy(np.float32), stats[list(COUNT_COLUMNS)].to_numpy(np.int64),
+                   None if hist is None else hist.iloc[order][list(HIST_BINS)].to_numpy())
     return record

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ['METRICS', 'LayerStats', 'count_nonfinite']
+__all__ = ['METRICS', 'LayerStats', 'count_nonfinite', 'HIST_BINS', 'HIST_DECADES', 'MagnitudeHistogram']
 
 METRICS = ('grad_norm', 'param_norm', 'grad_max', 'grad_mean', 'grad_std',
            'zero_frac', 'dead_frac')
@@ -104,3 +104,60 @@ def count_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     if not grads: return torch.zeros(0, 2, dtype=torch.long)
     with torch.no_grad():
         return torch.stack([torch.stack([torch.isnan(g).sum(), torch.isinf(g).sum()]) for g in grads])
+
+
+HIST_DECADES = tuple(range(-16, 4))
+"Decades of the magnitude histogram: bin `1e{k}` holds the elements with 10**k <= |g| < 10**(k+1)."
+HIST_BINS = (('zero', 'tiny') + tuple(f'1e{k}' for k in HIST_DECADES) + ('huge', 'inf', 'nan'))
+"""Bins of `MagnitudeHistogram`, in order: `zero` (|g| <= zero_tol), `tiny` (above zero_tol, below
+10**HIST_DECADES[0]), one bin per decade, `huge` (finite, at least 10**(HIST_DECADES[-1]+1)), `inf`, `nan`."""
+
+
+class MagnitudeHistogram:
+    """How the elements of each gradient spread over orders of magnitude (log10 |g| bins).
+
+    For each tensor, counts its elements in the bins of `HIST_BINS`. A tensor with more than
+    `sample` elements is counted on a fixed random sample of `sample` of its elements, drawn
+    once (seeded by `seed`) and reused every step, so the cost per step is bounded by
+    `sample` elements per tensor whatever the model's size; `sample=None` counts every
+    element. Exact NaN/Inf counts of whole tensors are `count_nonfinite`'s job.
+    """
+    def __init__(self, shapes: Sequence[torch.Size], zero_tol: float = 0.0, sample: int | None = 2048, seed: int = 0):
+        if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
+            raise ValueError(f"`sample` must be a positive int or None, got {sample!r}")
+        if not isinstance(zero_tol, (int, float)) or not math.isfinite(zero_tol) or zero_tol < 0:
+            raise ValueError(f"`zero_tol` must be a finite number >= 0, got {zero_tol!r}")
+        self.zero_tol, self.sample = float(zero_tol), sample
+        numels = [torch.Size(s).numel() for s in shapes]
+        gen = torch.Generator().manual_seed(seed)
+        self.index = [None if sample is None or n <= sample else torch.randperm(n, generator=gen)[:sample].sort().values
+                      for n in numels]
+        sizes = torch.tensor([n if i is None else len(i) for n, i in zip(numels, self.index)], dtype=torch.long)
+        self.sample_sizes = sizes
+        self.owner_offset = torch.repeat_interleave(torch.arange(len(numels)) * len(HIST_BINS), sizes)
+        self._on_device = {}
+
+    def _meta(self, device):
+        if device not in self._on_device:
+            self._on_device[device] = ([None if i is None else i.to(device) for i in self.index],
+                                       self.owner_offset.to(device))
+        return self._on_device[device]
+
+    def __call__(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        "Counts as an int64 tensor of shape `(len(grads), len(HIST_BINS))`."
+        _check_tensors(grads, 'grads')
+        if len(grads) != len(self.index):
+            raise ValueError(f"expected {len(self.index)} gradients, got {len(grads)}")
+        if not grads: return torch.zeros(0, len(HIST_BINS), dtype=torch.long)
+        index, owner_offset = self._meta(grads[0].device)
+        lo, hi = HIST_DECADES[0], HIST_DECADES[-1]
+        with torch.no_grad():
+            flat = [g.reshape(-1) for g in grads]
+            mag = torch.cat([f if i is None else f.index_select(0, i) for f, i in zip(flat, index)]).float().abs_()
+            # Bin = floor(log10 |g|) (in float32), clamped so that `tiny` and `huge` catch the tails.
+            bins = torch.log10(mag).floor_().clamp_(lo - 1, hi + 1).sub_(lo - 2)
+            bins = torch.nan_to_num_(bins, nan=len(HIST_BINS) - 1)
+            bins = torch.where(mag <= self.zero_tol, 0, bins)
+            bins = torch.where(mag == math.inf, len(HIST_BINS) - 2, bins).long()
+            counts = torch.bincount(bins.add_(owner_offset), minlength=len(grads) * len(HIST_BINS))
+            return counts.view(len(grads), len(HIST_BINS))
