@@ -9,3 +9,9 @@ from .record import GradRecord, load
 from .callback import GradStats
 
 __all__ = ['GradStats', 'GradRecord', 'load', 'LayerStats', 'count_nonfinite', 'METRICS', '__version__']
+from . import plots
+from .plots import heatmap, magnitude_hist, gradient_flow, layer_curves, update_ratio, compare
+from .aggregate import combine, by_module
+
+__all__ += ['plots', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare',
+            'combine', 'by_module']

@@ -1,0 +1,81 @@
+"""Statistics of groups of parameter tensors (a module's weight and bias, an optimizer parameter group),
+derived exactly from a record's per-tensor rows, without re-training."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .record import GradRecord
+
+__all__ = ['combine', 'by_module', 'module_of']
+
+
+def module_of(name: str) -> str:
+    "The module that owns the parameter called `name`: `'body.0.weight'` -> `'body.0'` (`'(model)'` for a top-level one)."
+    return name.rsplit('.', 1)[0] if '.' in name else '(model)'
+
+
+def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
+    """Combine the per-tensor rows of `record` into one row per (step, group).
+
+    `groups` maps each parameter name to its group's name (parameters not in it are left out).
+    Norms combine as the square root of the sum of squares, `grad_max` as the max, counts as sums,
+    `grad_mean`, `zero_frac` weighted by elements, `grad_std` pooled, `dead_frac` weighted by units
+    (NaN when no tensor of the group has units), `update_ratio` as ||Δw|| / ||w|| of the group.
+    Returns a DataFrame with the columns of `record.df`, ordered by step and then by the group's
+    first parameter from input to output."""
+    if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
+    if not isinstance(groups, dict): raise TypeError(f"`groups` must be a dict of parameter name -> group name, got {type(groups).__name__}")
+    df = record.df
+    if df.empty: raise ValueError("`record` is empty: no step was recorded")
+    layers = record.layers.set_index('name')
+    names = df['layer'].astype(str)
+    keep = names.isin(groups.keys()).to_numpy()
+    df, names = df[keep], names[keep]
+    if df.empty: raise ValueError("`groups` names none of the record's parameters")
+    numel = layers.loc[names, 'numel'].to_numpy(np.float64)
+    units = np.array([s[0] if len(s) >= 2 else 0 for s in layers.loc[names, 'shape']], np.float64)
+    group = names.map(groups).to_numpy()
+    f = lambda c: df[c].to_numpy(np.float64)
+    work = pd.DataFrame({
+        'step': df['step'].to_numpy(), 'epoch': df['epoch'].to_numpy(), 'layer': group,
+        'g2': f('grad_norm') ** 2, 'p2': f('param_norm') ** 2, 'grad_max': f('grad_max'),
+        'numel': numel, 'sum': f('grad_mean') * numel,
+        'ss_within': np.where(numel > 1, (numel - 1) * f('grad_std') ** 2, 0.0),
+        'zeros': f('zero_frac') * numel, 'units': units, 'dead': np.nan_to_num(f('dead_frac')) * units,
+        'n_nan': df['n_nan'].to_numpy(), 'n_inf': df['n_inf'].to_numpy(),
+        'mean_i': f('grad_mean')})
+    if 'update_ratio' in df: work['d2'] = (f('update_ratio') * f('param_norm')) ** 2
+    first = {g: i for i, g in reversed(list(enumerate(group)))}
+    grouped = work.groupby(['step', 'layer'], sort=False)
+    sums = grouped[[c for c in work.columns if c not in ('step', 'epoch', 'layer', 'grad_max', 'mean_i')]].sum(min_count=1)
+    out = pd.DataFrame(index=sums.index)
+    out['epoch'] = grouped['epoch'].first()
+    out['grad_norm'] = np.sqrt(sums['g2'])
+    out['param_norm'] = np.sqrt(sums['p2'])
+    out['grad_max'] = grouped['grad_max'].max()
+    out['grad_mean'] = sums['sum'] / sums['numel']
+    # pooled variance: within-tensor sums of squares plus between-tensor spread of the means
+    work['between'] = work['numel'] * (work['mean_i'] - (out['grad_mean'].reindex(pd.MultiIndex.from_frame(work[['step', 'layer']])).to_numpy())) ** 2
+    between = work.groupby(['step', 'layer'], sort=False)['between'].sum()
+    out['grad_std'] = np.sqrt((sums['ss_within'] + between) / (sums['numel'] - 1))
+    out['zero_frac'] = sums['zeros'] / sums['numel']
+    with np.errstate(divide='ignore', invalid='ignore'):
+        out['dead_frac'] = np.where(sums['units'] > 0, sums['dead'] / sums['units'], np.nan)
+        out['grad_param_ratio'] = out['grad_norm'] / out['param_norm']
+    out['grad_rms'] = out['grad_norm'] / np.sqrt(sums['numel'])
+    out['n_nan'], out['n_inf'] = sums['n_nan'].astype(np.int64), sums['n_inf'].astype(np.int64)
+    if 'd2' in sums: out['update_ratio'] = np.sqrt(sums['d2']) / out['param_norm']
+    out = out.reset_index()
+    out['order'] = out['layer'].map(first)
+    out = out.sort_values(['step', 'order'], kind='stable').drop(columns='order').reset_index(drop=True)
+    columns = ['step', 'epoch', 'layer'] + [c for c in record.df.columns if c in out and c not in ('step', 'epoch', 'layer')]
+    return out[columns]
+
+
+def by_module(record) -> pd.DataFrame:
+    "`combine` with one group per module: each module's weight, bias, ... together, named after the module."
+    if isinstance(record, pd.DataFrame):
+        raise TypeError("`by_module` needs the GradRecord (it reads the layer table), not its DataFrame")
+    if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
+    return combine(record, {n: module_of(n) for n in record.layers['name']})

@@ -1,0 +1,374 @@
+"""Pictures of a record: layer x iteration heatmaps, magnitude histograms, gradient flow, curves.
+
+Every function takes a `GradRecord` (live or loaded) or its tidy `.df`, draws on `ax` when
+given (else on a new figure), returns the Axes (or the Figure, for several panels) and never
+calls `plt.show()`. Nothing here knows fastai. The same functions are methods of the record:
+`record.plot_heatmap(...)` is `heatmap(record, ...)`.
+"""
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import ListedColormap, LogNorm, Normalize
+from matplotlib.patches import Patch
+
+from .record import GradRecord
+from .stats import HIST_BINS, HIST_DECADES
+
+__all__ = ['heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare',
+           'metric_table', 'SPECIAL_COLORS']
+
+SPECIAL_COLORS = {'zero': '#000000', 'nan': '#ff00ff', 'inf': '#ff8c00'}
+"Colours of heatmap cells that a colour scale cannot show: exact zeros on a log scale, NaN, ±Inf."
+_NOT_METRICS = {'step', 'epoch', 'layer', 'rank'}
+
+
+# --- inputs --------------------------------------------------------------------------------
+def _frame(record, what='record'):
+    "The tidy DataFrame and the layer order (input to output) of `record` (a GradRecord or its df)."
+    if isinstance(record, GradRecord):
+        df = record.df
+        depth = record.layers.set_index('name')['depth']
+        present = pd.unique(df['layer'].astype(str))
+        order = sorted(present, key=lambda n: depth.get(n, math.inf))
+    elif isinstance(record, pd.DataFrame):
+        df = record
+        if 'layer' not in df or 'step' not in df:
+            raise ValueError(f"`{what}` must be a GradRecord or its `.df` (with `step` and `layer` columns)")
+        order = list(pd.unique(df['layer'].astype(str)))  # `.df` rows run from input to output
+    else:
+        raise TypeError(f"`{what}` must be a GradRecord or a DataFrame, got {type(record).__name__}")
+    if df.empty: raise ValueError(f"`{what}` is empty: no step was recorded")
+    return df, order
+
+
+def _metrics_of(df):
+    return [c for c in df.columns if c not in _NOT_METRICS and pd.api.types.is_numeric_dtype(df[c])]
+
+
+def _check_metric(df, metric, argname='metric'):
+    available = _metrics_of(df)
+    if not isinstance(metric, str) or metric not in available:
+        raise ValueError(f"unknown `{argname}` {metric!r}; available: {', '.join(available)}")
+
+
+def _select_layers(order, layers, argname='layers'):
+    if layers is None: return order
+    if isinstance(layers, str): layers = [layers]
+    unknown = [l for l in layers if l not in order]
+    if unknown: raise ValueError(f"unknown `{argname}` {unknown}; recorded layers: {', '.join(order)}")
+    return [l for l in order if l in set(layers)]
+
+
+def metric_table(record, metric='grad_norm', weights_only=False, by_module=False) -> pd.DataFrame:
+    """The layer x step table that `heatmap` draws: one row per layer from input to output, one column per step.
+
+    `weights_only` keeps parameters whose name ends in `weight`; `by_module` combines each module's
+    parameters first (see `fastai_gradstats.aggregate.by_module`)."""
+    if by_module:
+        from .aggregate import by_module as _by_module
+        record = _by_module(record)
+    df, order = _frame(record)
+    _check_metric(df, metric)
+    if weights_only:
+        order = [l for l in order if l.split('.')[-1] == 'weight' or l.endswith('weight')]
+        if not order: raise ValueError("`weights_only=True` left no layer: no parameter name ends in 'weight'")
+    table = df.pivot_table(index='layer', columns='step', values=metric, aggfunc='first', observed=True, dropna=False)
+    table.index = table.index.astype(str)
+    return table.reindex(order).astype(float)
+
+
+def _new_ax(ax, figsize):
+    if ax is None: _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def _layer_ticks(ax, labels, axis='y', max_labels=40):
+    "Label at most `max_labels` layers, evenly spread, so 200+ layers stay readable."
+    n = len(labels)
+    every = max(1, math.ceil(n / max_labels))
+    ticks = list(range(0, n, every))
+    size = 8 if n <= 20 else 6
+    if axis == 'y':
+        ax.set_yticks(ticks); ax.set_yticklabels([labels[i] for i in ticks], fontsize=size)
+    else:
+        ax.set_xticks(ticks); ax.set_xticklabels([labels[i] for i in ticks], fontsize=size, rotation=90)
+
+
+def _step_extent(steps):
+    "imshow extent so that column j is centred on step `steps[j]`, also when steps are not evenly spaced."
+    steps = np.asarray(steps, float)
+    half = (steps[1] - steps[0]) / 2 if len(steps) > 1 else 0.5
+    return steps[0] - half, steps[-1] + half
+
+
+def _wants_log(values, log):
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    if log is not None:
+        if log and not len(positive): raise ValueError("`log=True` needs some positive finite values to draw")
+        if log and (finite < 0).any(): raise ValueError("`log=True` cannot draw negative values")
+        return bool(log)
+    return len(positive) > 0 and not (finite < 0).any() and positive.max() / positive.min() >= 100
+
+
+# --- heatmap --------------------------------------------------------------------------------
+def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=False, log=None,
+            cmap='viridis', max_labels=40):
+    """Layer x iteration heatmap of a per-layer `metric` (`grad_norm`, `grad_param_ratio`, `dead_frac`, ...).
+
+    Layers run from input (top) to output (bottom), steps from left to right. The colour scale is
+    logarithmic when the metric is positive and spans two decades or more (`log=True/False` forces
+    it); NaN, ±Inf (and, on a log scale, exact zeros) are drawn in `SPECIAL_COLORS` and named in the
+    legend. `weights_only` keeps only weights; `by_module` combines each module's parameters.
+    Returns the Axes; `ax.images[0]` holds the metric, `ax.images[1]` (if any) the special cells."""
+    table = metric_table(record, metric, weights_only, by_module)
+    values = table.to_numpy()
+    use_log = _wants_log(values, log)
+    finite = np.isfinite(values)
+    special = np.full(values.shape, np.nan)
+    special[np.isnan(values)] = 1
+    special[np.isinf(values)] = 2
+    hidden = ~finite
+    if use_log:
+        special[finite & (values <= 0)] = 0
+        hidden = hidden | (values <= 0)
+    ax = _new_ax(ax, (10, max(2.5, min(12, 0.25 * len(table) + 1.5))))
+    shown = values[~hidden]
+    if use_log: norm = LogNorm(shown.min(), shown.max()) if len(shown) else LogNorm(1e-8, 1)
+    else: norm = Normalize(shown.min(), shown.max()) if len(shown) else Normalize(0, 1)
+    x0, x1 = _step_extent(table.columns)
+    extent = (x0, x1, len(table) - 0.5, -0.5)
+    image = ax.imshow(np.ma.masked_array(values, hidden), aspect='auto', interpolation='nearest',
+                      cmap=cmap, norm=norm, extent=extent)
+    present = [i for i in range(3) if (special == i).any()]
+    if present:
+        ax.imshow(np.ma.masked_invalid(special), aspect='auto', interpolation='nearest', extent=extent,
+                  cmap=ListedColormap([SPECIAL_COLORS[k] for k in ('zero', 'nan', 'inf')]), vmin=-0.5, vmax=2.5)
+        names = {0: 'zero', 1: 'NaN', 2: 'Inf'}
+        ax.legend(handles=[Patch(color=SPECIAL_COLORS[('zero', 'nan', 'inf')[i]], label=names[i]) for i in present],
+                  loc='upper left', bbox_to_anchor=(1.18, 1), fontsize=8, frameon=False)
+    bar = ax.figure.colorbar(image, ax=ax)
+    bar.set_label(f"{metric}{' (log scale)' if use_log else ''}")
+    _layer_ticks(ax, list(table.index), 'y', max_labels)
+    ax.set_xlabel('step'); ax.set_ylabel('layer (input at top)')
+    ax.set_title(f'{metric} per layer and step' + (' (by module)' if by_module else ''))
+    return ax
+
+
+# --- magnitude histogram ------------------------------------------------------------------
+def _hist_frame(record):
+    if isinstance(record, GradRecord):
+        if not record.has_hist: raise ValueError("`record` has no histograms: record with `GradStats(hist=True)`")
+        hist = record.hist
+        layers = record.layers.set_index('name')
+        sample = record.args.get('hist_sample')
+        if hist.empty: raise ValueError("`record` is empty: no step was recorded")
+        counted = hist[list(HIST_BINS)].sum(axis=1).to_numpy(float)
+        numel = layers.loc[hist['layer'].astype(str), 'numel'].to_numpy(float)
+        weight = np.where(counted > 0, numel / np.maximum(counted, 1), 0) if sample is not None else np.ones(len(hist))
+        return hist, weight
+    if isinstance(record, pd.DataFrame):
+        missing = [c for c in ('step', 'layer', *HIST_BINS) if c not in record]
+        if missing: raise ValueError(f"`record` must be a GradRecord or its `.hist`; the DataFrame lacks {missing[:3]}")
+        if record.empty: raise ValueError("`record` is empty: no step was recorded")
+        return record, np.ones(len(record))
+    raise TypeError(f"`record` must be a GradRecord or its `.hist` DataFrame, got {type(record).__name__}")
+
+
+def hist_table(record, layer=None) -> pd.DataFrame:
+    """The bins x step table that `magnitude_hist` draws: the fraction of gradient elements in each bin.
+
+    For the whole model (`layer=None`) each layer's sampled counts are scaled to its number of
+    elements, so the fractions are those of all the model's gradient elements."""
+    hist, weight = _hist_frame(record)
+    if layer is not None:
+        names = list(pd.unique(hist['layer'].astype(str)))
+        _select_layers(names, [layer], 'layer')
+        keep = (hist['layer'].astype(str) == layer).to_numpy()
+        hist, weight = hist[keep], weight[keep]
+    counts = hist[list(HIST_BINS)].to_numpy(float) * weight[:, None]
+    per_step = pd.DataFrame(counts, columns=list(HIST_BINS)).groupby(hist['step'].to_numpy()).sum()
+    fractions = per_step.div(per_step.sum(axis=1).replace(0, np.nan), axis=0)
+    return fractions.T
+
+
+def magnitude_hist(record, layer=None, ax=None, cmap='magma'):
+    """How gradient elements spread over orders of magnitude at each step: a log10 |g| bins x iteration heatmap.
+
+    Rows are the bins of `HIST_BINS` (zero at the bottom, NaN at the top), colour the fraction of
+    elements (log scale), for the whole model or one `layer`; the line |g| = 1 is marked, which
+    answers at a glance whether gradients are ever larger than 1. Returns the Axes."""
+    table = hist_table(record, layer)
+    values = table.to_numpy()
+    ax = _new_ax(ax, (10, 5))
+    x0, x1 = _step_extent(table.columns)
+    positive = values[np.isfinite(values) & (values > 0)]
+    norm = LogNorm(max(positive.min(), 1e-6), 1) if len(positive) else Normalize(0, 1)
+    image = ax.imshow(np.ma.masked_where(~(values > 0), values), aspect='auto', interpolation='nearest',
+                      origin='lower', cmap=cmap, norm=norm, extent=(x0, x1, -0.5, len(HIST_BINS) - 0.5))
+    ax.set_facecolor('#f2f2f2')
+    one = HIST_BINS.index('1e0') - 0.5
+    ax.axhline(one, color='#00c0ff', lw=1.5, ls='--', label='|g| = 1')
+    ax.legend(loc='upper right', fontsize=8)
+    labels = [b if not b.startswith('1e') else b for b in HIST_BINS]
+    ticks = list(range(0, len(HIST_BINS), 2)) if len(HIST_BINS) > 16 else list(range(len(HIST_BINS)))
+    ax.set_yticks(ticks); ax.set_yticklabels([labels[i] for i in ticks], fontsize=7)
+    ax.set_ylabel('|g| bin (decade: 1e-3 holds 0.001 <= |g| < 0.01)')
+    ax.set_xlabel('step')
+    ax.set_title('gradient magnitudes' + (f' of {layer}' if layer else ' (whole model)'))
+    ax.figure.colorbar(image, ax=ax).set_label('fraction of elements (log scale)')
+    return ax
+
+
+# --- gradient flow --------------------------------------------------------------------------
+def flow_table(record, step=None, steps=None) -> pd.DataFrame:
+    """Per layer (input to output): `grad_rms` averaged and `grad_max` maximised over the chosen steps.
+
+    `step` picks one recorded step, `steps` a `(first, last)` window (inclusive); neither: all steps."""
+    df, order = _frame(record)
+    if step is not None and steps is not None: raise ValueError("give `step` or `steps`, not both")
+    if step is not None:
+        if step not in set(df['step']): raise ValueError(f"`step` {step!r} was not recorded; recorded: {df['step'].min()}-{df['step'].max()}")
+        df = df[df['step'] == step]
+    elif steps is not None:
+        if not (isinstance(steps, (tuple, list)) and len(steps) == 2):
+            raise ValueError(f"`steps` must be a (first, last) pair, got {steps!r}")
+        df = df[(df['step'] >= steps[0]) & (df['step'] <= steps[1])]
+        if df.empty: raise ValueError(f"no recorded step in `steps` {tuple(steps)}")
+    grouped = df.groupby(df['layer'].astype(str))
+    table = pd.DataFrame({'grad_rms': grouped['grad_rms'].mean(), 'grad_max': grouped['grad_max'].max()})
+    return table.reindex([l for l in order if l in table.index])
+
+
+def gradient_flow(record, step=None, steps=None, ax=None, weights_only=False):
+    """Mean (root mean square) and max |gradient| per layer from input to output, on a log scale.
+
+    For one `step`, a `(first, last)` window of `steps`, or all steps: vanishing with depth shows
+    as values falling towards the input (left). Returns the Axes."""
+    table = flow_table(record, step, steps)
+    if weights_only: table = table[[i.endswith('weight') for i in table.index]]
+    ax = _new_ax(ax, (max(6, 0.3 * len(table) + 3), 4))
+    x = np.arange(len(table))
+    ax.bar(x, table['grad_max'], color='#9ecae1', label='max |g|')
+    ax.bar(x, table['grad_rms'], color='#08519c', width=0.5, label='rms |g|')
+    if (table.to_numpy() > 0).any(): ax.set_yscale('log')
+    _layer_ticks(ax, list(table.index), 'x')
+    ax.set_xlabel('layer (input at left)'); ax.set_ylabel('|gradient|')
+    which = f'step {step}' if step is not None else f'steps {steps[0]}-{steps[1]}' if steps is not None else 'all steps'
+    ax.set_title(f'gradient flow ({which})')
+    ax.legend(fontsize=8)
+    return ax
+
+
+# --- curves ---------------------------------------------------------------------------------
+def layer_curves(record, layers=None, metrics='grad_norm', ax=None, log=None):
+    """Per-layer curves over iterations: one panel per metric in `metrics`, one line per layer in `layers`.
+
+    Returns the Axes for one metric, else the Figure (one panel per metric; `ax` then not allowed)."""
+    df, order = _frame(record)
+    metric_list = [metrics] if isinstance(metrics, str) else list(metrics)
+    if not metric_list: raise ValueError("`metrics` is empty")
+    for m in metric_list: _check_metric(df, m, 'metrics')
+    chosen = _select_layers(order, layers)
+    if ax is not None and len(metric_list) > 1: raise ValueError("`ax` draws one metric; give one metric or no `ax`")
+    if ax is None:
+        fig, axes = plt.subplots(len(metric_list), 1, figsize=(9, 3 * len(metric_list)), squeeze=False, sharex=True)
+        axes = list(axes[:, 0])
+    else:
+        axes = [ax]
+    colors = plt.get_cmap('viridis')(np.linspace(0, 1, max(len(chosen), 2)))
+    names = df['layer'].astype(str)
+    for a, m in zip(axes, metric_list):
+        for color, layer in zip(colors, chosen):
+            part = df[names == layer]
+            a.plot(part['step'].to_numpy(), part[m].to_numpy(float), color=color, label=layer, marker='.' if len(part) == 1 else None)
+        values = df.loc[names.isin(chosen), m].to_numpy(float)
+        if _wants_log(values, log): a.set_yscale('log')
+        a.set_ylabel(m)
+    axes[-1].set_xlabel('step')
+    if len(chosen) <= 12: axes[0].legend(fontsize=7, ncol=2)
+    return axes[0] if len(metric_list) == 1 else axes[0].figure
+
+
+def update_ratio(record, layers=None, ax=None, band=(1e-4, 1e-2)):
+    """||Δw|| / ||w|| per layer over iterations (`GradStats(update_ratio=True)`), the healthy band around 1e-3 shaded.
+
+    Returns the Axes."""
+    df, _ = _frame(record)
+    if 'update_ratio' not in df:
+        raise ValueError("`record` has no `update_ratio` column: record with `GradStats(update_ratio=True)`")
+    ax = layer_curves(record, layers, 'update_ratio', ax=ax, log=True if (df['update_ratio'] > 0).any() else None)
+    ax.axhspan(band[0], band[1], color='#2ca02c', alpha=0.12, label=f'healthy ~1e-3 ({band[0]:g}-{band[1]:g})')
+    ax.axhline(1e-3, color='#2ca02c', lw=1, ls='--')
+    ax.set_title('size of the optimizer step relative to the weights')
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[-1:] + handles[:-1] if len(handles) <= 13 else handles[-1:], 
+              labels[-1:] + labels[:-1] if len(labels) <= 13 else labels[-1:], fontsize=7, ncol=2)
+    return ax
+
+
+# --- comparing runs -------------------------------------------------------------------------
+def compare_table(records, metric='grad_rms', labels=None, weights_only=True):
+    """Per run and aligned layer, the mean and the median over iterations of `metric`.
+
+    Layers are aligned by name when the runs share names, else by position from the input.
+    Returns a DataFrame indexed by the aligned layer with columns (run label, 'mean'|'median')."""
+    if isinstance(records, (GradRecord, pd.DataFrame)) or not hasattr(records, '__len__'):
+        raise TypeError("`records` must be a list of GradRecords or DataFrames")
+    if len(records) < 2: raise ValueError(f"`records` needs two or more runs to compare, got {len(records)}")
+    labels = [f'run {i}' for i in range(len(records))] if labels is None else list(labels)
+    if len(labels) != len(records): raise ValueError(f"`labels` has {len(labels)} names for {len(records)} records")
+    frames = []
+    for rec in records:
+        df, order = _frame(rec, 'records')
+        _check_metric(df, metric)
+        if weights_only: order = [l for l in order if l.endswith('weight')] or order
+        stats = df.groupby(df['layer'].astype(str))[metric].agg(['mean', 'median']).reindex(order)
+        frames.append(stats)
+    same_names = all(list(f.index) == list(frames[0].index) for f in frames)
+    if not same_names:
+        n = min(len(f) for f in frames)
+        frames = [f.iloc[:n].set_axis([f'layer {i}' for i in range(n)]) for f in frames]
+    return pd.concat(frames, axis=1, keys=labels)
+
+
+def compare(records, metric='grad_rms', labels=None, weights_only=True):
+    """Two or more runs side by side, layers aligned: mean and median over iterations of `metric` per layer,
+    and the median across layers at each step. Returns the Figure (three panels)."""
+    table = compare_table(records, metric, labels, weights_only)
+    labels = list(table.columns.get_level_values(0).unique())
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    x = np.arange(len(table))
+    for label in labels:
+        axes[0].plot(x, table[(label, 'mean')].to_numpy(float), marker='o', label=label)
+        axes[1].plot(x, table[(label, 'median')].to_numpy(float), marker='o', label=label)
+    for a, what in zip(axes[:2], ('mean', 'median')):
+        _layer_ticks(a, list(table.index), 'x')
+        a.set_title(f'{what} of {metric} over iterations'); a.set_xlabel('layer (input at left)')
+        if (table.to_numpy() > 0).all(): a.set_yscale('log')
+        a.legend(fontsize=8)
+    for label, rec in zip(labels, records):
+        df, _ = _frame(rec, 'records')
+        per_step = df.groupby('step')[metric].median()
+        axes[2].plot(per_step.index.to_numpy(), per_step.to_numpy(float), label=label)
+    axes[2].set_title(f'median of {metric} across layers'); axes[2].set_xlabel('step')
+    if all((_frame(r, 'records')[0][metric] > 0).all() for r in records): axes[2].set_yscale('log')
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# --- the same functions as methods of the record ------------------------------------------
+def _as_method(func):
+    def method(self, *args, **kwargs): return func(self, *args, **kwargs)
+    method.__name__ = f'plot_{func.__name__}'
+    method.__doc__ = func.__doc__
+    return method
+
+
+for _func in (heatmap, magnitude_hist, gradient_flow, layer_curves, update_ratio):
+    setattr(GradRecord, f'plot_{_func.__name__}', _as_method(_func))
