@@ -6,12 +6,17 @@ except PackageNotFoundError: __version__ = 'unknown'
 
 from .stats import METRICS, LayerStats, count_nonfinite
 from .record import GradRecord, load
-from .callback import GradStats
+from .callback import GradStats, GradientAlert
 
-__all__ = ['GradStats', 'GradRecord', 'load', 'LayerStats', 'count_nonfinite', 'METRICS', '__version__']
+__all__ = ['GradStats', 'GradientAlert', 'GradRecord', 'load', 'LayerStats', 'count_nonfinite', 'METRICS', '__version__']
 from . import plots
 from .plots import heatmap, magnitude_hist, gradient_flow, layer_curves, update_ratio, compare
 from .aggregate import combine, by_module
 
 __all__ += ['plots', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare',
             'combine', 'by_module']
+from . import health as _health_module
+from .thresholds import Thresholds
+from .health import health, summary, suggest_clip
+
+__all__ += ['Thresholds', 'health', 'summary', 'suggest_clip']

@@ -11,14 +11,19 @@ import warnings
 
 import numpy as np
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
 from fastcore.basics import store_attr
 
 from .record import GradRecord
 from .stats import METRICS, LayerStats, MagnitudeHistogram, count_nonfinite
+from .thresholds import Thresholds
 
-__all__ = ['GradStats']
+__all__ = ['GradStats', 'GradientAlert']
+
+
+class GradientAlert(UserWarning):
+    "Warned (once per kind) when a critical gradient condition first appears while training."
 
 
 def _to_host(tensor: torch.Tensor) -> np.ndarray:
@@ -53,9 +58,16 @@ class GradStats(Callback):
         hist:bool=True,          # Also record each layer's log10 |g| histogram (`learn.grad_stats.hist`)
         hist_sample:int|None=2048, # Count the histogram of a larger tensor on this many fixed random elements; None: all
         update_ratio:bool=False, # Also record ||w_after - w_before|| / ||w_before|| per layer (keeps a copy of the weights)
+        alerts:bool=True,        # Warn once when NaN/Inf gradients or an explosion first appear (`GradientAlert`)
+        stop_on_critical:bool=False, # Stop training at that step, before the optimizer applies it, keeping the record
+        thresholds:Thresholds|None=None, # What counts as an explosion (`total_norm_critical`); default `Thresholds()`
     ):
         _check_every(every); _check_zero_tol(zero_tol)
-        for name, flag in (('hist', hist), ('update_ratio', update_ratio)):
+        if thresholds is None: thresholds = Thresholds()
+        if not isinstance(thresholds, Thresholds):
+            raise TypeError(f"`thresholds` must be a fastai_gradstats.Thresholds, got {type(thresholds).__name__}")
+        for name, flag in (('hist', hist), ('update_ratio', update_ratio), ('alerts', alerts),
+                           ('stop_on_critical', stop_on_critical)):
             if not isinstance(flag, bool): raise TypeError(f"`{name}` must be True or False, got {flag!r}")
         if hist_sample is not None and (isinstance(hist_sample, bool) or not isinstance(hist_sample, (int, np.integer)) or hist_sample < 1):
             raise ValueError(f"`hist_sample` must be a positive int or None, got {hist_sample!r}")
@@ -65,7 +77,7 @@ class GradStats(Callback):
                                        'hist_sample': hist_sample, 'update_ratio': update_ratio},
                                  extra_columns=('update_ratio',) if update_ratio else (), hist_dtype=hist_dtype)
         self.step_count, self._active, self._hooks, self._params, self._plan = 0, False, [], None, None
-        self._weights_before = None
+        self._weights_before, self._alerted, self.stopped_at = None, set(), None
 
     @property
     def name(self):
@@ -167,6 +179,30 @@ class GradStats(Callback):
                              self._plan_index, values, counts, skipped,
                              hist.reshape(n, -1).round() if self.hist else None)
         self._recorded_step = True
+        if not skipped and (self.alerts or self.stop_on_critical): self._alert(values, counts)
+
+    def _alert(self, values, counts):
+        "Warn once per kind when a critical condition first appears; stop before the optimizer step if asked."
+        names = self._plan_key
+        problems = []
+        bad_rows = np.flatnonzero(counts.sum(1) > 0)
+        if len(bad_rows):
+            problems.append(('nonfinite', f"NaN/Inf gradients at step {self.step_count}, nearest the output in "
+                             f"{names[bad_rows[-1]]} ({int(counts[:, 0].sum())} NaN, {int(counts[:, 1].sum())} Inf)"))
+        norms = values[:, METRICS.index('grad_norm')].astype(np.float64)
+        total = float(np.sqrt(np.sum(norms ** 2))) if len(norms) else 0.0
+        if np.isfinite(total) and total > self.thresholds.total_norm_critical:
+            problems.append(('exploding', f"total gradient norm {total:.3g} > {self.thresholds.total_norm_critical:g} at "
+                             f"step {self.step_count}, largest in {names[int(np.argmax(norms))]}"))
+        if not problems: return
+        for kind, message in problems:
+            if self.alerts and kind not in self._alerted:
+                self._alerted.add(kind)
+                warnings.warn(f"GradStats: {message}" + (': stopping before this step is applied' if self.stop_on_critical else ''),
+                              GradientAlert, stacklevel=2)
+        if self.stop_on_critical:
+            self.stopped_at = self.step_count
+            raise CancelFitException()
 
     def _record_update_ratio(self):
         "||w_after - w_before|| / ||w_before|| of the step just taken, into the last recorded step."

@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.patches import Patch
 
-from .record import GradRecord
+from .record import GradRecord, record_method
 from .stats import HIST_BINS, HIST_DECADES
 
 __all__ = ['heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare',
@@ -363,12 +363,5 @@ def compare(records, metric='grad_rms', labels=None, weights_only=True):
 
 
 # --- the same functions as methods of the record ------------------------------------------
-def _as_method(func):
-    def method(self, *args, **kwargs): return func(self, *args, **kwargs)
-    method.__name__ = f'plot_{func.__name__}'
-    method.__doc__ = func.__doc__
-    return method
-
-
 for _func in (heatmap, magnitude_hist, gradient_flow, layer_curves, update_ratio):
-    setattr(GradRecord, f'plot_{_func.__name__}', _as_method(_func))
+    record_method(_func, f'plot_{_func.__name__}')

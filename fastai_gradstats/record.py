@@ -16,7 +16,7 @@ import pandas as pd
 
 from .stats import HIST_BINS, METRICS
 
-__all__ = ['GradRecord', 'load', 'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS', 'EXTRA_COLUMNS']
+__all__ = ['GradRecord', 'load', 'record_method', 'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS', 'EXTRA_COLUMNS']
 
 DERIVED_COLUMNS = ('grad_param_ratio', 'grad_rms')
 "Per-layer columns derived when `df` is built: grad_norm / param_norm, and grad_norm / sqrt(numel)."
@@ -250,6 +250,18 @@ class GradRecord:
         if self._hist is not None: self.hist.drop(columns=['step', 'layer']).to_parquet(path/_HIST_FILE, index=False)
         elif (path/_HIST_FILE).exists(): (path/_HIST_FILE).unlink()
         return path
+
+
+def record_method(func, name=None):
+    """Make `func(record, ...)` available as the method `name` (default: its own name) of `GradRecord`.
+
+    The modules above the record (plots, health) add their functions this way, so the record
+    itself imports none of them."""
+    def method(self, *args, **kwargs): return func(self, *args, **kwargs)
+    method.__name__ = method.__qualname__ = name or func.__name__
+    method.__doc__ = func.__doc__
+    setattr(GradRecord, method.__name__, method)
+    return func
 
 
 def _json_default(o):

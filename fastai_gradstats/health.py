@@ -1,0 +1,392 @@
+"""The diagnosis: turn a record's numbers into findings, worst first, with a remedy each.
+
+`health(record)` returns one row per finding; `summary(record)` says the same in a few lines.
+Both read only the record's DataFrames, so they work the same on a live and on a loaded run.
+Thresholds come from `Thresholds` (seed 004's table); the loss in `record.steps` separates
+convergence (small gradients, low flat loss) from being stuck (small gradients, high loss)
+and from vanishing, as the forum thread of seed 001 asks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .record import GradRecord, record_method
+from .thresholds import Thresholds
+
+__all__ = ['Thresholds', 'health', 'summary', 'suggest_clip', 'HEALTH_COLUMNS', 'CHECKS', 'STATUSES']
+
+HEALTH_COLUMNS = ('check', 'layer', 'status', 'value', 'threshold', 'first_step', 'last_step', 'reason')
+CHECKS = ('nonfinite', 'exploding', 'total_norm', 'spikes', 'vanishing', 'stuck', 'converged', 'layer_spread',
+          'grad_param_ratio', 'zero_frac', 'dead')
+STATUSES = ('critical', 'warning', 'ok')
+MODEL = 'model'
+
+
+def _inputs(record, thresholds):
+    if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
+    if thresholds is None: thresholds = Thresholds()
+    if not isinstance(thresholds, Thresholds):
+        raise TypeError(f"`thresholds` must be a fastai_gradstats.health.Thresholds, got {type(thresholds).__name__}")
+    if not len(record): raise ValueError("`record` is empty: no step was recorded, nothing to diagnose")
+    return record.df, record.steps, record.layers, thresholds
+
+
+def _finding(check, status, reason, layer=MODEL, value=np.nan, threshold=np.nan, first_step=None, last_step=None):
+    return {'check': check, 'layer': layer, 'status': status, 'value': float(value), 'threshold': float(threshold),
+            'first_step': first_step, 'last_step': last_step, 'reason': reason}
+
+
+def _span(steps):
+    steps = list(steps)
+    return (int(min(steps)), int(max(steps))) if steps else (None, None)
+
+
+class _Run:
+    "What several checks share: applied steps, windows, loss context, weight layers in depth order."
+    def __init__(self, df, steps, layers, t):
+        self.t, self.df, self.layers = t, df, layers
+        self.applied = steps[~steps['skipped']]
+        self.all_steps = steps
+        norms = self.applied['grad_norm'].to_numpy(float)
+        self.norms = norms
+        n = len(self.applied)
+        self.early = self.applied.iloc[:max(1, n // 5)]
+        self.late = self.applied.iloc[n - max(1, n // 5):] if n else self.applied
+        finite_loss = lambda part: part['loss'][np.isfinite(part['loss'])]
+        self.loss_early = float(finite_loss(self.early).median()) if len(finite_loss(self.early)) else np.nan
+        self.loss_late = float(finite_loss(self.late).median()) if len(finite_loss(self.late)) else np.nan
+        late_loss = finite_loss(self.late).to_numpy(float)
+        self.enough = n >= 10
+        if len(late_loss) >= 2 and self.loss_early > 0:
+            # flat: the late loss moves little compared with where training started (not with its own, tiny, level)
+            half = len(late_loss) // 2
+            self.loss_change = abs(np.median(late_loss[half:]) - np.median(late_loss[:half])) / self.loss_early
+        else: self.loss_change = np.nan
+        self.falling = self.loss_late < (1 - t.loss_fall) * self.loss_early
+        self.converged = (self.enough and self.loss_late <= t.loss_converged * self.loss_early
+                          and self.loss_change <= t.loss_flat)
+        early_norm = self.early['grad_norm'][np.isfinite(self.early['grad_norm'])].median()
+        late_norm = self.late['grad_norm'][np.isfinite(self.late['grad_norm'])].median()
+        self.early_norm, self.late_norm = float(early_norm), float(late_norm)
+        depth = layers.set_index('name')['depth']
+        shapes = layers.set_index('name')['shape']
+        names = df['layer'].astype(str)
+        self.names = names
+        present = pd.unique(names)
+        self.weights = sorted([n for n in present if len(shapes[n]) >= 2], key=lambda n: depth[n])
+        self.order = sorted(present, key=lambda n: depth[n])
+        self.applied_rows = df[df['step'].isin(self.applied['step'])]
+
+
+def _check_nonfinite(run):
+    df, t = run.df, run.t
+    bad = df[(df['n_nan'] > 0) | (df['n_inf'] > 0)]
+    applied_bad = bad[bad['step'].isin(run.applied['step'])]
+    findings = []
+    skipped = run.all_steps[run.all_steps['skipped']]
+    if len(skipped):
+        first, last = _span(skipped['step'])
+        findings.append(_finding('nonfinite', 'ok', f"{len(skipped)} step(s) were skipped by the optimizer (e.g. the "
+                                 "fp16 grad scaler after an overflow): normal for mixed precision, nothing was applied",
+                                 value=len(skipped), first_step=first, last_step=last))
+    if applied_bad.empty:
+        if not findings: findings.append(_finding('nonfinite', 'ok', 'no NaN or Inf in any applied gradient', value=0))
+        return findings
+    first_step = int(applied_bad['step'].min())
+    at_first = applied_bad[applied_bad['step'] == first_step]
+    depth = run.layers.set_index('name')['depth']
+    nearest_output = max(at_first['layer'].astype(str), key=lambda n: depth[n])
+    first, last = _span(applied_bad['step'])
+    n_steps = applied_bad['step'].nunique()
+    findings.append(_finding('nonfinite', 'critical',
+        f"NaN/Inf gradients first at step {first_step} in {nearest_output} (nearest the output, where backward "
+        f"starts) and in {n_steps} applied step(s): lower the learning rate, add GradientClip, check the loss and inputs",
+        layer=nearest_output, value=n_steps, threshold=0, first_step=first, last_step=last))
+    return findings
+
+
+def _check_total_norm(run):
+    t, norms = run.t, run.norms
+    finite = np.isfinite(norms)
+    if not finite.any(): return [_finding('total_norm', 'critical', 'no finite total gradient norm was recorded')]
+    steps = run.applied['step'].to_numpy()
+    peak = float(norms[finite].max())
+    if peak > t.total_norm_critical:
+        where = steps[finite & (norms > t.total_norm_critical)]
+        return [_finding('total_norm', 'critical', f"total gradient norm reached {peak:.3g} (> {t.total_norm_critical:g}, "
+                         "likely to explode): lower the learning rate or clip gradients", value=peak,
+                         threshold=t.total_norm_critical, first_step=int(where.min()), last_step=int(where.max()))]
+    if peak > t.total_norm_warning:
+        where = steps[finite & (norms > t.total_norm_warning)]
+        return [_finding('total_norm', 'warning', f"total gradient norm reached {peak:.3g} (healthy up to "
+                         f"{t.total_norm_warning:g}): watch for explosions, consider GradientClip", value=peak,
+                         threshold=t.total_norm_warning, first_step=int(where.min()), last_step=int(where.max()))]
+    median = float(np.median(norms[finite]))
+    return [_finding('total_norm', 'ok', f"total gradient norm stays at most {peak:.3g} (median {median:.3g})",
+                     value=peak, threshold=t.total_norm_warning)]
+
+
+def _check_exploding(run):
+    t, norms = run.t, run.norms
+    steps = run.applied['step'].to_numpy()
+    finite = np.isfinite(norms)
+    over = finite & (norms > t.total_norm_critical)
+    nonfinite_after_growth = (~finite).any()
+    growth = run.late_norm / run.early_norm if run.early_norm > 0 else np.nan
+    if over.any() or (nonfinite_after_growth and finite.any()):
+        where = steps[over | ~finite]
+        first = int(where.min())
+        return [_finding('exploding', 'critical', f"gradients explode from step {first} (total norm above "
+                         f"{t.total_norm_critical:g} or not finite): lower the learning rate, add GradientClip "
+                         "(see the clipping advice)", value=float(np.nanmax(np.where(finite, norms, np.nan))) if finite.any() else np.inf,
+                         threshold=t.total_norm_critical, first_step=first, last_step=int(where.max()))]
+    if run.enough and growth >= t.growth_factor and run.late_norm > t.total_norm_warning:
+        first, last = _span(run.late['step'])
+        return [_finding('exploding', 'warning', f"total norm grew {growth:.3g}x from the first to the last fifth of "
+                         "training: the run may be diverging; lower the learning rate", value=growth,
+                         threshold=t.growth_factor, first_step=first, last_step=last)]
+    return [_finding('exploding', 'ok', 'the total norm neither grows steadily nor leaves the critical band',
+                     value=growth, threshold=t.growth_factor)]
+
+
+def _check_spikes(run):
+    t = run.t
+    norms = pd.Series(run.norms, index=run.applied['step'].to_numpy())
+    window = int(t.spike_window)
+    rolling = norms.where(np.isfinite(norms)).rolling(window, min_periods=min(5, window)).median().shift(1)
+    spikes = norms[(norms > t.spike_factor * rolling) & np.isfinite(norms)]
+    if spikes.empty:
+        return [_finding('spikes', 'ok', f"no step's total norm exceeds {t.spike_factor:g}x the rolling median",
+                         value=0, threshold=t.spike_factor)]
+    first, last = _span(spikes.index)
+    worst = float((spikes / rolling[spikes.index]).max())
+    return [_finding('spikes', 'warning', f"{len(spikes)} step(s) with a total norm over {t.spike_factor:g}x the rolling "
+                     f"median (worst {worst:.3g}x): outliers in the data or a too-high learning rate; GradientClip "
+                     "caps them", value=len(spikes), threshold=t.spike_factor, first_step=first, last_step=last)]
+
+
+def _depth_profile(run):
+    "Median rms gradient of each weight layer over applied steps, from input to output."
+    rows = run.applied_rows
+    rows = rows[rows['layer'].astype(str).isin(run.weights)]
+    rms = rows.groupby(rows['layer'].astype(str))['grad_rms'].median()
+    return rms.reindex(run.weights).dropna()
+
+
+def _check_vanishing(run):
+    t = run.t
+    findings = []
+    norms = run.norms[np.isfinite(run.norms)]
+    steps = run.applied['step'].to_numpy()[np.isfinite(run.norms)]
+    tiny = norms < t.vanishing_norm
+    if tiny.any() and not run.converged:
+        first, last = _span(steps[tiny])
+        findings.append(_finding('vanishing', 'critical', f"total gradient norm below {t.vanishing_norm:g} at "
+                                 f"{int(tiny.sum())} step(s): no learning; check the initialisation and activations",
+                                 value=float(norms.min()), threshold=t.vanishing_norm, first_step=first, last_step=last))
+    profile = _depth_profile(run)
+    if len(profile) >= 3 and (profile > 0).all():
+        ratio = float(profile.iloc[-1] / profile.iloc[0])
+        log_rms = np.log(profile.to_numpy(float))
+        steady = np.corrcoef(np.arange(len(log_rms)), log_rms)[0, 1]
+        if ratio >= t.depth_ratio_warning and steady >= 0.7:
+            first, last = _span(run.applied['step'])
+            status = 'critical' if ratio >= t.depth_ratio_critical else 'warning'
+            if run.converged:
+                findings.append(_finding('vanishing', 'ok', f"gradients fall {ratio:.3g}x from output to input, but the "
+                                         "loss is low and flat: convergence, not vanishing", layer=profile.index[0],
+                                         value=ratio, threshold=t.depth_ratio_warning))
+            else:
+                findings.append(_finding('vanishing', status, f"gradients vanish with depth: rms gradient falls {ratio:.3g}x "
+                                         f"from {profile.index[-1]} to {profile.index[0]} (input): use Kaiming init, "
+                                         "ReLU-family activations, BatchNorm or residual connections",
+                                         layer=profile.index[0], value=ratio, threshold=t.depth_ratio_warning
+                                         if status == 'warning' else t.depth_ratio_critical, first_step=first, last_step=last))
+    if not findings:
+        findings.append(_finding('vanishing', 'ok', 'no vanishing: gradients keep their size from output to input',
+                                 value=float(profile.iloc[-1] / profile.iloc[0]) if len(profile) >= 2 and profile.iloc[0] > 0 else np.nan,
+                                 threshold=t.depth_ratio_warning))
+    return findings
+
+
+def _check_loss_context(run):
+    t = run.t
+    first, last = _span(run.late['step'])
+    small = run.late_norm < t.total_norm_low or (run.early_norm > 0 and run.late_norm < t.total_norm_low * run.early_norm)
+    if run.converged:
+        return [_finding('converged', 'ok', f"loss fell from {run.loss_early:.3g} to {run.loss_late:.3g} and is flat; "
+                         f"late total norm {run.late_norm:.3g}: small gradients here mean convergence",
+                         value=run.loss_late, threshold=t.loss_converged * run.loss_early, first_step=first, last_step=last),
+                _finding('stuck', 'ok', 'the loss fell: not stuck', value=run.late_norm, threshold=t.total_norm_low)]
+    found = [_finding('converged', 'ok', 'not converged (yet): the loss is not low and flat',
+                      value=run.loss_late, threshold=t.loss_converged * run.loss_early)]
+    if run.enough and small and not run.falling:
+        found.append(_finding('stuck', 'warning', f"small gradients (late total norm {run.late_norm:.3g}) while the loss "
+                              f"stays high ({run.loss_early:.3g} -> {run.loss_late:.3g}): the model is stuck; raise the "
+                              "learning rate, fix the initialisation or the activations",
+                              value=run.late_norm, threshold=t.total_norm_low, first_step=first, last_step=last))
+    else:
+        found.append(_finding('stuck', 'ok', 'not stuck: the loss falls or the gradients are not small',
+                              value=run.late_norm, threshold=t.total_norm_low))
+    return found
+
+
+def _check_layer_spread(run):
+    t = run.t
+    rows = run.applied_rows
+    rows = rows[rows['layer'].astype(str).isin(run.weights) & np.isfinite(rows['grad_norm']) & (rows['grad_norm'] > 0)]
+    if rows['layer'].nunique() < 2:
+        return [_finding('layer_spread', 'ok', 'fewer than two weight layers with gradients: no spread to measure')]
+    per_step = rows.groupby('step')['grad_norm'].agg(['max', 'min'])
+    spread = float((per_step['max'] / per_step['min']).median())
+    status = 'critical' if spread > t.layer_spread_critical else 'warning' if spread > t.layer_spread_warning else 'ok'
+    threshold = t.layer_spread_critical if status == 'critical' else t.layer_spread_warning
+    reason = (f"median max/min weight-gradient norm across layers is {spread:.3g}x" +
+              ('' if status == 'ok' else ': layers learn at very different speeds; check the gradient flow plot'))
+    return [_finding('layer_spread', status, reason, value=spread, threshold=threshold,
+                     first_step=int(per_step.index.min()) if status != 'ok' else None,
+                     last_step=int(per_step.index.max()) if status != 'ok' else None)]
+
+
+def _per_layer(run, column, high, low=None, only_weights=False, high_status=("warning", "critical")):
+    "Median of `column` per layer over applied steps, against (warning, critical) thresholds `high` and a lower bound `low`."
+    rows = run.applied_rows
+    if only_weights: rows = rows[rows['layer'].astype(str).isin(run.weights)]
+    rows = rows[np.isfinite(rows[column])]
+    names = rows['layer'].astype(str)
+    med = rows.groupby(names)[column].median().reindex([n for n in run.order if n in set(names)])
+    found = []
+    for layer, value in med.items():
+        part = rows[names == layer]
+        if high[1] is not None and value > high[1]: status, threshold = high_status[1], high[1]
+        elif value > high[0]: status, threshold = high_status[0], high[0]
+        elif low is not None and value < low: status, threshold = 'warning', low
+        else: continue
+        where = part['step'][(part[column] > threshold) if threshold != low else (part[column] < low)]
+        first, last = _span(where)
+        found.append((layer, status, float(value), threshold, first, last))
+    return found
+
+
+def _check_ratio(run):
+    t = run.t
+    found = _per_layer(run, 'grad_param_ratio', (t.ratio_high, None), t.ratio_low, only_weights=True)
+    rows = [_finding('grad_param_ratio', status, (f"median grad/param ratio {value:.3g} > {t.ratio_high:g}: gradients "
+                     "too large for the weights; lower the learning rate") if value > t.ratio_high else
+                     (f"median grad/param ratio {value:.3g} < {t.ratio_low:g}: gradients too small to move the weights; "
+                      "raise the learning rate or fix the architecture"),
+                     layer=layer, value=value, threshold=threshold, first_step=first, last_step=last)
+            for layer, status, value, threshold, first, last in found]
+    return rows or [_finding('grad_param_ratio', 'ok', f"every weight's median grad/param ratio is within "
+                             f"[{t.ratio_low:g}, {t.ratio_high:g}]", threshold=t.ratio_high)]
+
+
+def _check_zero_frac(run):
+    t = run.t
+    found = _per_layer(run, 'zero_frac', (t.zero_frac_warning, t.zero_frac_critical))
+    rows = [_finding('zero_frac', status, f"median {value:.1%} of {layer}'s gradient elements are zero (healthy < "
+                     f"{t.zero_frac_warning:.0%}): dead units upstream, unused inputs or a masked loss",
+                     layer=layer, value=value, threshold=threshold, first_step=first, last_step=last)
+            for layer, status, value, threshold, first, last in found]
+    return rows or [_finding('zero_frac', 'ok', f"every layer's median zero fraction is below {t.zero_frac_warning:.0%}",
+                             threshold=t.zero_frac_warning)]
+
+
+def _check_dead(run):
+    t = run.t
+    rows_all = run.applied_rows
+    half = run.applied['step'].iloc[len(run.applied) // 2:] if len(run.applied) else run.applied['step']
+    run_late = _Late(run, rows_all[rows_all['step'].isin(half)])
+    found = _per_layer(run_late, 'dead_frac', (t.dead_warning, t.dead_critical))
+    rows = [_finding('dead', status, f"{value:.0%} of {layer}'s units get no gradient at all, and stay so through the "
+                     "second half of training (dead neurons): use Kaiming init, a smaller learning rate, "
+                     "LeakyReLU/GeneralRelu, or check the biases", layer=layer, value=value, threshold=threshold,
+                     first_step=first, last_step=last)
+            for layer, status, value, threshold, first, last in found]
+    return rows or [_finding('dead', 'ok', f"no layer keeps more than {t.dead_warning:.0%} dead units",
+                             threshold=t.dead_warning)]
+
+
+class _Late:
+    "A view of `_Run` restricted to some rows (the second half, for the dead check)."
+    def __init__(self, run, rows): self.__dict__.update(run.__dict__); self.applied_rows = rows
+
+
+_CHECKS = (_check_nonfinite, _check_exploding, _check_total_norm, _check_spikes, _check_vanishing,
+           _check_loss_context, _check_layer_spread, _check_ratio, _check_zero_frac, _check_dead)
+
+
+def health(record, thresholds: Thresholds | None = None) -> pd.DataFrame:
+    """Diagnose `record`: one row per finding, worst first.
+
+    Columns: `check` (one of `CHECKS`), `layer` (a parameter name or `'model'`), `status`
+    (`critical`, `warning`, `ok`), `value` (what was measured), `threshold` (what it was held
+    against), `first_step`, `last_step` (where the finding holds) and `reason` (one line with a
+    remedy). Every check has at least one row, `ok` when it found nothing."""
+    df, steps, layers, t = _inputs(record, thresholds)
+    run = _Run(df, steps, layers, t)
+    rows = [f for check in _CHECKS for f in check(run)]
+    out = pd.DataFrame(rows, columns=list(HEALTH_COLUMNS))
+    out['first_step'] = out['first_step'].astype('Int64'); out['last_step'] = out['last_step'].astype('Int64')
+    rank = out['status'].map({s: i for i, s in enumerate(STATUSES)})
+    check_rank = out['check'].map({c: i for i, c in enumerate(CHECKS)})
+    return out.assign(_r=rank, _c=check_rank).sort_values(['_r', '_c'], kind='stable').drop(columns=['_r', '_c']).reset_index(drop=True)
+
+
+def suggest_clip(record, thresholds: Thresholds | None = None) -> dict:
+    """A `GradientClip` max_norm for this model: the `clip_percentile` of the total norm over healthy steps
+    (finite, applied, not spikes), as AutoClip does, and how many recorded steps it would have clipped.
+
+    Returns a dict with `max_norm`, `n_clipped`, `n_steps` and `percentile`."""
+    _, steps, _, t = _inputs(record, thresholds)
+    norms = steps.loc[~steps['skipped'], 'grad_norm'].to_numpy(float)
+    finite = norms[np.isfinite(norms)]
+    if not len(finite): raise ValueError("`record` has no finite total norm to base a clipping value on")
+    series = pd.Series(finite)
+    rolling = series.rolling(int(t.spike_window), min_periods=min(5, int(t.spike_window))).median().shift(1)
+    healthy = series[~(series > t.spike_factor * rolling) & (series <= t.total_norm_critical)]
+    base = healthy if len(healthy) else series
+    max_norm = float(np.percentile(base, t.clip_percentile))
+    return {'max_norm': max_norm, 'n_clipped': int((norms > max_norm).sum() + (~np.isfinite(norms)).sum()),
+            'n_steps': int(len(norms)), 'percentile': float(t.clip_percentile)}
+
+
+def summary(record, thresholds: Thresholds | None = None, show_ok: bool = False) -> str:
+    """A short text of `health`, worst first, for notebooks and terminals; with clipping advice when the
+    gradients explode or spike. `show_ok` also lists the checks that found nothing."""
+    table = health(record, thresholds)
+    steps = record.steps
+    counts = table['status'].value_counts()
+    head = (f"Gradient health: {counts.get('critical', 0)} critical, {counts.get('warning', 0)} warning(s) over "
+            f"{len(steps)} recorded step(s) ({int(steps['step'].min())}-{int(steps['step'].max())}), "
+            f"{record.df['layer'].nunique()} parameter tensors")
+    lines = [head]
+    shown = table if show_ok else table[table['status'] != 'ok']
+    for (status, check), group in shown.groupby(['status', 'check'], sort=False):
+        worst = group.iloc[group['value'].abs().fillna(0).to_numpy().argmax()] if len(group) > 1 else group.iloc[0]
+        first, last = group['first_step'].min(), group['last_step'].max()
+        where = '' if pd.isna(first) else f" [step {first}]" if first == last else f" [steps {first}-{last}]"
+        if len(group) > 1:
+            names = list(group['layer'])
+            listed = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
+            lines.append(f"  {status.upper():8} {check} in {len(names)} layers ({listed}); worst {worst['layer']}: "
+                         f"{worst['reason']}{where}")
+        else:
+            layer = '' if worst['layer'] == MODEL else f" {worst['layer']}"
+            lines.append(f"  {status.upper():8} {check}{layer}: {worst['reason']}{where}")
+    converged = table[(table['check'] == 'converged') & table['reason'].str.startswith('loss fell')]
+    if len(converged) and not show_ok: lines.append(f"  ok       converged: {converged.iloc[0]['reason']}")
+    bad = table[table['check'].isin(['exploding', 'spikes', 'nonfinite']) & (table['status'] != 'ok')]
+    if len(bad):
+        try:
+            clip = suggest_clip(record, thresholds)
+            lines.append(f"  advice: GradientClip(max_norm={clip['max_norm']:.3g}) (the {clip['percentile']:g}th percentile "
+                         f"of the healthy total norms) would have clipped {clip['n_clipped']} of {clip['n_steps']} steps")
+        except ValueError as e: lines.append(f"  advice: no clipping value: {e}")
+    return '\n'.join(lines)
+
+
+record_method(health)
+record_method(summary)
+record_method(suggest_clip)
