@@ -1,27 +1,69 @@
-"""The `gradstats` command: `gradstats demo` trains the experiments and saves what was recorded."""
+"""The `gradstats` command (also `python -m fastai_gradstats`).
+
+- `gradstats demo [--out DIR] [--quick]`: train the forum experiments, save runs, figures and a report;
+- `gradstats report RUN... [--out FILE]`: one self-contained HTML report from saved runs;
+- `gradstats summary RUN`: the health summary of a saved run in the terminal.
+
+A missing or unreadable run gives a one-line error and exit code 2, never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ['main']
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog='gradstats', description='Gradient statistics for fastai training runs.')
+    parser = argparse.ArgumentParser(prog='gradstats', description='Gradient statistics of fastai training runs.')
     sub = parser.add_subparsers(dest='command', required=True)
-    demo = sub.add_parser('demo', help='train small models on the digits data and record their gradients')
-    demo.add_argument('--out', default='gradstats-demo', help='directory for the saved runs (default: %(default)s)')
-    demo.add_argument('--quick', action='store_true', help='a short run, for tests and a first look')
+    demo = sub.add_parser('demo', help='train the forum experiments on the digits data and write a report')
+    demo.add_argument('--out', default='gradstats-demo', help='directory for runs, figures and report.html (default: %(default)s)')
+    demo.add_argument('--quick', action='store_true', help='fewer epochs: under 30 s, for tests and a first look')
+    report = sub.add_parser('report', help='one self-contained HTML report from saved runs')
+    report.add_argument('runs', nargs='+', help='directories written by GradRecord.save (or the demo)')
+    report.add_argument('--out', default='report.html', help='the HTML file to write (default: %(default)s)')
+    summary = sub.add_parser('summary', help='print the health summary of a saved run')
+    summary.add_argument('run', help='a directory written by GradRecord.save (or the demo)')
+    summary.add_argument('--all', action='store_true', help='also list the checks that found nothing')
     return parser
 
 
+def _load(path):
+    from .record import load
+    return load(path)
+
+
+def _names(paths):
+    "Run names for the report: directory names, made unique."
+    names, seen = [], {}
+    for p in paths:
+        base = Path(p).resolve().name or str(p)
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f'{base} ({seen[base]})')
+    return names
+
+
 def main(argv=None) -> int:
-    "Entry point of the `gradstats` command; returns the exit code."
+    "Entry point of the `gradstats` command; returns the exit code (0 ok, 2 bad input)."
     args = _parser().parse_args(argv)
-    if args.command == 'demo':
-        from .demo import run_demo
-        run_demo(args.out, quick=args.quick)
+    import matplotlib
+    matplotlib.use('Agg')
+    try:
+        if args.command == 'demo':
+            from .demo import run_demo
+            run_demo(args.out, quick=args.quick)
+        elif args.command == 'report':
+            from .report import write_report
+            records = {name: _load(p) for name, p in zip(_names(args.runs), args.runs)}
+            print(f"wrote {write_report(records, args.out)}")
+        elif args.command == 'summary':
+            from .health import summary
+            print(summary(_load(args.run), show_ok=args.all))
+    except (FileNotFoundError, ValueError, TypeError, OSError) as e:
+        print(f"gradstats {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

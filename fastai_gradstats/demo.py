@@ -1,21 +1,35 @@
-"""The main job's experiments, trained on scikit-learn's 8x8 digits (shipped with it: no download)."""
+"""The main job: the forum experiments of `shared/seeds`, reproduced with `GradStats` on real data.
+
+Every experiment trains on scikit-learn's 8x8 digits (shipped with it: no download) with a
+fastai `Learner`, and `run_demo` writes each run's record, the figures as PNG and one
+self-contained `report.html`, and prints each run's health summary.
+"""
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
-__all__ = ['digits_dls', 'mlp', 'run_demo']
+__all__ = ['digits_dls', 'mlp', 'GeneralRelu', 'RowRNN', 'Experiment', 'EXPERIMENTS', 'COMPARISONS', 'run_experiment',
+           'run_demo']
 
 
-def digits_dls(bs: int = 64, seed: int = 0, n_train: int = 1500):
-    "fastai `DataLoaders` of scikit-learn's digits: 64 pixels in [0, 1] and a label 0-9; `n_train` images train."
+def digits_dls(bs: int = 64, seed: int = 0, n_train: int = 1500, sequence: bool = False):
+    """fastai `DataLoaders` of scikit-learn's digits: 64 pixels in [0, 1] and a label 0-9; `n_train` images train.
+
+    `sequence=True` gives each image as 16 steps of 4 pixels, for recurrent networks."""
     from fastai.data.core import DataLoaders
     from sklearn.datasets import load_digits
+    if not isinstance(n_train, int) or not 0 < n_train < 1797:
+        raise ValueError(f"`n_train` must be an int between 1 and 1796, got {n_train!r}")
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
+    if sequence: x = x.view(-1, 16, 4)
     y = torch.tensor(y, dtype=torch.long)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     train, valid = order[:n_train], order[n_train:]
@@ -23,28 +37,142 @@ def digits_dls(bs: int = 64, seed: int = 0, n_train: int = 1500):
                                   device=torch.device('cpu'))
 
 
-def mlp(depth: int = 4, width: int = 64, act=nn.ReLU, n_in: int = 64, n_out: int = 10) -> nn.Sequential:
-    "A plain MLP of `depth` hidden layers of `width` units with activation `act`."
+class GeneralRelu(nn.Module):
+    "ReLU with a leak, shifted down by `sub` and capped at `maxv` (the course's GeneralRelu)."
+    def __init__(self, leak: float = 0.1, sub: float = 0.4, maxv: float | None = None):
+        super().__init__()
+        self.leak, self.sub, self.maxv = leak, sub, maxv
+
+    def forward(self, x):
+        x = nn.functional.leaky_relu(x, self.leak) if self.leak else nn.functional.relu(x)
+        x = x - self.sub
+        return x.clamp_max(self.maxv) if self.maxv is not None else x
+
+
+def mlp(depth: int = 4, width: int = 64, act: Callable[[], nn.Module] = nn.ReLU, n_in: int = 64, n_out: int = 10,
+        init: str | None = None, leak: float = 0.0) -> nn.Sequential:
+    """A plain MLP: `depth` hidden `Linear` layers of `width` units, each followed by `act()`.
+
+    `init='kaiming'` initialises the hidden weights with Kaiming normal (for a leak of `leak`)
+    and zero biases; `None` keeps PyTorch's default."""
+    if not isinstance(depth, int) or depth < 0: raise ValueError(f"`depth` must be an int >= 0, got {depth!r}")
+    if init not in (None, 'kaiming'): raise ValueError(f"`init` must be None or 'kaiming', got {init!r}")
     layers, n = [], n_in
     for _ in range(depth):
-        layers += [nn.Linear(n, width), act()]
+        linear = nn.Linear(n, width)
+        if init == 'kaiming':
+            nn.init.kaiming_normal_(linear.weight, a=leak, nonlinearity='leaky_relu')
+            nn.init.zeros_(linear.bias)
+        layers += [linear, act()]
         n = width
     return nn.Sequential(*layers, nn.Linear(n, n_out))
 
 
-def run_demo(out='gradstats-demo', quick: bool = False) -> dict:
-    "Train a small MLP on the digits with `GradStats`, save its record under `out` and return the records by name."
+class RowRNN(nn.Module):
+    """A ReLU RNN over the digits as 16 steps of 4 pixels, whose recurrent weight is an orthogonal matrix
+    times `scale`: every singular value is `scale`, so gradients through time grow as scale**steps
+    above 1 and shrink below 1 (seed 003)."""
+    def __init__(self, scale: float = 1.0, hidden: int = 64, n_in: int = 4, n_out: int = 10):
+        super().__init__()
+        self.rnn = nn.RNN(n_in, hidden, nonlinearity='relu', batch_first=True)
+        with torch.no_grad():
+            nn.init.orthogonal_(self.rnn.weight_hh_l0)
+            self.rnn.weight_hh_l0.mul_(scale)
+            self.rnn.bias_hh_l0.zero_()
+        self.head = nn.Linear(hidden, n_out)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+@dataclass
+class Experiment:
+    "One training run of the demo: what it reproduces and how it is trained."
+    name: str
+    seed_thread: str              # which thread of shared/seeds it answers
+    claim: str                    # what the thread says, checked by the run
+    model: Callable[[], nn.Module]
+    lr: float
+    epochs: int = 3
+    quick_epochs: int = 1
+    opt: str = 'Adam'
+    sequence: bool = False
+    expect: dict = field(default_factory=dict)  # health check -> status the run should show (tests read it)
+
+
+EXPERIMENTS = [
+    Experiment('lr_reasonable', '000', 'with a sensible learning rate, are gradient elements ever larger than 1?',
+               lambda: mlp(4, 64), lr=3e-3, epochs=4, quick_epochs=2,
+               expect={'exploding': 'ok', 'nonfinite': 'ok'}),
+    Experiment('lr_too_high', '000', 'a learning rate set far too high makes gradients huge', lambda: mlp(4, 64),
+               lr=1.0, epochs=2, quick_epochs=1, expect={'exploding': 'critical'}),
+    Experiment('relu_default_init', '001', 'plain ReLU with default init: many units get zero gradient',
+               lambda: mlp(6, 64), lr=3e-3, epochs=3, quick_epochs=2),
+    Experiment('generalrelu_kaiming', '001', 'Kaiming-initialised GeneralReLU keeps more units alive',
+               lambda: mlp(6, 64, act=lambda: GeneralRelu(0.1, 0.4), init='kaiming', leak=0.1), lr=3e-3, epochs=3,
+               quick_epochs=2),
+    Experiment('sigmoid_deep', '002', 'a deep sigmoid network: gradients vanish towards the input',
+               lambda: mlp(10, 64, act=nn.Sigmoid), lr=1e-3, epochs=3, quick_epochs=1,
+               expect={'vanishing': 'critical'}),
+    Experiment('relu_deep', '002', 'the same depth with Kaiming-initialised ReLU: gradients keep their size',
+               lambda: mlp(10, 64, init='kaiming'), lr=1e-3, epochs=3, quick_epochs=1,
+               expect={'vanishing': 'ok', 'exploding': 'ok'}),
+    Experiment('rnn_scale_below_1', '003', 'recurrent weight with norm 0.5 < 1: gradients vanish through time',
+               lambda: RowRNN(0.5), lr=1e-3, epochs=3, quick_epochs=1, sequence=True),
+    Experiment('rnn_scale_above_1', '003', 'recurrent weight with norm 2 > 1: gradients explode through time',
+               lambda: RowRNN(2.0), lr=1e-3, epochs=3, quick_epochs=1, sequence=True,
+               expect={'exploding': 'critical'}),
+]
+"The demo's runs, in the order of the seed threads."
+
+COMPARISONS = [('lr_reasonable', 'lr_too_high'), ('relu_default_init', 'generalrelu_kaiming'),
+               ('sigmoid_deep', 'relu_deep'), ('rnn_scale_below_1', 'rnn_scale_above_1')]
+"Pairs of runs the report puts side by side."
+
+
+def run_experiment(exp: Experiment, quick: bool = False, progress: bool = True, **gradstats_kwargs):
+    "Train `exp` with `GradStats` and return the record (`learn.grad_stats`)."
+    import warnings
     import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
     from fastai.metrics import accuracy
-    from .callback import GradStats
+    from fastai.optimizer import SGD, Adam
+    from .callback import GradientAlert, GradStats
     torch.manual_seed(0)
-    out = Path(out)
-    learn = Learner(digits_dls(), mlp(), loss_func=CrossEntropyLossFlat(), metrics=accuracy)
-    learn.fit_one_cycle(1 if quick else 3, 1e-2, cbs=GradStats())
+    opt = {'Adam': Adam, 'SGD': SGD}[exp.opt]
+    learn = Learner(digits_dls(sequence=exp.sequence), exp.model(), loss_func=CrossEntropyLossFlat(),
+                    metrics=accuracy, opt_func=opt)
+    cb = GradStats(**gradstats_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', GradientAlert)  # the summary reports them
+        if progress: learn.fit(exp.quick_epochs if quick else exp.epochs, exp.lr, cbs=cb)
+        else:
+            with learn.no_bar(), learn.no_logging(): learn.fit(exp.quick_epochs if quick else exp.epochs, exp.lr, cbs=cb)
     record = learn.grad_stats
-    record.save(out/'mlp')
-    print(record)
-    print(record.steps.tail().to_string(index=False))
-    return {'mlp': record}
+    record.args.update({'experiment': exp.name, 'seed_thread': exp.seed_thread, 'claim': exp.claim,
+                        'lr': exp.lr, 'opt': exp.opt})
+    return record
+
+
+def run_demo(out='gradstats-demo', quick: bool = False, progress: bool = True) -> dict:
+    """Run every experiment of `EXPERIMENTS`, save each record under `out/<name>`, the figures under
+    `out/figures`, the report at `out/report.html`, print each run's health summary, and return the
+    records by name."""
+    from .report import write_report
+    if not isinstance(out, (str, Path)): raise TypeError(f"`out` must be a str or Path, got {type(out).__name__}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records, started = {}, time.perf_counter()
+    for exp in EXPERIMENTS:
+        print(f"\n== {exp.name} (seed {exp.seed_thread}): {exp.claim}")
+        record = run_experiment(exp, quick=quick, progress=progress)
+        record.save(out/exp.name)
+        records[exp.name] = record
+        print(record.summary())
+    report = write_report(records, out/'report.html', comparisons=COMPARISONS, figures_dir=out/'figures',
+                          title='fastai_gradstats demo: the forum experiments')
+    print(f"\nSaved {len(records)} runs under {out}/, figures under {out/'figures'}/; report: {report} "
+          f"({time.perf_counter() - started:.0f} s)")
+    return records
