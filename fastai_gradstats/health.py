@@ -51,10 +51,13 @@ class _Run:
         norms = self.applied['grad_norm'].to_numpy(float)
         self.norms = norms
         n = len(self.applied)
-        self.early = self.applied.iloc[:max(1, n // 5)]
+        # the start: a few steps only, so that an explosion soon after does not pass for the initial loss
+        self.early = self.applied.iloc[:max(1, min(5, n // 5))]
         self.late = self.applied.iloc[n - max(1, n // 5):] if n else self.applied
         finite_loss = lambda part: part['loss'][np.isfinite(part['loss'])]
-        self.loss_early = float(finite_loss(self.early).median()) if len(finite_loss(self.early)) else np.nan
+        start = finite_loss(self.early)
+        # min with the very first loss: an explosion in the first steps must not pass for the initial loss
+        self.loss_early = float(min(start.median(), start.iloc[0])) if len(start) else np.nan
         self.loss_late = float(finite_loss(self.late).median()) if len(finite_loss(self.late)) else np.nan
         late_loss = finite_loss(self.late).to_numpy(float)
         self.enough = n >= 10
@@ -215,8 +218,9 @@ def _check_loss_context(run):
     first, last = _span(run.late['step'])
     small = run.late_norm < t.total_norm_low or (run.early_norm > 0 and run.late_norm < t.total_norm_low * run.early_norm)
     if run.converged:
-        return [_finding('converged', 'ok', f"loss fell from {run.loss_early:.3g} to {run.loss_late:.3g} and is flat; "
-                         f"late total norm {run.late_norm:.3g}: small gradients here mean convergence",
+        small_note = (': small gradients here mean convergence, not vanishing' if small else '')
+        return [_finding('converged', 'ok', f"loss fell from {run.loss_early:.3g} to {run.loss_late:.3g} and is flat "
+                         f"(late total norm {run.late_norm:.3g}){small_note}",
                          value=run.loss_late, threshold=t.loss_converged * run.loss_early, first_step=first, last_step=last),
                 _finding('stuck', 'ok', 'the loss fell: not stuck', value=run.late_norm, threshold=t.total_norm_low)]
     found = [_finding('converged', 'ok', 'not converged (yet): the loss is not low and flat',
