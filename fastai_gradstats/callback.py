@@ -61,6 +61,7 @@ class GradStats(Callback):
         alerts:bool=True,        # Warn once when NaN/Inf gradients or an explosion first appear (`GradientAlert`)
         stop_on_critical:bool=False, # Stop training at that step, before the optimizer applies it, keeping the record
         thresholds:Thresholds|None=None, # What counts as an explosion (`total_norm_critical`); default `Thresholds()`
+        keep_last:int|None=None, # Bound memory: keep every step of the last `keep_last` recorded, thin older ones geometrically
     ):
         _check_every(every); _check_zero_tol(zero_tol)
         if thresholds is None: thresholds = Thresholds()
@@ -69,13 +70,16 @@ class GradStats(Callback):
         for name, flag in (('hist', hist), ('update_ratio', update_ratio), ('alerts', alerts),
                            ('stop_on_critical', stop_on_critical)):
             if not isinstance(flag, bool): raise TypeError(f"`{name}` must be True or False, got {flag!r}")
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, (int, np.integer)) or keep_last < 1):
+            raise ValueError(f"`keep_last` must be a positive int or None, got {keep_last!r}")
         if hist_sample is not None and (isinstance(hist_sample, bool) or not isinstance(hist_sample, (int, np.integer)) or hist_sample < 1):
             raise ValueError(f"`hist_sample` must be a positive int or None, got {hist_sample!r}")
         store_attr()
         hist_dtype = None if not hist else np.uint16 if hist_sample is not None and hist_sample < 2**16 else np.int64
         self.record = GradRecord(args={'every': int(every), 'zero_tol': float(zero_tol), 'hist': hist,
-                                       'hist_sample': hist_sample, 'update_ratio': update_ratio},
-                                 extra_columns=('update_ratio',) if update_ratio else (), hist_dtype=hist_dtype)
+                                       'hist_sample': hist_sample, 'update_ratio': update_ratio, 'keep_last': keep_last},
+                                 extra_columns=('update_ratio',) if update_ratio else (), hist_dtype=hist_dtype,
+                                 keep_last=keep_last, every=int(every))
         self.step_count, self._active, self._hooks, self._params, self._plan = 0, False, [], None, None
         self._weights_before, self._alerted, self.stopped_at = None, set(), None
 
@@ -162,7 +166,9 @@ class GradStats(Callback):
         grads = [p.grad for p in params]
         values = self._plan(grads, params)
         loss = self.learn.loss
-        loss = (torch.full((), torch.nan) if loss is None else loss.detach().float().mean()).to(values.device)
+        # fastai's loss is a TensorBase, whose __torch_function__ would wrap every op after it: use a plain tensor
+        loss = torch.full((), torch.nan) if loss is None else loss.detach().as_subclass(torch.Tensor).float().mean()
+        loss = loss.to(values.device)
         parts = [values.reshape(-1), loss.reshape(1)]
         if self.hist: parts.append(self._hist_plan(grads).reshape(-1).to(values.dtype))  # counts <= 2**24: exact in float32
         host = _to_host(torch.cat(parts))

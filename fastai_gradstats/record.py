@@ -27,8 +27,9 @@ COUNT_COLUMNS = ('n_nan', 'n_inf')
 "Integer per-layer columns: how many gradient elements are NaN, and how many are ±Inf."
 LAYER_COLUMNS = ('name', 'module', 'shape', 'numel', 'depth')
 "Columns of `GradRecord.layers`: one row per parameter tensor, `depth` 0 nearest the input."
-STEP_COLUMNS = ('step', 'epoch', 'lr', 'loss', 'grad_norm', 'skipped')
-"Columns of `GradRecord.steps`: one row per recorded optimizer step."
+STEP_COLUMNS = ('step', 'epoch', 'lr', 'loss', 'grad_norm', 'skipped', 'kept_every')
+"""Columns of `GradRecord.steps`: one row per recorded optimizer step; `kept_every` is the stride at which
+steps around this one are kept (`every`, or more where `keep_last` thinned old steps)."""
 FORMAT_VERSION = 1
 _FILES = {'meta': 'meta.json', 'steps': 'steps.parquet', 'stats': 'stats.parquet'}
 _HIST_FILE = 'hist.parquet'  # present when the run kept magnitude histograms, rows aligned with stats.parquet
@@ -45,7 +46,7 @@ class _Growable:
         rows = np.asarray(rows, self.data.dtype).reshape((-1,) + self.shape_tail)
         need = self.n + len(rows)
         if need > len(self.data):
-            grown = np.empty((max(need, 2 * len(self.data)),) + self.shape_tail, self.data.dtype)
+            grown = np.empty((max(need, 2 * len(self.data), 16),) + self.shape_tail, self.data.dtype)
             grown[:self.n] = self.data[:self.n]
             self.data = grown
         self.data[self.n:need] = rows
@@ -53,6 +54,11 @@ class _Growable:
 
     @property
     def view(self): return self.data[:self.n]
+
+    def compress(self, keep):
+        "Keep only the rows where `keep` is True, in a new buffer (DataFrames already handed out keep their data)."
+        self.data = self.data[:self.n][keep]
+        self.n = len(self.data)
 
     def __len__(self): return self.n
 
@@ -71,7 +77,13 @@ class GradRecord:
       over all recorded parameters), `skipped` (the optimizer did not apply this step);
     - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`.
     """
-    def __init__(self, layers=(), args=None, extra_columns=(), hist_dtype=None):
+    def __init__(self, layers=(), args=None, extra_columns=(), hist_dtype=None, keep_last=None, every=1):
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, (int, np.integer)) or keep_last < 1):
+            raise ValueError(f"`keep_last` must be a positive int or None, got {keep_last!r}")
+        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+            raise ValueError(f"`every` must be a positive int, got {every!r}")
+        self.keep_last, self.every = (None if keep_last is None else int(keep_last)), int(every)
+        self._unthinned = 0
         self._layers = []
         self._index = {}
         self.args = dict(args or {})
@@ -83,7 +95,8 @@ class GradRecord:
         self._counts = _Growable(np.int64, len(COUNT_COLUMNS))
         self._row_layer = _Growable(np.int32)
         self._step_cols = {'step': _Growable(np.int64), 'epoch': _Growable(np.int32), 'lr': _Growable(np.float64),
-                           'loss': _Growable(np.float32), 'skipped': _Growable(np.bool_), 'n_rows': _Growable(np.int64)}
+                           'loss': _Growable(np.float32), 'skipped': _Growable(np.bool_), 'n_rows': _Growable(np.int64),
+                           'kept_every': _Growable(np.int64)}
         self._cache = {}
         self.set_layers(layers)
 
@@ -138,6 +151,37 @@ class GradRecord:
         if self._hist is not None: self._hist.extend(hist)
         for name in ('step', 'epoch', 'lr', 'loss', 'skipped'): self._step_cols[name].extend(np.asarray(steps[name]))
         self._step_cols['n_rows'].extend(n_rows)
+        self._step_cols['kept_every'].extend(np.asarray(steps['kept_every']) if 'kept_every' in steps
+                                             else np.full(len(new_steps), self.every))
+        self._cache.clear()
+        self._unthinned += len(new_steps)
+        if self.keep_last is not None and self._unthinned >= max(1, self.keep_last // 4): self.thin()
+
+    # --- bounded memory --------------------------------------------------------------------
+    def thin(self):
+        """Apply `keep_last`: keep every recorded step of the last `keep_last * every` optimizer steps and
+        thin older ones geometrically: a step whose age (in optimizer steps, from the last recorded
+        one) lies in [K * 2**k, K * 2**(k+1)), with K = keep_last * every, is kept only if its number
+        is a multiple of every * 2**(k+1). `steps['kept_every']` says at which stride each kept
+        step's neighbourhood survives. Kept steps are never changed. Called automatically."""
+        self._unthinned = 0
+        if self.keep_last is None or not len(self): return
+        steps = self._step_cols['step'].view
+        window = self.keep_last * self.every
+        age = steps[-1] - steps
+        old = age >= window
+        if not old.any(): return
+        band = np.zeros(len(steps), np.int64)
+        band[old] = np.floor(np.log2(age[old] / window)).astype(np.int64)
+        stride = np.where(old, self.every * 2 ** (band + 1), self.every)
+        keep = (steps % stride == 0) | ~old
+        kept_every = self._step_cols['kept_every'].view
+        np.maximum(kept_every, np.where(keep, stride, kept_every), out=kept_every)
+        if keep.all(): return
+        rows = np.repeat(keep, self._step_cols['n_rows'].view)
+        for growable in (self._values, self._counts, self._row_layer, self._hist):
+            if growable is not None: growable.compress(rows)
+        for growable in self._step_cols.values(): growable.compress(keep)
         self._cache.clear()
 
     def set_last(self, column, values):
@@ -177,6 +221,7 @@ class GradRecord:
     @property
     def df(self) -> pd.DataFrame:
         "Tidy DataFrame, one row per (recorded step, parameter tensor); see the class docstring."
+        if self._unthinned and self.keep_last is not None: self.thin()
         if 'df' not in self._cache:
             row_step = self._row_step()
             values = self._values.view
@@ -190,7 +235,7 @@ class GradRecord:
                 cols['grad_rms'] = values[:, METRICS.index('grad_norm')] / np.sqrt(numel)
             for i, name in enumerate(COUNT_COLUMNS): cols[name] = self._counts.view[:, i]
             for i, name in enumerate(self.value_columns[len(METRICS):], len(METRICS)): cols[name] = values[:, i]
-            self._cache['df'] = pd.DataFrame(cols)
+            self._cache['df'] = pd.DataFrame(cols, copy=False)
         return self._cache['df']
 
     @property
@@ -212,12 +257,14 @@ class GradRecord:
     @property
     def steps(self) -> pd.DataFrame:
         "One row per recorded step: `step`, `epoch`, `lr`, `loss`, `grad_norm` (total), `skipped`."
+        if self._unthinned and self.keep_last is not None: self.thin()
         if 'steps' not in self._cache:
             sq = self._values.view[:, METRICS.index('grad_norm')].astype(np.float64) ** 2
             total = np.sqrt(np.bincount(self._row_step(), weights=sq, minlength=len(self)))
             cols = {k: self._step_cols[k].view.copy() for k in ('step', 'epoch', 'lr', 'loss')}
             cols['grad_norm'] = total
             cols['skipped'] = self._step_cols['skipped'].view.copy()
+            cols['kept_every'] = self._step_cols['kept_every'].view.copy()
             self._cache['steps'] = pd.DataFrame(cols, columns=list(STEP_COLUMNS))
         return self._cache['steps']
 

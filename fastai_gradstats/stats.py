@@ -41,6 +41,10 @@ class LayerStats:
     - `dead_frac`: fraction of units (slices along dim 0 of a tensor with 2+ dims: output
       neurons or channels) whose whole gradient is <= `zero_tol`; NaN for 0-D and 1-D tensors.
 
+    Every pass over the gradients is a reduction that allocates nothing of the gradients' size:
+    norms (`torch._foreach_norm`), per-unit max and min, sums and non-zero counts; the rest is
+    arithmetic on a few short vectors. Norms accumulate in float32 (also for half gradients),
+    so a gradient whose elements are all below about 1e-19 has a norm of 0.
     NaN and Inf propagate into the norms, the max, the mean and the std as they are; count
     them with `count_nonfinite` for the tensors whose `grad_norm` is not finite.
     """
@@ -49,11 +53,10 @@ class LayerStats:
             raise ValueError(f"`zero_tol` must be a finite number >= 0, got {zero_tol!r}")
         self.shapes = [torch.Size(s) for s in shapes]
         self.zero_tol = float(zero_tol)
+        self.rows = [s[0] if len(s) >= 2 and s[0] > 0 else 1 for s in self.shapes]
         self.numel = torch.tensor([s.numel() for s in self.shapes], dtype=torch.float64)
-        self.is_matrix = torch.tensor([len(s) >= 2 for s in self.shapes])
-        rows = [s[0] if len(s) >= 2 else 1 for s in self.shapes]
-        self.n_units = torch.tensor(rows, dtype=torch.float64)
-        self.row_owner = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(rows, dtype=torch.long))
+        self.n_units = torch.tensor([s[0] if len(s) >= 2 else math.nan for s in self.shapes], dtype=torch.float64)
+        self.row_owner = torch.repeat_interleave(torch.arange(len(self.rows)), torch.tensor(self.rows, dtype=torch.long))
         self._on_device = {}
 
     def __len__(self): return len(self.shapes)
@@ -61,8 +64,7 @@ class LayerStats:
     def _meta(self, device):
         "The shape metadata, copied to `device` once and kept."
         if device not in self._on_device:
-            self._on_device[device] = tuple(t.to(device) for t in
-                                           (self.numel, self.is_matrix, self.n_units, self.row_owner))
+            self._on_device[device] = tuple(t.to(device) for t in (self.numel, self.n_units, self.row_owner))
         return self._on_device[device]
 
     def __call__(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -71,31 +73,28 @@ class LayerStats:
         if len(grads) != len(self.shapes) or len(params) != len(self.shapes):
             raise ValueError(f"expected {len(self.shapes)} gradients and parameters, "
                              f"got {len(grads)} and {len(params)}")
+        for g, s in zip(grads, self.shapes):
+            if g.shape != s: raise ValueError(f"a gradient has shape {tuple(g.shape)} where {tuple(s)} was planned")
         if not grads: return torch.empty(0, len(METRICS))
         device = grads[0].device
-        numel, is_matrix, n_units, row_owner = self._meta(device)
+        numel, n_units, row_owner = self._meta(device)
         with torch.no_grad():
-            grad_norm = torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).double()
-            param_norm = torch.stack(torch._foreach_norm(params, dtype=torch.float32)).to(device, torch.float64)
-            abs_grads = torch._foreach_abs(grads)
-            # Largest |g| of each unit (row); the largest of a tensor's rows is its grad_max.
-            row_max = torch.cat([a.reshape(a.shape[0], -1).amax(1) if a.dim() >= 2 else a.reshape(1, -1).amax(1)
-                                 for a in abs_grads]).double()
-            grad_max = torch.zeros(len(grads), dtype=torch.float64, device=device).scatter_reduce_(
-                0, row_owner, row_max, 'amax', include_self=False)
-            dead_units = torch.zeros_like(grad_max).index_add_(0, row_owner, (row_max <= self.zero_tol).double())
-            dead_frac = torch.where(is_matrix, dead_units / n_units, torch.nan)
-            # NaN is not <= zero_tol and is counted as non-zero, so the count is exact with NaN too.
-            above_tol = abs_grads if self.zero_tol == 0 else torch._foreach_clamp_min(torch._foreach_sub(abs_grads, self.zero_tol), 0.0)
-            nonzero = torch.stack([torch.count_nonzero(a) for a in above_tol]).double()
-            zero_frac = 1 - nonzero / numel
-            grad_sum = torch.stack([g.sum(dtype=torch.float32) for g in grads]).double()
+            f32 = torch.float32
+            sums = [*torch._foreach_norm(grads, 2, dtype=f32), *torch._foreach_norm(params, 2, dtype=f32)]
+            sums += [g.sum(dtype=f32) for g in grads]
+            if self.zero_tol == 0: nonzero = [torch.count_nonzero(g) for g in grads]
+            else: nonzero = [torch.count_nonzero(g.abs() > self.zero_tol) for g in grads]
+            per_tensor = torch.cat([torch.stack(sums).double(), torch.stack(nonzero).double()]).view(4, -1)
+            grad_norm, param_norm, grad_sum, nonzero = per_tensor
+            # the largest |g| of each unit (row) is max(max g, -min g): no |g| temporary is made
+            units = [g.reshape(r, -1) for g, r in zip(grads, self.rows)]
+            row_max = torch.maximum(torch.cat([u.amax(1) for u in units]), torch.cat([u.amin(1) for u in units]).neg()).double()
+            grad_max = torch.zeros_like(grad_norm).scatter_reduce_(0, row_owner, row_max, 'amax', include_self=False)
+            dead_units = torch.zeros_like(grad_norm).index_add_(0, row_owner, (row_max <= self.zero_tol).double())
             grad_mean = grad_sum / numel
-            sum_sq = grad_norm ** 2
-            var = (sum_sq - grad_sum * grad_mean).clamp_min(0) / (numel - 1)
-            grad_std = torch.where(numel > 1, var.sqrt(), torch.nan)
-            return torch.stack([grad_norm, param_norm, grad_max, grad_mean, grad_std,
-                                zero_frac, dead_frac], dim=1).float()
+            var = (grad_norm * grad_norm - grad_sum * grad_mean).clamp_min_(0) / (numel - 1)
+            return torch.stack([grad_norm, param_norm, grad_max, grad_mean, var.sqrt_().masked_fill_(numel < 2, math.nan),
+                                1 - nonzero / numel, dead_units / n_units], dim=1).float()
 
 
 def count_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,313 @@
+"""How much does gradient monitoring slow a fastai training step? `python benchmarks/overhead.py [--quick]`
+
+For each workload the same `Learner` trains the same batches from the same initial weights,
+once per monitor per round, in interleaved rounds (the monitor order rotates every round).
+Each fit's time is the sum of its training batches (before_batch to after_batch, validation
+excluded). The result per monitor is the median over rounds of time(with) / time(without),
+with the none-vs-none ratio as the noise floor. Also measured: the physical floor (one
+batched `torch._foreach_norm` read of all gradients and parameters with one host copy), the
+memory a monitor keeps, and how GradStats' cost per step grows with the number of layers.
+Writes the table to benchmarks/RESULTS.md (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastai.basics import Callback, CrossEntropyLossFlat, DataLoaders, Learner, SGD, Adam
+from fastai.callback.hook import ActivationStats
+from fastai.layers import ConvLayer, ResBlock
+
+import fastai_gradstats
+from fastai_gradstats import GradStats
+from fastai_gradstats.demo import digits_dls
+
+warnings.filterwarnings('ignore')
+
+
+# --- workloads -----------------------------------------------------------------------------
+def mlp_workload(depth=10, width=256):
+    layers, n = [], 64
+    for _ in range(depth): layers += [nn.Linear(n, width), nn.ReLU()]; n = width
+    return nn.Sequential(*layers, nn.Linear(n, 10)), digits_dls(bs=64)
+
+
+def cnn_workload():
+    from fastai.data.core import DataLoaders as DL
+    dls = digits_dls(bs=64)
+    model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), ConvLayer(1, 32), ResBlock(1, 32, 32), ResBlock(1, 32, 64, stride=2),
+                          ResBlock(1, 64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    return model, dls
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab=32, d=64, layers=2, seq=32):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(seq, d) * 0.02)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True), layers,
+                                             enable_nested_tensor=False)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x): return self.head(self.encoder(self.embed(x) + self.pos).mean(1))
+
+
+def transformer_workload():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 32, (1600, 32), generator=g)
+    y = (x[:, :4].sum(1) % 10)
+    dls = DataLoaders.from_dsets(list(zip(x[:1536], y[:1536])), list(zip(x[1536:], y[1536:])), bs=32,
+                                 device=torch.device('cpu'))
+    return TinyTransformer(), dls
+
+
+WORKLOADS = {'mlp 10x256': mlp_workload, 'cnn resblocks': cnn_workload, 'transformer 2 layers': transformer_workload}
+
+
+# --- monitors --------------------------------------------------------------------------------
+class Floor(Callback):
+    "The physical floor: one batched read of every gradient and parameter, one host copy per step."
+    order = GradStats.order
+    def before_step(self):
+        ps = [p for p in self.learn.model.parameters() if p.grad is not None]
+        torch.stack(torch._foreach_norm([p.grad for p in ps]) + torch._foreach_norm(ps)).cpu()
+
+
+class NaiveItem(Callback):
+    "What forum posts do: loop over parameters, one `.item()` per statistic."
+    order = GradStats.order
+    def before_fit(self): self.rows = []
+    def before_step(self):
+        for name, p in self.learn.model.named_parameters():
+            if p.grad is None: continue
+            g = p.grad
+            self.rows.append((name, g.norm().item(), p.norm().item(), g.abs().max().item(), g.mean().item(),
+                              g.std().item(), (g == 0).float().mean().item(), torch.isnan(g).sum().item()))
+
+
+class LightningGradNorm(Callback):
+    "Lightning's `grad_norm` utility called every step, as its docs show in `on_before_optimizer_step`."
+    order = GradStats.order
+    def __init__(self, fn): self.fn = fn
+    def before_fit(self): self.rows = []
+    def before_step(self): self.rows.append(self.fn(self.learn.model, norm_type=2))
+
+
+class WandbWatch(Callback):
+    "W&B's `wandb.watch(model, log='all', log_freq=1)` in offline mode; hooks log at every step."
+    def __init__(self, wandb, tmp): self.wandb, self.tmp = wandb, tmp
+    def before_fit(self):
+        self.run = self.wandb.init(mode='offline', dir=self.tmp, reinit=True, settings=self.wandb.Settings(silent=True))
+        self.wandb.watch(self.learn.model, log='all', log_freq=1)
+    def after_batch(self):
+        if self.training: self.wandb.log({'loss': float(self.learn.loss)})
+    def after_fit(self):
+        self.wandb.unwatch(self.learn.model); self.run.finish(quiet=True)
+
+
+class TensorboardHist(Callback):
+    "TensorBoard per-parameter gradient histograms and norms with `SummaryWriter`, every step."
+    order = GradStats.order
+    def __init__(self, writer_cls, tmp): self.writer_cls, self.tmp = writer_cls, tmp
+    def before_fit(self): self.writer, self.n = self.writer_cls(self.tmp), 0
+    def before_step(self):
+        for name, p in self.learn.model.named_parameters():
+            if p.grad is None: continue
+            self.writer.add_histogram(f'grad/{name}', p.grad, self.n)
+            self.writer.add_scalar(f'grad_norm/{name}', p.grad.norm(), self.n)
+        self.n += 1
+    def after_fit(self): self.writer.close()
+
+
+def monitors(tmp):
+    "Name -> factory of a fresh callback (or None), with the peers that are not installed marked unavailable."
+    found = {'none': lambda: None, 'floor (foreach_norm, 1 copy)': Floor,
+             'GradStats() defaults': GradStats,
+             'GradStats(every metric on)': lambda: GradStats(hist=True, update_ratio=True),
+             'GradStats(hist=False)': lambda: GradStats(hist=False),
+             'fastai ActivationStats': lambda: ActivationStats(with_hist=False),
+             'naive .item() loop': NaiveItem}
+    unavailable = {}
+    try:
+        from lightning.pytorch.utilities import grad_norm
+        found["Lightning grad_norm"] = lambda: LightningGradNorm(grad_norm)
+    except Exception as e: unavailable['Lightning grad_norm'] = f'not installed ({type(e).__name__})'
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        found['TensorBoard histograms'] = lambda: TensorboardHist(SummaryWriter, tmp)
+    except Exception as e: unavailable['TensorBoard histograms'] = f'not installed ({type(e).__name__})'
+    try:
+        import wandb
+        os.environ.setdefault('WANDB_SILENT', 'true')
+        found['wandb.watch(log="all", log_freq=1)'] = lambda: WandbWatch(wandb, tmp)
+    except Exception as e: unavailable['wandb.watch(log="all", log_freq=1)'] = f'not installed ({type(e).__name__})'
+    return found, unavailable
+
+
+# --- timing ------------------------------------------------------------------------------------
+class BatchTimer(Callback):
+    "Sum of the training batches' wall time (before_batch to after_batch), validation excluded."
+    order = -100
+    def before_fit(self): self.total, self.n = 0.0, 0
+    def before_batch(self):
+        if self.training: self.t0 = time.perf_counter()
+    def after_batch(self):
+        if self.training: self.total += time.perf_counter() - self.t0; self.n += 1
+
+
+def make_learner(workload, n_batches):
+    torch.manual_seed(0)
+    model, dls = WORKLOADS[workload]()
+    dls.train.n = min(dls.train.n, n_batches * dls.train.bs)  # the same first n_batches batches every fit
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, lr=1e-3)
+    learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == 'ProgressCallback'])
+    return learn, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def timed_fit(learn, state, cb, seed=0):
+    learn.model.load_state_dict(state)
+    learn.opt = None  # a fresh optimizer each fit: same starting point for every monitor
+    timer = BatchTimer()
+    torch.manual_seed(seed)
+    with learn.no_logging(), contextlib.redirect_stdout(io.StringIO()):
+        learn.fit(1, cbs=[timer] + ([cb] if cb is not None else []))
+        learn.dls.valid  # validation runs but is not timed
+    return timer.total, timer.n
+
+
+def bench_workload(workload, factories, rounds, n_batches):
+    learn, state = make_learner(workload, n_batches)
+    names = list(factories)
+    for name in names: timed_fit(learn, state, factories[name]())  # warm-up: allocations, first-call costs
+    times = {n: [] for n in names + ['none (again)']}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order: times[name].append(timed_fit(learn, state, factories[name]())[0])
+        times['none (again)'].append(timed_fit(learn, state, None)[0])
+    base = np.array(times['none'])
+    ratios = {n: float(np.median(np.array(t) / base)) for n, t in times.items()}
+    steps = timed_fit(learn, state, None)[1]
+    return ratios, float(np.median(base)) / steps
+
+
+def kept_memory(workload, factory, n_batches):
+    "Bytes a monitor allocated and still holds after one fit (Python and numpy, plus torch tensors it keeps)."
+    learn, state = make_learner(workload, n_batches)
+    cb = factory()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    timed_fit(learn, state, cb)
+    after, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    held = after - before
+    if isinstance(cb, GradStats):
+        held = sum(a.data.nbytes for a in _record_arrays(learn.grad_stats))
+    return held, peak - before
+
+
+def _record_arrays(record):
+    yield record._values; yield record._counts; yield record._row_layer
+    yield from record._step_cols.values()
+    if record._hist is not None: yield record._hist
+
+
+# --- scaling with the number of layers -----------------------------------------------------------
+def per_step_cost(n_layers, steps=50, width=16):
+    "Microseconds GradStats() adds per step (its callback events alone) for an MLP of `n_layers` Linear layers."
+    torch.manual_seed(0)
+    layers, n = [], 64
+    for _ in range(n_layers - 1): layers += [nn.Linear(n, width), nn.ReLU()]; n = width
+    model = nn.Sequential(*layers, nn.Linear(n, 10))
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    cb = GradStats()
+
+    learn = Learner(DataLoaders.from_dsets([(x[0], y[0])], [(x[0], y[0])], bs=1), model, loss_func=CrossEntropyLossFlat())
+    learn.create_opt(); learn.loss = torch.tensor(1.0); learn.epoch = 0; learn.training = True
+    cb.learn = learn
+    cb.before_fit()
+    nn.functional.cross_entropy(model(x), y).backward()
+    cb.after_pred()
+    t = []
+    for i in range(steps):
+        s = time.perf_counter(); cb.before_step(); cb.after_step(); t.append(time.perf_counter() - s)
+    cb.after_fit()
+    early, late = np.median(t[:steps // 2]), np.median(t[steps // 2:])
+    return float(np.median(t)) * 1e6, float(early) * 1e6, float(late) * 1e6, len(list(model.parameters()))
+
+
+# --- report --------------------------------------------------------------------------------------
+def versions():
+    out = {'python': platform.python_version(), 'torch': torch.__version__, 'fastai': __import__('fastai').__version__,
+           'fastai_gradstats': fastai_gradstats.__version__, 'numpy': np.__version__}
+    for mod in ('lightning', 'tensorboard', 'wandb'):
+        try: out[mod] = __import__(mod).__version__
+        except Exception: pass
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='2 rounds of 20 steps on the MLP only (a smoke test, not a measurement)')
+    parser.add_argument('--rounds', type=int, default=None)
+    parser.add_argument('--steps', type=int, default=None, help='training steps per fit (default 100)')
+    parser.add_argument('--out', default=str(Path(__file__).parent/'RESULTS.md'))
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (2 if args.quick else 7)
+    n_batches = args.steps or (20 if args.quick else 100)
+    workloads = ['mlp 10x256'] if args.quick else list(WORKLOADS)
+    tmp = Path(os.environ.get('TMPDIR', '/tmp'))/'gradstats-bench'
+    tmp.mkdir(parents=True, exist_ok=True)
+    factories, unavailable = monitors(str(tmp))
+    if args.quick: factories = {k: v for k, v in factories.items() if k in ('none', 'floor (foreach_norm, 1 copy)', 'GradStats() defaults', 'naive .item() loop')}
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    results, step_ms = {}, {}
+    for w in workloads:
+        print(f'== {w}', flush=True)
+        results[w], step_ms[w] = bench_workload(w, factories, rounds, n_batches)
+        for name, ratio in results[w].items(): print(f'   {name:38s} {ratio:.3f}x', flush=True)
+    memory = {name: kept_memory('mlp 10x256', factories[name], n_batches) for name in factories
+              if name not in ('none',) and not name.startswith('wandb') and not name.startswith('TensorBoard')}
+    scaling = [] if args.quick else [per_step_cost(n) for n in (10, 100, 1000)]
+    lines = [f'# GradStats overhead{" (--quick: a smoke test, not a measurement)" if args.quick else ""}', '',
+             f'Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, '
+             f'{platform.platform()}.', 'Versions: ' + ', '.join(f'{k} {v}' for k, v in versions().items()) + '.', '',
+             f'Median over {rounds} interleaved rounds of time(with monitor) / time(without), {n_batches} training steps '
+             'per fit, the same batches and initial weights for every fit. `none (again)` is the noise floor.', '']
+    header = '| monitor | ' + ' | '.join(workloads) + ' |'
+    lines += [header, '|' + ' --- |' * (len(workloads) + 1)]
+    for name in list(factories) + ['none (again)']:
+        if name == 'none': continue
+        lines.append(f'| {name} | ' + ' | '.join(f'{results[w][name]:.3f}x' for w in workloads) + ' |')
+    for name, why in unavailable.items(): lines.append(f'| {name} | ' + ' | '.join('unavailable: ' + why for _ in workloads) + ' |')
+    lines.append('| (step time without monitor) | ' + ' | '.join(f'{step_ms[w] * 1e3:.2f} ms' for w in workloads) + ' |')
+    lines += ['', 'Overhead of `GradStats()` as a multiple of the floor\'s overhead, (ratio - 1) / (floor ratio - 1):', '']
+    for w in workloads:
+        floor, ours = results[w]['floor (foreach_norm, 1 copy)'] - 1, results[w]['GradStats() defaults'] - 1
+        lines.append(f'- {w}: {ours / floor:.2f}x the floor' if floor > 0.002 else f'- {w}: floor overhead within noise ({floor:+.3f})')
+    lines += ['', 'Memory kept after a fit of the MLP (GradStats: its record\'s arrays; others: traced Python/numpy memory):', '']
+    for name, (held, peak) in memory.items(): lines.append(f'- {name}: {held / 1e6:.2f} MB kept (traced peak {peak / 1e6:.2f} MB)')
+    if scaling:
+        lines += ['', 'Cost of GradStats() per step (its callback events alone, median), by number of Linear layers:', '',
+                  '| layers | parameter tensors | us per step | us per tensor | first half of steps | second half |',
+                  '| --- | --- | --- | --- | --- | --- |']
+        for (us, early, late, n_tensors), n in zip(scaling, (10, 100, 1000)):
+            lines.append(f'| {n} | {n_tensors} | {us:.0f} | {us / n_tensors:.1f} | {early:.0f} | {late:.0f} |')
+    Path(args.out).write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+    return 0
+
+
+if __name__ == '__main__': sys.exit(main())
