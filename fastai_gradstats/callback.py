@@ -19,7 +19,7 @@ from .record import GradRecord
 from .stats import METRICS, LayerStats, MagnitudeHistogram, count_nonfinite
 from .thresholds import Thresholds
 
-__all__ = ['GradStats', 'GradientAlert']
+__all__ = ['GradStats', 'GradientAlert', 'input_to_output']
 
 
 class GradientAlert(UserWarning):
@@ -29,6 +29,30 @@ class GradientAlert(UserWarning):
 def _to_host(tensor: torch.Tensor) -> np.ndarray:
     "The one device-to-host copy of a recorded step (kept in one place so tests can count it)."
     return tensor.detach().cpu().numpy()
+
+
+def input_to_output(loss: torch.Tensor, params) -> list:
+    """Ids of the `params` that `loss` depends on, ordered from the input to the output of the network.
+
+    Reads the autograd graph behind `loss` (it outlives backward): a parameter's depth is its longest
+    distance from the loss, the farthest being the input side. Needs no hook on the model."""
+    root = loss.grad_fn
+    post_order, seen, stack = [], {root}, [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded: post_order.append(node); continue
+        stack.append((node, True))
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child); stack.append((child, False))
+    distance = {root: 0}
+    for node in reversed(post_order):  # a topological order: every node before the nodes it feeds
+        d = distance.get(node, 0)
+        for child, _ in node.next_functions:
+            if child is not None and distance.get(child, -1) < d + 1: distance[child] = d + 1
+    wanted = {id(p) for p in params}
+    found = {id(n.variable): d for n, d in distance.items() if hasattr(n, 'variable') and id(n.variable) in wanted}
+    return sorted(found, key=lambda pid: -found[pid])
 
 
 def _check_every(every):
@@ -80,7 +104,7 @@ class GradStats(Callback):
                                        'hist_sample': hist_sample, 'update_ratio': update_ratio, 'keep_last': keep_last},
                                  extra_columns=('update_ratio',) if update_ratio else (), hist_dtype=hist_dtype,
                                  keep_last=keep_last, every=int(every))
-        self.step_count, self._active, self._hooks, self._params, self._plan = 0, False, [], None, None
+        self.step_count, self._active, self._params, self._plan, self._recorded_step = 0, False, None, None, False
         self._weights_before, self._alerted, self.stopped_at = None, set(), None
 
     @property
@@ -90,26 +114,20 @@ class GradStats(Callback):
 
     # --- events --------------------------------------------------------------------------
     def before_fit(self):
-        self._remove_hooks()
         self._active = not hasattr(self.learn, 'lr_finder')  # lr_find trains a throwaway copy
         if not self._active: return
+        if self._recorded_step:  # the last fit stopped inside a recorded step: that step is over
+            self.step_count += 1
+            self._recorded_step = False
         self.learn.grad_stats = self.record
         model = self.learn.model
         self._params = list(model.named_parameters())
         self._module_of = {}
         for mod_name, module in model.named_modules():
             for p_name, _ in module.named_parameters(recurse=False):
-                self._module_of[f'{mod_name}.{p_name}' if mod_name else p_name] = (mod_name, module)
-        self._describe_layers(call_order=None)
-        self._call_order = []
-        for mod_name, module in {v[0]: v[1] for v in self._module_of.values()}.items():
-            self._hooks.append(module.register_forward_pre_hook(self._note_call(mod_name)))
-        self._plan, self._plan_key, self._recorded_step = None, None, False
-
-    def after_pred(self):
-        if self._hooks:
-            self._remove_hooks()
-            self._describe_layers(self._call_order)
+                self._module_of[f'{mod_name}.{p_name}' if mod_name else p_name] = module
+        self._describe_layers(order=None)
+        self._plan, self._plan_key, self._depth_known = None, None, False
 
     def before_step(self):
         if self._active: self._record(skipped=False)
@@ -125,35 +143,33 @@ class GradStats(Callback):
         self.step_count += 1
         self._recorded_step = False
 
-    def after_cancel_fit(self): self._remove_hooks()
+    def after_cancel_fit(self):
+        # stopped between recording a step and applying it (e.g. stop_on_critical): the optimizer never applied it
+        if self._active and self._recorded_step: self.record.mark_skipped()
 
     def after_fit(self):
-        self._remove_hooks()
         self._params, self._plan, self._hist_plan, self._module_of, self._active = None, None, None, None, False
         self._weights_before = None
 
     # --- helpers -------------------------------------------------------------------------
-    def _note_call(self, mod_name):
-        def hook(module, args):
-            if mod_name not in self._call_order: self._call_order.append(mod_name)
-        return hook
-
-    def _remove_hooks(self):
-        for h in self._hooks: h.remove()
-        self._hooks = []
-
-    def _describe_layers(self, call_order):
-        "Describe every parameter; `depth` follows the order modules ran in (registration order until known)."
-        rank = {m: i for i, m in enumerate(call_order or [])}
+    def _describe_layers(self, order):
+        """Describe every parameter; `depth` runs from input to output: from `order` (parameter ids, input first)
+        where known, else the registration order of `model.named_parameters()`."""
+        rank = {pid: i for i, pid in enumerate(order or [])}
         named_order = {n: i for i, (n, _) in enumerate(self._params)}
-        by_depth = sorted(self._params, key=lambda np_: (rank.get(self._module_of[np_[0]][0], len(rank)), named_order[np_[0]]))
+        by_depth = sorted(self._params, key=lambda item: (rank.get(id(item[1]), len(rank)), named_order[item[0]]))
         self._params = by_depth
-        self.record.set_layers([{'name': n, 'module': type(self._module_of[n][1]).__name__, 'shape': tuple(p.shape),
+        self.record.set_layers([{'name': n, 'module': type(self._module_of[n]).__name__, 'shape': tuple(p.shape),
                                  'numel': p.numel(), 'depth': d} for d, (n, p) in enumerate(by_depth)])
         self._plan_key = None
 
     def _record(self, skipped):
         if self.step_count % self.every: return
+        if not self._depth_known:
+            self._depth_known = True
+            loss = getattr(self.learn, 'loss_grad', None)
+            if isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+                self._describe_layers(input_to_output(loss, [p for _, p in self._params]))
         chosen = [(n, p) for n, p in self._params
                   if p.requires_grad and p.grad is not None and not p.grad.is_sparse]
         key = tuple(n for n, _ in chosen)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ['digits_dls', 'mlp', 'GeneralRelu', 'RowRNN', 'Experiment', 'EXPERIMENTS', 'COMPARISONS', 'run_experiment',
+__all__ = ['digits_dls', 'TensorPairs', 'mlp', 'GeneralRelu', 'RowRNN', 'Experiment', 'EXPERIMENTS', 'COMPARISONS', 'run_experiment',
            'run_demo']
 
 
@@ -33,8 +33,16 @@ def digits_dls(bs: int = 64, seed: int = 0, n_train: int = 1500, sequence: bool 
     y = torch.tensor(y, dtype=torch.long)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     train, valid = order[:n_train], order[n_train:]
-    return DataLoaders.from_dsets(list(zip(x[train], y[train])), list(zip(x[valid], y[valid])), bs=bs,
+    return DataLoaders.from_dsets(TensorPairs(x[train], y[train]), TensorPairs(x[valid], y[valid]), bs=bs,
                                   device=torch.device('cpu'))
+
+
+class TensorPairs(torch.utils.data.Dataset):
+    "(input, label) pairs held in two tensors; `new_empty` lets `learn.export` save a Learner built on it."
+    def __init__(self, x, y): self.x, self.y = x, y
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i): return self.x[i], self.y[i]
+    def new_empty(self): return TensorPairs(self.x[:0], self.y[:0])
 
 
 class GeneralRelu(nn.Module):

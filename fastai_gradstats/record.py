@@ -331,11 +331,17 @@ def load(path) -> GradRecord:
         meta = json.loads((path/_FILES['meta']).read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(path/_FILES['meta'])!r} is not valid JSON: {e}") from None
-    if meta.get('format') != 'fastai_gradstats.record':
+    if not isinstance(meta, dict) or meta.get('format') != 'fastai_gradstats.record':
         raise ValueError(f"{str(path)!r} is not a saved GradStats run (meta.json has no GradStats format)")
     if meta.get('format_version', 0) > FORMAT_VERSION:
         raise ValueError(f"{str(path)!r} was written by a newer fastai_gradstats (format {meta['format_version']})")
-    record = GradRecord(meta['layers'], meta.get('args'), meta.get('extra_columns', ()), meta.get('hist_dtype'))
+    layers = meta.get('layers')
+    if not isinstance(layers, list) or not all(isinstance(l, dict) for l in layers):
+        raise ValueError(f"{str(path/_FILES['meta'])!r} has no valid layer table (`layers`)")
+    try:
+        record = GradRecord(layers, meta.get('args'), meta.get('extra_columns', ()), meta.get('hist_dtype'))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{str(path/_FILES['meta'])!r} is not a valid GradStats run: {e}") from None
     try:
         stats, steps = pd.read_parquet(path/_FILES['stats']), pd.read_parquet(path/_FILES['steps'])
         hist = pd.read_parquet(path/_HIST_FILE) if record.has_hist else None

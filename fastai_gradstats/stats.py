@@ -20,6 +20,12 @@ METRICS = ('grad_norm', 'param_norm', 'grad_max', 'grad_mean', 'grad_std',
 "Columns of the tensor `LayerStats` returns, in order."
 
 
+def _tol_below(tol: float, dtype: torch.dtype) -> float:
+    "The largest value of `dtype` that is <= `tol`: |g| <= it exactly when |g| <= `tol` (no rounding up of `tol`)."
+    t = torch.tensor(tol, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)) if float(t) > tol else t)
+
+
 def _check_tensors(tensors, argname):
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
         raise TypeError(f"`{argname}` must be a list or tuple of tensors, got {type(tensors).__name__}")
@@ -43,8 +49,7 @@ class LayerStats:
 
     Every pass over the gradients is a reduction that allocates nothing of the gradients' size:
     norms (`torch._foreach_norm`), per-unit max and min, sums and non-zero counts; the rest is
-    arithmetic on a few short vectors. Norms accumulate in float32 (also for half gradients),
-    so a gradient whose elements are all below about 1e-19 has a norm of 0.
+    arithmetic on a few short vectors. Norms and sums accumulate in float64.
     NaN and Inf propagate into the norms, the max, the mean and the std as they are; count
     them with `count_nonfinite` for the tensors whose `grad_norm` is not finite.
     """
@@ -79,12 +84,14 @@ class LayerStats:
         device = grads[0].device
         numel, n_units, row_owner = self._meta(device)
         with torch.no_grad():
-            f32 = torch.float32
-            sums = [*torch._foreach_norm(grads, 2, dtype=f32), *torch._foreach_norm(params, 2, dtype=f32)]
-            sums += [g.sum(dtype=f32) for g in grads]
-            if self.zero_tol == 0: nonzero = [torch.count_nonzero(g) for g in grads]
-            else: nonzero = [torch.count_nonzero(g.abs() > self.zero_tol) for g in grads]
-            per_tensor = torch.cat([torch.stack(sums).double(), torch.stack(nonzero).double()]).view(4, -1)
+            # float64 accumulation: no overflow of squares below 1e154, and a std that stays accurate when
+            # the mean dominates (the variance comes from sum and sum of squares in one pass)
+            f64 = torch.float64
+            sums = [*torch._foreach_norm(grads, 2, dtype=f64), *torch._foreach_norm(params, 2, dtype=f64)]
+            sums += [g.sum(dtype=f64) for g in grads]
+            if self.zero_tol == 0: nonzero = [torch.count_nonzero(g) for g in grads]  # NaN counts as non-zero
+            else: nonzero = [g.numel() - torch.count_nonzero(g.abs() <= _tol_below(self.zero_tol, g.dtype)) for g in grads]
+            per_tensor = torch.cat([torch.stack(sums), torch.stack(nonzero).double()]).view(4, -1)
             grad_norm, param_norm, grad_sum, nonzero = per_tensor
             # the largest |g| of each unit (row) is max(max g, -min g): no |g| temporary is made
             units = [g.reshape(r, -1) for g, r in zip(grads, self.rows)]
@@ -155,8 +162,7 @@ class MagnitudeHistogram:
             mag = torch.cat([f if i is None else f.index_select(0, i) for f, i in zip(flat, index)]).float().abs_()
             # Bin = floor(log10 |g|) (in float32), clamped so that `tiny` and `huge` catch the tails.
             bins = torch.log10(mag).floor_().clamp_(lo - 1, hi + 1).sub_(lo - 2)
-            bins = torch.nan_to_num_(bins, nan=len(HIST_BINS) - 1)
-            bins = torch.where(mag <= self.zero_tol, 0, bins)
-            bins = torch.where(mag == math.inf, len(HIST_BINS) - 2, bins).long()
+            bins.masked_fill_(mag <= self.zero_tol, 0).masked_fill_(mag == math.inf, len(HIST_BINS) - 2)
+            bins = bins.nan_to_num_(nan=len(HIST_BINS) - 1).long()
             counts = torch.bincount(bins.add_(owner_offset), minlength=len(grads) * len(HIST_BINS))
             return counts.view(len(grads), len(HIST_BINS))

@@ -1,0 +1,216 @@
+"""The record: save/load round trips (parquet + JSON), the layer table, clear errors on bad
+directories, and the record of an empty and of a one-step fit."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import fastai_gradstats
+from fastai_gradstats import GradRecord, GradStats, load
+from fastai_gradstats.stats import METRICS
+
+from helpers import (LAYER_SCHEMA, STEP_SCHEMA, CPUMixedPrecision, Capture, InjectNonFinite, assert_record_matches,
+                     dead_unit_mlp, make_learner, small_dls, tiny_mlp)
+
+
+def assert_same_record(a: GradRecord, b: GradRecord):
+    assert isinstance(b, GradRecord)
+    assert len(a) == len(b)
+    pd.testing.assert_frame_equal(a.df, b.df)
+    pd.testing.assert_frame_equal(a.steps, b.steps)
+    pd.testing.assert_frame_equal(a.layers, b.layers)
+
+
+def rich_fit():
+    """A real fit whose record has NaN/Inf, an overflow-skipped step, zero_tol, update_ratio and histograms."""
+    learn = make_learner(dead_unit_mlp(), small_dls(n_train=64, bs=16))
+    cap = Capture()
+    learn.fit(1, 0.1, cbs=[CPUMixedPrecision(bf16=False), GradStats(zero_tol=1e-3, update_ratio=True), cap,
+                           InjectNonFinite(at={1})])
+    return learn.grad_stats, cap
+
+
+# --- round trips ----------------------------------------------------------------------------------
+def test_save_load_round_trip_of_a_real_fit(tmp_path):
+    record, cap = rich_fit()
+    assert record.steps['skipped'].tolist() == [False, True, False, False]
+    assert record.df['n_nan'].sum() == 4 and record.df['n_inf'].sum() == 3
+    assert [c['skipped'] for c in cap.captured] == [False, True, False, False]
+    path = record.save(tmp_path / 'run')
+    assert (tmp_path / 'run' / 'meta.json').is_file()
+    meta = json.loads((tmp_path / 'run' / 'meta.json').read_text())
+    assert meta['version'] == fastai_gradstats.__version__
+    assert meta['args']['zero_tol'] == 1e-3 and meta['args']['every'] == 1
+    assert [l['name'] for l in meta['layers']] == ['0.weight', '0.bias', '2.weight', '2.bias']
+    for loaded in (load(path), load(str(path)), fastai_gradstats.load(tmp_path / 'run')):
+        assert_same_record(record, loaded)
+        assert loaded.args == record.args
+        assert 'update_ratio' in loaded.df.columns
+        pd.testing.assert_frame_equal(record.hist, loaded.hist)
+
+
+def test_save_load_round_trip_of_a_hand_built_record(tmp_path):
+    layers = [dict(name='a', module='Linear', shape=(2, 3), numel=6, depth=0),
+              dict(name='b', module='Linear', shape=(2,), numel=2, depth=1),
+              dict(name='c', module='Conv2d', shape=(4, 1, 3, 3), numel=36, depth=2)]
+    rec = GradRecord(layers, args={'every': 2, 'note': 'hand made'})
+    rng = np.random.default_rng(0)
+    vals = {s: rng.random((3, len(METRICS))).astype(np.float32) for s in (0, 2, 6)}
+    vals[2][0, 0], vals[2][1, 2] = np.nan, np.inf
+    rec.add_step(0, 0, 1e-3, 2.5, rec.layer_index(['a', 'b', 'c']), vals[0])
+    rec.add_step(2, 0, 2e-3, np.nan, rec.layer_index(['a', 'c']), vals[2][:2], counts=[[3, 0], [0, 5]], skipped=True)
+    rec.add_step(6, 1, 3e-3, 1.5, rec.layer_index(['c', 'b', 'a']), vals[6])
+    rec.mark_skipped()
+    loaded = load(rec.save(tmp_path / 'hand'))
+    assert_same_record(rec, loaded)
+    assert loaded.args == {'every': 2, 'note': 'hand made'}
+    # and both hold what was put in
+    st = loaded.steps
+    assert st['step'].tolist() == [0, 2, 6] and st['epoch'].tolist() == [0, 0, 1]
+    assert st['skipped'].tolist() == [False, True, True]
+    np.testing.assert_allclose(st['lr'], [1e-3, 2e-3, 3e-3], rtol=1e-12)
+    np.testing.assert_allclose(st['loss'], [2.5, np.nan, 1.5], rtol=1e-7)
+    df = loaded.df
+    s2 = df[df.step == 2].set_index('layer')
+    assert list(s2.index.astype(str)) == ['a', 'c']
+    assert np.isnan(s2.loc['a', 'grad_norm']) and s2.loc['a', 'n_nan'] == 3 and s2.loc['c', 'n_inf'] == 5
+    assert s2.loc['c', 'grad_max'] == np.inf and s2.loc['c', 'n_nan'] == 0
+    for s, names in ((0, ['a', 'b', 'c']), (6, ['c', 'b', 'a'])):
+        rows = df[df.step == s].set_index('layer')
+        for i, n in enumerate(names):
+            np.testing.assert_array_equal(rows.loc[n, list(METRICS)].to_numpy(np.float32), vals[s][i])
+    sizes = {'a': 6, 'b': 2, 'c': 36}
+    np.testing.assert_allclose(df['grad_param_ratio'], df['grad_norm'] / df['param_norm'], rtol=1e-6)
+    np.testing.assert_allclose(df['grad_rms'], df['grad_norm'] / np.sqrt(df['layer'].astype(str).map(sizes)), rtol=1e-6)
+    expected_total = [float(np.sqrt(np.sum(vals[0][:, 0].astype(np.float64) ** 2))), np.nan,
+                      float(np.sqrt(np.sum(vals[6][:, 0].astype(np.float64) ** 2)))]
+    np.testing.assert_allclose(st['grad_norm'], expected_total, rtol=1e-7)
+
+
+def test_save_overwrites_and_rejects_a_file(tmp_path):
+    record, _ = rich_fit()
+    record.save(tmp_path / 'run')
+    small = GradRecord(record.layers.to_dict('records'))
+    assert_same_record(small, load(small.save(tmp_path / 'run')))
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(ValueError, match='path'):
+        record.save(tmp_path / 'file')
+    with pytest.raises(TypeError, match='path'):
+        record.save(42)
+
+
+# --- load errors ----------------------------------------------------------------------------------
+def test_load_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        load(tmp_path / 'nowhere')
+    (tmp_path / 'a_file').write_text('x')
+    with pytest.raises(FileNotFoundError, match='a_file'):
+        load(tmp_path / 'a_file')
+    with pytest.raises(TypeError, match='path'):
+        load(None)
+
+
+def test_load_directory_that_is_not_a_record(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match='meta.json'):
+        load(tmp_path / 'empty')
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'notes.txt').write_text('hello')
+    pd.DataFrame({'x': [1]}).to_parquet(other / 'stats.parquet')
+    with pytest.raises(FileNotFoundError, match='not a saved GradStats run'):
+        load(other)
+    # every file present, but meta.json belongs to something else
+    record, _ = rich_fit()
+    path = record.save(tmp_path / 'foreign')
+    (path / 'meta.json').write_text(json.dumps({'format': 'something.else', 'layers': []}))
+    with pytest.raises(ValueError, match='not a saved GradStats run'):
+        load(path)
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    record, _ = rich_fit()
+    return record.save(tmp_path / 'run')
+
+
+def _meta(path): return json.loads((path / 'meta.json').read_text())
+
+
+@pytest.mark.parametrize('corrupt', [
+    pytest.param(lambda p: (p / 'meta.json').write_text((p / 'meta.json').read_text()[:40]), id='truncated'),
+    pytest.param(lambda p: (p / 'meta.json').write_bytes(b'\xff\xfe\x00garbage\x81'), id='binary'),
+    pytest.param(lambda p: (p / 'meta.json').write_text(''), id='empty'),
+    pytest.param(lambda p: (p / 'meta.json').write_text('[1, 2, 3]'), id='json-list'),
+    pytest.param(lambda p: (p / 'meta.json').write_text(json.dumps({k: v for k, v in _meta(p).items() if k != 'layers'})),
+                 id='no-layers'),
+    pytest.param(lambda p: (p / 'meta.json').write_text(json.dumps(dict(_meta(p), format_version=99))), id='newer'),
+])
+def test_load_corrupted_meta_json_raises_value_error(saved_run, corrupt):
+    corrupt(saved_run)
+    with pytest.raises(ValueError, match='run|meta.json|GradStats'):
+        load(saved_run)
+
+
+def test_load_corrupted_parquet_raises_value_error(saved_run):
+    (saved_run / 'stats.parquet').write_bytes(b'not a parquet file at all')
+    with pytest.raises(ValueError, match='parquet'):
+        load(saved_run)
+
+
+# --- the layer table --------------------------------------------------------------------------------
+class HeadFirst(nn.Module):
+    "Registers its head before its body, but runs the body first."
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(8, 10)
+        self.body = nn.Sequential(nn.Linear(64, 8), nn.ReLU())
+
+    def forward(self, x): return self.head(self.body(x))
+
+
+def test_layer_table_follows_the_model_from_input_to_output():
+    model = HeadFirst()
+    learn = make_learner(model, small_dls(n_train=32, bs=16))
+    learn.fit(1, 0.1, cbs=GradStats())
+    layers = learn.grad_stats.layers
+    assert list(layers.columns) == ['name', 'module', 'shape', 'numel', 'depth']
+    ordered = layers.sort_values('depth')
+    assert ordered['name'].tolist() == ['body.0.weight', 'body.0.bias', 'head.weight', 'head.bias']
+    shapes = dict(model.named_parameters())
+    for _, row in layers.iterrows():
+        p = shapes[row['name']]
+        assert tuple(row['shape']) == tuple(p.shape) and row['numel'] == p.numel() and row['module'] == 'Linear'
+    assert sorted(layers['depth']) == [0, 1, 2, 3]
+
+
+# --- empty and one-step fits --------------------------------------------------------------------------
+def test_empty_fit(tmp_path):
+    learn = make_learner(tiny_mlp(), small_dls(n_train=32, bs=16))
+    learn.fit(0, 0.1, cbs=GradStats())
+    record = learn.grad_stats
+    assert isinstance(record, GradRecord) and len(record) == 0
+    assert len(record.df) == 0 and set(LAYER_SCHEMA) <= set(record.df.columns)
+    assert len(record.steps) == 0 and set(STEP_SCHEMA) <= set(record.steps.columns)
+    assert record.layers['name'].tolist() == [n for n, _ in learn.model.named_parameters()]
+    assert 'no steps' in repr(record)
+    loaded = load(record.save(tmp_path / 'empty'))
+    assert len(loaded) == 0 and len(loaded.df) == 0
+    pd.testing.assert_frame_equal(record.layers, loaded.layers)
+    assert set(STEP_SCHEMA) <= set(loaded.steps.columns)
+
+
+def test_one_step_fit(tmp_path):
+    learn = make_learner(tiny_mlp(), small_dls(n_train=16, bs=16))
+    cap = Capture()
+    learn.fit(1, 0.1, cbs=[GradStats(), cap])
+    record = learn.grad_stats
+    assert len(record) == 1 and len(record.df) == 4
+    assert_record_matches(record, cap.captured)
+    loaded = load(record.save(tmp_path / 'one'))
+    assert_same_record(record, loaded)
+    assert_record_matches(loaded, cap.captured)

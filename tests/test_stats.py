@@ -1,0 +1,190 @@
+"""`fastai_gradstats.stats` on bare tensors: every column of `METRICS` against a float64 reference
+computed from the definitions (numpy), NaN/Inf propagation, exact counts, bad arguments."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastai_gradstats.stats import METRICS, LayerStats, count_nonfinite
+
+from helpers import assert_stats_close, reference_stats
+
+NAN, INF = float('nan'), float('inf')
+
+
+def as_dict(row):
+    return dict(zip(METRICS, row.tolist()))
+
+
+def mixed_tensors(seed=0):
+    """Gradients of several ranks, with exact zeros, wholly zero units (dead at any tolerance) and
+    units whose elements are all small (dead only with a tolerance), and matching parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(s, generator=gen)
+    w = r(6, 5) * 0.1                      # 2-D: rows 1 and 4 zero, row 3 small
+    w[1] = 0; w[4] = 0; w[3] = r(5) * 1e-4; w[0, 2] = 0
+    conv = r(4, 3, 2, 2) * 0.1             # 4-D: channel 2 zero, channel 0 small
+    conv[2] = 0; conv[0] = r(3, 2, 2) * 1e-4
+    cube = r(3, 4, 2) * 0.1                # 3-D: unit 1 zero
+    cube[1] = 0
+    bias = r(7) * 0.1                      # 1-D with two zeros
+    bias[[2, 5]] = 0
+    grads = [w, conv, cube, bias, r(1, 1), r(1), torch.tensor(0.25), torch.zeros(3, 2), r(2, 9) * 1e-4]
+    params = [r(*g.shape) for g in grads]
+    return grads, params
+
+
+@pytest.mark.parametrize('zero_tol', [0.0, 1e-3])
+def test_every_metric_equals_float64_reference(zero_tol):
+    grads, params = mixed_tensors()
+    out = LayerStats([g.shape for g in grads], zero_tol=zero_tol)(grads, params)
+    assert out.shape == (len(grads), len(METRICS)) and out.dtype == torch.float32
+    for i, (g, p) in enumerate(zip(grads, params)):
+        assert_stats_close(as_dict(out[i]), reference_stats(g, p, zero_tol), f'tensor {i} {tuple(g.shape)}')
+
+
+def test_hand_computed_values():
+    g = torch.tensor([[3., -4., 0.], [0., 0., 0.]])   # norm 5, max 4, mean -1/6, 4 zeros of 6, 1 dead unit of 2
+    p = torch.tensor([[1., 2., 2.], [0., 0., 0.]])    # norm 3
+    s = as_dict(LayerStats([g.shape])([g], [p])[0])
+    assert s['grad_norm'] == pytest.approx(5.0, rel=1e-6)
+    assert s['param_norm'] == pytest.approx(3.0, rel=1e-6)
+    assert s['grad_max'] == 4.0
+    assert s['grad_mean'] == pytest.approx(-1 / 6, rel=1e-6)
+    # Bessel: sum((x - mean)^2) / (n - 1) with x = 3, -4, 0, 0, 0, 0
+    var = ((3 + 1 / 6) ** 2 + (-4 + 1 / 6) ** 2 + 4 * (1 / 6) ** 2) / 5
+    assert s['grad_std'] == pytest.approx(math.sqrt(var), rel=1e-5)
+    assert s['zero_frac'] == pytest.approx(4 / 6, abs=1e-7)
+    assert s['dead_frac'] == 0.5
+
+
+def test_dead_frac_counts_units_along_dim0_and_is_nan_below_two_dims():
+    lin = torch.ones(4, 3); lin[0] = 0; lin[2] = 0                     # 2 of 4 units dead
+    conv = torch.ones(4, 3, 2, 2); conv[1] = 0; conv[3, 0, 0, 0] = 0    # 1 of 4 channels dead (channel 3 only partly zero)
+    vec, scalar = torch.zeros(5), torch.tensor(0.0)                    # 1-D and 0-D: no units, NaN
+    grads = [lin, conv, vec, scalar]
+    out = LayerStats([g.shape for g in grads])(grads, [torch.ones_like(g) for g in grads])
+    col = out[:, METRICS.index('dead_frac')]
+    assert col[0].item() == 0.5 and col[1].item() == 0.25
+    assert math.isnan(col[2].item()) and math.isnan(col[3].item())
+    zero = out[:, METRICS.index('zero_frac')]
+    assert zero[0].item() == 0.5 and zero[1].item() == pytest.approx(13 / 48, abs=1e-7)
+    assert zero[2].item() == 1.0 and zero[3].item() == 1.0
+
+
+def test_zero_tol_counts_small_elements_and_small_units():
+    g = torch.tensor([[0.0, 1e-4, -1e-4], [2e-3, -0.5, 0.0], [5e-4, -9e-4, 1e-5]])
+    p = torch.ones_like(g)
+    exact = as_dict(LayerStats([g.shape], zero_tol=0)([g], [p])[0])
+    loose = as_dict(LayerStats([g.shape], zero_tol=1e-3)([g], [p])[0])
+    assert exact['zero_frac'] == pytest.approx(2 / 9, abs=1e-7) and exact['dead_frac'] == 0
+    assert loose['zero_frac'] == pytest.approx(7 / 9, abs=1e-7)  # all but 2e-3 and -0.5
+    assert loose['dead_frac'] == pytest.approx(2 / 3, abs=1e-7)  # rows 0 and 2
+
+
+def test_zero_tol_is_compared_exactly_as_documented():
+    """`zero_frac` is the fraction of elements with |g| <= zero_tol. float32(0.1) = 0.10000000149 is greater
+    than 0.1, so with zero_tol=0.1 it is not a zero element; `dead_frac` (compared in float64) agrees."""
+    g = torch.tensor([[0.1], [0.0]])
+    s = as_dict(LayerStats([g.shape], zero_tol=0.1)([g], [torch.ones_like(g)])[0])
+    ref = reference_stats(g, torch.ones_like(g), 0.1)
+    assert ref['zero_frac'] == 0.5 and ref['dead_frac'] == 0.5
+    assert s['dead_frac'] == 0.5
+    assert s['zero_frac'] == 0.5, "zero_frac counts float32(0.1) > 0.1 as <= zero_tol (tolerance rounded to float32)"
+
+
+def test_grad_std_is_accurate_when_the_mean_dominates():
+    "`grad_std` is documented 'as torch.std': it must stay accurate for near-constant gradients."
+    gen = torch.Generator().manual_seed(0)
+    g = 1 + 1e-3 * torch.randn(1000, generator=gen)
+    s = as_dict(LayerStats([g.shape])([g], [torch.ones_like(g)])[0])
+    ref = float(np.std(g.double().numpy(), ddof=1))
+    assert torch.std(g).item() == pytest.approx(ref, rel=1e-4)  # what float32 torch.std achieves
+    assert s['grad_std'] == pytest.approx(ref, rel=1e-3)
+
+
+def test_large_finite_gradients_give_finite_norms():
+    "An exploding but finite gradient (|g| = 1e20, norm 1e21 < float32 max 3.4e38) must not read as Inf."
+    g = torch.full((100,), 1e20)
+    g[::2] = -3e19
+    p = torch.full((100,), 1e20)
+    s = as_dict(LayerStats([g.shape])([g], [p])[0])
+    ref = reference_stats(g, p)
+    assert math.isfinite(ref['grad_norm']) and ref['grad_norm'] < 3.4e38
+    assert_stats_close(s, ref, 'large gradient')
+    assert count_nonfinite([g]).tolist() == [[0, 0]]
+
+
+@pytest.mark.parametrize('zero_tol', [0.0, 0.05])
+def test_nan_and_inf_propagate_and_are_counted_exactly(zero_tol):
+    a = torch.ones(3, 4) * 0.5; a[0, 1] = NAN; a[2, 3] = NAN; a[1, 0] = 0       # NaN in first and last rows
+    b = torch.linspace(-1, 1, 10); b[4] = INF                                    # +Inf
+    c = torch.ones(2, 3); c[0, 0] = -INF; c[1, 2] = NAN; c[1, 1] = 0             # -Inf and NaN
+    d = torch.ones(5, 2); d[4, 1] = NAN                                          # NaN after a larger finite row
+    d[0, 0] = 7.0
+    e = torch.tensor([[0.0, 0.0], [INF, -INF]])                                   # a zero unit and two Inf
+    clean = torch.arange(6.).reshape(2, 3)
+    grads = [a, b, c, d, e, clean]
+    params = [torch.ones_like(g) for g in grads]
+    out = LayerStats([g.shape for g in grads], zero_tol=zero_tol)(grads, params)
+    for i, (g, p) in enumerate(zip(grads, params)):
+        assert_stats_close(as_dict(out[i]), reference_stats(g, p, zero_tol), f'tensor {i}')
+    col = lambda m: out[:, METRICS.index(m)].tolist()
+    assert [math.isnan(x) for x in col('grad_norm')] == [True, False, True, True, False, False]
+    assert col('grad_norm')[1] == INF and col('grad_norm')[4] == INF
+    assert [math.isnan(x) for x in col('grad_max')] == [True, False, True, True, False, False]
+    assert col('param_norm') == pytest.approx([math.sqrt(g.numel()) for g in grads])
+    assert col('dead_frac')[4] == 0.5  # the zero unit is dead; the Inf one is not
+    assert count_nonfinite(grads).tolist() == [[2, 0], [0, 1], [1, 1], [1, 0], [0, 2], [0, 0]]
+    assert count_nonfinite(grads).dtype == torch.int64
+
+
+def test_inputs_are_left_unchanged():
+    grads, params = mixed_tensors(1)
+    before = [g.clone() for g in grads], [p.clone() for p in params]
+    LayerStats([g.shape for g in grads], zero_tol=1e-3)(grads, params)
+    count_nonfinite(grads)
+    assert all(torch.equal(x, y) for x, y in zip(grads, before[0]))
+    assert all(torch.equal(x, y) for x, y in zip(params, before[1]))
+
+
+def test_empty_lists():
+    assert LayerStats([])([], []).shape == (0, len(METRICS))
+    assert count_nonfinite([]).shape == (0, 2)
+
+
+def test_stats_can_be_reused_every_step():
+    gen = torch.Generator().manual_seed(3)
+    stats = LayerStats([(4, 3), (3,)])
+    for _ in range(3):
+        grads = [torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)]
+        params = [torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)]
+        out = stats(grads, params)
+        for i in range(2): assert_stats_close(as_dict(out[i]), reference_stats(grads[i], params[i]), f'tensor {i}')
+
+
+@pytest.mark.parametrize('zero_tol', [-1, -1e-9, NAN, INF, '0.1', None])
+def test_bad_zero_tol(zero_tol):
+    with pytest.raises((ValueError, TypeError), match='zero_tol'):
+        LayerStats([(2, 2)], zero_tol=zero_tol)
+
+
+def test_wrong_number_of_tensors():
+    stats = LayerStats([(2, 2), (2,)])
+    g, b = torch.ones(2, 2), torch.ones(2)
+    with pytest.raises(ValueError, match='grad'): stats([g], [g, b])
+    with pytest.raises(ValueError, match='grad'): stats([g, b], [g])
+    with pytest.raises(ValueError, match='grad'): stats([g, b, b], [g, b, b])
+
+
+def test_non_list_inputs():
+    stats = LayerStats([(2, 2)])
+    g = torch.ones(2, 2)
+    with pytest.raises(TypeError, match='grads'): stats(g, [g])
+    with pytest.raises(TypeError, match='params'): stats([g], g)
+    with pytest.raises(TypeError, match='grads'): stats((x for x in [g]), [g])
+    with pytest.raises(TypeError, match='grads'): stats([g.numpy()], [g])
+    with pytest.raises(TypeError, match='params'): stats([g], [1.0])
+    with pytest.raises(TypeError, match='grads'): count_nonfinite(g)
+    with pytest.raises(TypeError, match='grads'): count_nonfinite([np.ones(3)])
