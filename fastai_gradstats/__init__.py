@@ -11,10 +11,10 @@ from .callback import GradStats, GradientAlert
 __all__ = ['GradStats', 'GradientAlert', 'GradRecord', 'load', 'LayerStats', 'count_nonfinite', 'METRICS', '__version__']
 from . import plots
 from .plots import heatmap, magnitude_hist, gradient_flow, layer_curves, update_ratio, compare
-from .aggregate import combine, by_module
+from .aggregate import combine, by_module, by_param_group
 
 __all__ += ['plots', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare',
-            'combine', 'by_module']
+            'combine', 'by_module', 'by_param_group']
 from . import health as _health_module
 from .thresholds import Thresholds
 from .health import health, summary, suggest_clip

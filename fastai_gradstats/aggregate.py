@@ -7,7 +7,7 @@ import pandas as pd
 
 from .record import GradRecord
 
-__all__ = ['combine', 'by_module', 'module_of']
+__all__ = ['combine', 'by_module', 'by_param_group', 'module_of']
 
 
 def module_of(name: str) -> str:
@@ -79,3 +79,13 @@ def by_module(record) -> pd.DataFrame:
         raise TypeError("`by_module` needs the GradRecord (it reads the layer table), not its DataFrame")
     if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
     return combine(record, {n: module_of(n) for n in record.layers['name']})
+
+
+def by_param_group(record) -> pd.DataFrame:
+    """`combine` with one group per optimizer parameter group (as used by discriminative learning rates),
+    named `group 0`, `group 1`, ...; parameters outside the optimizer are left out."""
+    if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
+    layers = record.layers
+    groups = {n: f'group {g}' for n, g in zip(layers['name'], layers['group']) if g >= 0}
+    if not groups: raise ValueError("`record` knows no optimizer parameter groups (recorded by an older version?)")
+    return combine(record, groups)

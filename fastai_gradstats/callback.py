@@ -16,7 +16,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastcore.basics import store_attr
 
 from .record import GradRecord
-from .stats import METRICS, LayerStats, MagnitudeHistogram, count_nonfinite
+from .stats import METRICS, LayerStats, MagnitudeHistogram
 from .thresholds import Thresholds
 
 __all__ = ['GradStats', 'GradientAlert', 'input_to_output']
@@ -159,8 +159,12 @@ class GradStats(Callback):
         named_order = {n: i for i, (n, _) in enumerate(self._params)}
         by_depth = sorted(self._params, key=lambda item: (rank.get(id(item[1]), len(rank)), named_order[item[0]]))
         self._params = by_depth
+        opt = getattr(self.learn, 'opt', None)
+        groups = getattr(opt, 'param_lists', None) or [g['params'] for g in getattr(opt, 'param_groups', [])]
+        group_of = {id(p): i for i, group in enumerate(groups) for p in group}
         self.record.set_layers([{'name': n, 'module': type(self._module_of[n]).__name__, 'shape': tuple(p.shape),
-                                 'numel': p.numel(), 'depth': d} for d, (n, p) in enumerate(by_depth)])
+                                 'numel': p.numel(), 'depth': d, 'group': group_of.get(id(p), -1)}
+                                for d, (n, p) in enumerate(by_depth)])
         self._plan_key = None
 
     def _record(self, skipped):
@@ -185,15 +189,14 @@ class GradStats(Callback):
         # fastai's loss is a TensorBase, whose __torch_function__ would wrap every op after it: use a plain tensor
         loss = torch.full((), torch.nan) if loss is None else loss.detach().as_subclass(torch.Tensor).float().mean()
         loss = loss.to(values.device)
-        parts = [values.reshape(-1), loss.reshape(1)]
-        if self.hist: parts.append(self._hist_plan(grads).reshape(-1).to(values.dtype))  # counts <= 2**24: exact in float32
+        # one tensor, one copy; float32 holds the sampled histogram counts (< 2**24) exactly, else use float64
+        wide = self.hist and (self.hist_sample is None or self.hist_sample >= 2**24)
+        parts = [values.reshape(-1).double() if wide else values.reshape(-1), loss.reshape(1).to(torch.float64 if wide else values.dtype)]
+        if self.hist: parts.append(self._hist_plan(grads).reshape(-1).to(parts[0].dtype))
         host = _to_host(torch.cat(parts))
         n, width = len(params), len(METRICS)
         values, loss, hist = host[:n * width].reshape(n, width), float(host[n * width]), host[n * width + 1:]
-        counts = np.zeros((len(params), 2), np.int64)
-        nonfinite = np.flatnonzero(~np.isfinite(values[:, METRICS.index('grad_norm')]))
-        if len(nonfinite):  # rare: a second copy, only on steps whose gradients hold NaN or Inf
-            counts[nonfinite] = _to_host(count_nonfinite([grads[i] for i in nonfinite]))
+        values, counts = self._plan.refine(values, grads, params)  # a second copy only on steps that need it
         if self.update_ratio:
             values = np.concatenate([values, np.full((n, 1), np.nan, np.float32)], axis=1)
             self._weights_before = (torch._foreach_mul(params, 1.0), params)

@@ -25,8 +25,9 @@ EXTRA_COLUMNS = ('update_ratio',)
 step the optimizer took relative to the weights (0 on a skipped step)."""
 COUNT_COLUMNS = ('n_nan', 'n_inf')
 "Integer per-layer columns: how many gradient elements are NaN, and how many are ±Inf."
-LAYER_COLUMNS = ('name', 'module', 'shape', 'numel', 'depth')
-"Columns of `GradRecord.layers`: one row per parameter tensor, `depth` 0 nearest the input."
+LAYER_COLUMNS = ('name', 'module', 'shape', 'numel', 'depth', 'group')
+"""Columns of `GradRecord.layers`: one row per parameter tensor, `depth` 0 nearest the input, `group` the
+optimizer's parameter group (-1: not in the optimizer or unknown)."""
 STEP_COLUMNS = ('step', 'epoch', 'lr', 'loss', 'grad_norm', 'skipped', 'kept_every')
 """Columns of `GradRecord.steps`: one row per recorded optimizer step; `kept_every` is the stride at which
 steps around this one are kept (`every`, or more where `keep_last` thinned old steps)."""
@@ -106,9 +107,9 @@ class GradRecord:
 
         A layer already known by name keeps its index and takes the new description."""
         for layer in layers:
-            missing = set(LAYER_COLUMNS) - set(layer)
+            missing = set(LAYER_COLUMNS) - set(layer) - {'group'}
             if missing: raise ValueError(f"`layers` entry {layer!r} lacks {sorted(missing)}")
-            entry = {k: layer[k] for k in LAYER_COLUMNS}
+            entry = {k: layer.get(k, -1) for k in LAYER_COLUMNS}
             entry['shape'] = tuple(int(s) for s in entry['shape'])
             if entry['name'] in self._index: self._layers[self._index[entry['name']]] = entry
             else:
@@ -210,7 +211,7 @@ class GradRecord:
 
     @property
     def layers(self) -> pd.DataFrame:
-        "One row per parameter tensor seen, with `name`, `module`, `shape`, `numel` and `depth`."
+        "One row per parameter tensor seen, with `name`, `module`, `shape`, `numel`, `depth` and `group`."
         if 'layers' not in self._cache:
             self._cache['layers'] = pd.DataFrame(self._layers, columns=list(LAYER_COLUMNS))
         return self._cache['layers']

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 __all__ = ['METRICS', 'LayerStats', 'count_nonfinite', 'HIST_BINS', 'HIST_DECADES', 'MagnitudeHistogram']
@@ -49,9 +50,10 @@ class LayerStats:
 
     Every pass over the gradients is a reduction that allocates nothing of the gradients' size:
     norms (`torch._foreach_norm`), per-unit max and min, sums and non-zero counts; the rest is
-    arithmetic on a few short vectors. Norms and sums accumulate in float64.
-    NaN and Inf propagate into the norms, the max, the mean and the std as they are; count
-    them with `count_nonfinite` for the tensors whose `grad_norm` is not finite.
+    arithmetic on a few short vectors. Sums accumulate in float32 (fast); `refine` redoes in float64
+    the rare rows where that is not enough (overflow, NaN/Inf, cancellation in the std).
+    NaN and Inf propagate into the norms, the max, the mean and the std as they are; `refine`
+    counts them.
     """
     def __init__(self, shapes: Sequence[torch.Size], zero_tol: float = 0.0):
         if not isinstance(zero_tol, (int, float)) or isinstance(zero_tol, bool) or not math.isfinite(zero_tol) or zero_tol < 0:
@@ -84,14 +86,11 @@ class LayerStats:
         device = grads[0].device
         numel, n_units, row_owner = self._meta(device)
         with torch.no_grad():
-            # float64 accumulation: no overflow of squares below 1e154, and a std that stays accurate when
-            # the mean dominates (the variance comes from sum and sum of squares in one pass)
-            f64 = torch.float64
-            sums = [*torch._foreach_norm(grads, 2, dtype=f64), *torch._foreach_norm(params, 2, dtype=f64)]
-            sums += [g.sum(dtype=f64) for g in grads]
+            sums = [*_norms(grads), *_norms(params)]
+            sums += [g.sum() if g.dtype in _WIDE else g.sum(dtype=torch.float32) for g in grads]
             if self.zero_tol == 0: nonzero = [torch.count_nonzero(g) for g in grads]  # NaN counts as non-zero
             else: nonzero = [g.numel() - torch.count_nonzero(g.abs() <= _tol_below(self.zero_tol, g.dtype)) for g in grads]
-            per_tensor = torch.cat([torch.stack(sums), torch.stack(nonzero).double()]).view(4, -1)
+            per_tensor = torch.cat([torch.stack(sums).double(), torch.stack(nonzero).double()]).view(4, -1)
             grad_norm, param_norm, grad_sum, nonzero = per_tensor
             # the largest |g| of each unit (row) is max(max g, -min g): no |g| temporary is made
             units = [g.reshape(r, -1) for g, r in zip(grads, self.rows)]
@@ -102,6 +101,42 @@ class LayerStats:
             var = (grad_norm * grad_norm - grad_sum * grad_mean).clamp_min_(0) / (numel - 1)
             return torch.stack([grad_norm, param_norm, grad_max, grad_mean, var.sqrt_().masked_fill_(numel < 2, math.nan),
                                 1 - nonzero / numel, dead_units / n_units], dim=1).float()
+
+    def refine(self, values: np.ndarray, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]):
+        """Fix, in float64, the rows of `values` (a host copy of this object's result for `grads`, `params`)
+        that float32 sums cannot give: non-finite norms (NaN/Inf elements, or squares that overflow
+        float32 above about 1.8e19) and standard deviations lost to cancellation (a mean much larger
+        than the std). Returns `(values, counts)`, `counts` the NaN and Inf elements per row.
+
+        Healthy rows cost nothing: the extra work and the one extra host copy happen only on
+        steps that have such rows."""
+        values = np.array(values, dtype=np.float32, copy=True).reshape(len(self.shapes), len(METRICS))
+        counts = np.zeros((len(self.shapes), 2), np.int64)
+        grad_norm, param_norm, grad_std = (values[:, METRICS.index(c)].astype(np.float64) for c in ('grad_norm', 'param_norm', 'grad_std'))
+        numel = self.numel.numpy()
+        with np.errstate(invalid='ignore', over='ignore'):
+            cancelled = (numel > 1) & (grad_norm > 0) & (grad_std ** 2 * (numel - 1) < 1e-3 * grad_norm ** 2)
+        rows = np.flatnonzero(~np.isfinite(grad_norm) | ~np.isfinite(param_norm) | cancelled)
+        if not len(rows): return values, counts
+        with torch.no_grad():
+            exact = torch.stack([torch.stack([g.double().norm(), p.double().norm(), g.double().mean(),
+                                              g.double().std() if g.numel() > 1 else torch.tensor(math.nan, dtype=torch.float64, device=g.device),
+                                              torch.isnan(g).sum().double(), torch.isinf(g).sum().double()])
+                                 for g, p in ((grads[i], params[i]) for i in rows)])
+        host = exact.cpu().numpy()
+        for j, column in enumerate(('grad_norm', 'param_norm', 'grad_mean', 'grad_std')):
+            values[rows, METRICS.index(column)] = host[:, j]
+        counts[rows] = host[:, 4:].astype(np.int64)
+        return values, counts
+
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def _norms(tensors):
+    "L2 norms in one batched call; half-precision tensors accumulate in float32."
+    if all(t.dtype in _WIDE for t in tensors): return torch._foreach_norm(tensors, 2)
+    return torch._foreach_norm(tensors, 2, dtype=torch.float32)
 
 
 def count_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:

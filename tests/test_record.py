@@ -178,7 +178,7 @@ def test_layer_table_follows_the_model_from_input_to_output():
     learn = make_learner(model, small_dls(n_train=32, bs=16))
     learn.fit(1, 0.1, cbs=GradStats())
     layers = learn.grad_stats.layers
-    assert list(layers.columns) == ['name', 'module', 'shape', 'numel', 'depth']
+    assert list(layers.columns)[:5] == ['name', 'module', 'shape', 'numel', 'depth']
     ordered = layers.sort_values('depth')
     assert ordered['name'].tolist() == ['body.0.weight', 'body.0.bias', 'head.weight', 'head.bias']
     shapes = dict(model.named_parameters())

@@ -94,11 +94,18 @@ def test_zero_tol_is_compared_exactly_as_documented():
     assert s['zero_frac'] == 0.5, "zero_frac counts float32(0.1) > 0.1 as <= zero_tol (tolerance rounded to float32)"
 
 
+def _refined(grads, params):
+    "What the callback records: the batched statistics, then `refine` for the rows float32 cannot give."
+    plan = LayerStats([g.shape for g in grads])
+    values, counts = plan.refine(plan(grads, params).numpy(), grads, params)
+    return values, counts
+
+
 def test_grad_std_is_accurate_when_the_mean_dominates():
-    "`grad_std` is documented 'as torch.std': it must stay accurate for near-constant gradients."
+    "`grad_std` is documented 'as torch.std': it must stay accurate for near-constant gradients (after `refine`)."
     gen = torch.Generator().manual_seed(0)
     g = 1 + 1e-3 * torch.randn(1000, generator=gen)
-    s = as_dict(LayerStats([g.shape])([g], [torch.ones_like(g)])[0])
+    s = as_dict(torch.from_numpy(_refined([g], [torch.ones_like(g)])[0][0]))
     ref = float(np.std(g.double().numpy(), ddof=1))
     assert torch.std(g).item() == pytest.approx(ref, rel=1e-4)  # what float32 torch.std achieves
     assert s['grad_std'] == pytest.approx(ref, rel=1e-3)
@@ -109,8 +116,10 @@ def test_large_finite_gradients_give_finite_norms():
     g = torch.full((100,), 1e20)
     g[::2] = -3e19
     p = torch.full((100,), 1e20)
-    s = as_dict(LayerStats([g.shape])([g], [p])[0])
+    values, counts = _refined([g], [p])
+    s = as_dict(torch.from_numpy(values[0]))
     ref = reference_stats(g, p)
+    assert counts.tolist() == [[0, 0]]
     assert math.isfinite(ref['grad_norm']) and ref['grad_norm'] < 3.4e38
     assert_stats_close(s, ref, 'large gradient')
     assert count_nonfinite([g]).tolist() == [[0, 0]]
