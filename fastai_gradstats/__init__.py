@@ -20,3 +20,6 @@ from .thresholds import Thresholds
 from .health import health, summary, suggest_clip
 
 __all__ += ['Thresholds', 'health', 'summary', 'suggest_clip']
+from .export import TensorBoardGradStats, WandbGradStats
+
+__all__ += ['TensorBoardGradStats', 'WandbGradStats']

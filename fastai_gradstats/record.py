@@ -201,6 +201,21 @@ class GradRecord:
         self._step_cols['skipped'].view[-1] = True
         self._cache.clear()
 
+    def last(self) -> dict:
+        """The last recorded step straight from the record's arrays (no DataFrame, no device access):
+        `step`, `epoch`, `lr`, `loss`, `grad_norm` (total), `skipped`, `layers` (names), `values`
+        (rows x `value_columns`), `counts` (rows x `COUNT_COLUMNS`) and `hist` (rows x `HIST_BINS`, or None)."""
+        if not len(self): raise ValueError("no step recorded yet")
+        n = int(self._step_cols['n_rows'].view[-1])
+        rows = slice(len(self._values) - n, len(self._values))
+        values = self._values.view[rows]
+        names = [self._layers[i]['name'] for i in self._row_layer.view[rows]]
+        out = {k: self._step_cols[k].view[-1].item() for k in ('step', 'epoch', 'lr', 'loss', 'skipped')}
+        out.update(layers=names, values=values, counts=self._counts.view[rows],
+                   hist=None if self._hist is None else self._hist.view[rows],
+                   grad_norm=float(np.sqrt(np.sum(values[:, METRICS.index('grad_norm')].astype(np.float64) ** 2))))
+        return out
+
     # --- reading -------------------------------------------------------------------------
     def __len__(self): return len(self._step_cols['step'])
 

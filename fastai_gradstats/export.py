@@ -1,0 +1,137 @@
+"""Send what `GradStats` records to TensorBoard or Weights & Biases, from the record's host arrays.
+
+The exporters are small companion callbacks: add them next to `GradStats` and they read the step
+it just recorded (no extra device-to-host copy), write the per-step scalars under the names people
+expect (`grad_norm/<layer>`, `grad_norm/total`, ...) and, every `hist_every` recorded steps, the
+log10 |g| histograms. Neither tensorboard nor wandb is required: install the extra you use,
+`pip install "fastai_gradstats[tensorboard]"` or `"fastai_gradstats[wandb]"`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from fastai.callback.core import Callback
+from fastcore.basics import store_attr
+
+from .callback import GradStats
+from .stats import HIST_BINS, HIST_DECADES, METRICS
+
+__all__ = ['TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'SCALARS']
+
+SCALARS = ('grad_norm', 'grad_param_ratio', 'dead_frac', 'n_nan', 'n_inf', 'update_ratio')
+"Per-layer columns sent every recorded step, as `<column>/<layer>`; plus `grad_norm/total`, `loss`, `lr`."
+
+
+def step_scalars(last: dict, columns=SCALARS) -> dict:
+    "The scalars of one recorded step (`GradRecord.last()`): `{'grad_norm/total': ..., 'grad_norm/<layer>': ...}`."
+    values, counts = last['values'], last['counts']
+    out = {'grad_norm/total': last['grad_norm'], 'loss': last['loss'], 'lr': last['lr']}
+    width = values.shape[1]
+    for i, layer in enumerate(last['layers']):
+        row = dict(zip(METRICS, values[i, :len(METRICS)].tolist()))
+        norm, pnorm = row['grad_norm'], row['param_norm']
+        row['grad_param_ratio'] = norm / pnorm if pnorm else math.inf if norm else math.nan
+        row['n_nan'], row['n_inf'] = int(counts[i, 0]), int(counts[i, 1])
+        if width > len(METRICS): row['update_ratio'] = float(values[i, len(METRICS)])
+        for column in columns:
+            if column in row and not (column == 'dead_frac' and math.isnan(row[column])):
+                out[f'{column}/{layer}'] = row[column]
+    return out
+
+
+def log10_histogram(counts: np.ndarray):
+    """The finite, non-zero part of a `HIST_BINS` count row as a histogram of log10 |g|: (edges, counts),
+    with the `tiny` and `huge` bins as the open ends."""
+    lo, hi = HIST_DECADES[0], HIST_DECADES[-1]
+    edges = np.arange(lo - 1, hi + 3, dtype=np.float64)       # tiny, one per decade, huge
+    inner = counts[HIST_BINS.index('tiny'):HIST_BINS.index('huge') + 1]
+    return edges, np.asarray(inner, np.float64)
+
+
+class _Exporter(Callback):
+    "Reads the step `GradStats` just recorded (after its `after_step`) and hands it to `send`."
+    order = GradStats.order + 1
+    run_valid = False
+
+    def before_fit(self):
+        self._sent = None
+        self._n_sent = 0
+        self.open()
+
+    def after_step(self):
+        record = getattr(self.learn, 'grad_stats', None)
+        if record is None or not len(record): return
+        last = record.last()
+        if last['step'] == self._sent: return
+        self._sent = last['step']
+        hist = last['hist'] if last['hist'] is not None and self._n_sent % self.hist_every == 0 else None
+        self._n_sent += 1
+        self.send(last['step'], step_scalars(last), None if hist is None else dict(zip(last['layers'], hist)))
+
+    def after_fit(self): self.close()
+
+
+def _need(module, extra, who):
+    try: return __import__(module, fromlist=['_'])
+    except ImportError as e:
+        raise ImportError(f"{who} needs {module.split('.')[0]}: pip install \"fastai_gradstats[{extra}]\"") from e
+
+
+class TensorBoardGradStats(_Exporter):
+    "Write `GradStats`' per-step scalars and, every `hist_every` recorded steps, log10 |g| histograms to TensorBoard"
+    def __init__(self,
+        log_dir=None,        # TensorBoard log directory (default: SummaryWriter's runs/...)
+        hist_every:int=10,   # Send the histograms every this many recorded steps
+        writer=None,         # Or an open `torch.utils.tensorboard.SummaryWriter` to write to
+    ):
+        if isinstance(hist_every, bool) or not isinstance(hist_every, int) or hist_every < 1:
+            raise ValueError(f"`hist_every` must be a positive int, got {hist_every!r}")
+        self._summary_writer = _need('torch.utils.tensorboard', 'tensorboard', 'TensorBoardGradStats').SummaryWriter
+        store_attr('log_dir,hist_every,writer')
+        self._own = writer is None
+
+    def open(self):
+        if self.writer is None: self.writer = self._summary_writer(self.log_dir)
+
+    def send(self, step, scalars, hists):
+        for tag, value in scalars.items(): self.writer.add_scalar(tag, value, step)
+        for layer, counts in (hists or {}).items():
+            edges, inner = log10_histogram(counts)
+            if inner.sum() == 0: continue
+            centres = (edges[:-1] + edges[1:]) / 2
+            self.writer.add_histogram_raw(f'grad_log10_abs/{layer}', min=float(edges[0]), max=float(edges[-1]),
+                                          num=int(inner.sum()), sum=float((centres * inner).sum()),
+                                          sum_squares=float((centres ** 2 * inner).sum()),
+                                          bucket_limits=edges[1:].tolist(), bucket_counts=inner.tolist(), global_step=step)
+            for name in ('zero', 'inf', 'nan'): self.writer.add_scalar(f'hist_{name}/{layer}', float(counts[HIST_BINS.index(name)]), step)
+
+    def close(self):
+        self.writer.flush()
+        if self._own: self.writer.close(); self.writer = None
+
+
+class WandbGradStats(_Exporter):
+    "Log `GradStats`' per-step scalars and, every `hist_every` recorded steps, log10 |g| histograms with `wandb.log`"
+    def __init__(self,
+        hist_every:int=10,   # Send the histograms every this many recorded steps
+        wandb_run=None,      # The wandb run to log to (default: the active `wandb.run`, which must exist)
+    ):
+        if isinstance(hist_every, bool) or not isinstance(hist_every, int) or hist_every < 1:
+            raise ValueError(f"`hist_every` must be a positive int, got {hist_every!r}")
+        self._wandb = _need('wandb', 'wandb', 'WandbGradStats')
+        store_attr('hist_every,wandb_run')  # not `run`: fastai's Callback.run switches a callback off
+
+    def open(self):
+        if self.wandb_run is None and self._wandb.run is None:
+            raise ValueError("WandbGradStats needs a wandb run: call wandb.init(...) first or pass `wandb_run=`")
+
+    def send(self, step, scalars, hists):
+        run = self.wandb_run or self._wandb.run
+        data = dict(scalars)
+        for layer, counts in (hists or {}).items():
+            edges, inner = log10_histogram(counts)
+            data[f'grad_log10_abs/{layer}'] = self._wandb.Histogram(np_histogram=(inner.tolist(), edges.tolist()))
+        run.log(data, step=int(step))
+
+    def close(self): pass

@@ -1,0 +1,112 @@
+"""Exporters: what TensorBoard's event files and a W&B offline run hold equals the record."""
+import glob
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastai.basics import CrossEntropyLossFlat, Learner
+from fastai_gradstats import GradStats, TensorBoardGradStats, WandbGradStats
+from fastai_gradstats.demo import digits_dls, mlp
+from fastai_gradstats.stats import HIST_BINS
+
+
+def _fit(*cbs, n_train=256, **gradstats_kwargs):
+    torch.manual_seed(0)
+    learn = Learner(digits_dls(n_train=n_train, bs=64), mlp(2, 16), loss_func=CrossEntropyLossFlat())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=[GradStats(**gradstats_kwargs), *cbs])
+    return learn.grad_stats
+
+
+def test_tensorboard_event_file_holds_the_recorded_values(tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    record = _fit(TensorBoardGradStats(str(tmp_path), hist_every=2), update_ratio=True)
+    events = EventAccumulator(str(tmp_path), size_guidance={'scalars': 0, 'histograms': 0})
+    events.Reload()
+    scalars = set(events.Tags()['scalars'])
+    df, steps = record.df, record.steps
+    layers = list(record.layers['name'])
+    for layer in layers:
+        for column in ('grad_norm', 'grad_param_ratio', 'n_nan', 'n_inf', 'update_ratio'):
+            assert f'{column}/{layer}' in scalars
+    assert {f'dead_frac/{l}' for l in layers if l.endswith('weight')} <= scalars
+    assert not {f'dead_frac/{l}' for l in layers if l.endswith('bias')} & scalars   # NaN for 1-D: not sent
+    total = events.Scalars('grad_norm/total')
+    assert [e.step for e in total] == list(steps['step'])
+    np.testing.assert_allclose([e.value for e in total], steps['grad_norm'], rtol=1e-6)
+    for layer in ('0.weight', '4.bias'):
+        rows = df[df['layer'] == layer]
+        got = events.Scalars(f'grad_norm/{layer}')
+        np.testing.assert_allclose([e.value for e in got], rows['grad_norm'], rtol=1e-6)
+        ratio = rows['grad_norm'].to_numpy(np.float64) / rows['param_norm'].to_numpy(np.float64)
+        np.testing.assert_allclose([e.value for e in events.Scalars(f'grad_param_ratio/{layer}')], ratio, rtol=1e-5)
+        np.testing.assert_allclose([e.value for e in events.Scalars(f'update_ratio/{layer}')], rows['update_ratio'], rtol=1e-6)
+    # histograms every 2nd recorded step: the finite non-zero counts of record.hist, zeros as a scalar
+    hist = record.hist
+    histograms = events.Histograms('grad_log10_abs/0.weight')
+    assert [h.step for h in histograms] == list(steps['step'])[::2]
+    for h in histograms:
+        row = hist[(hist['step'] == h.step) & (hist['layer'] == '0.weight')].iloc[0]
+        finite = row[list(HIST_BINS[HIST_BINS.index('tiny'):HIST_BINS.index('huge') + 1])].to_numpy(float)
+        assert list(h.histogram_value.bucket) == list(finite)
+        assert h.histogram_value.num == finite.sum()
+    zeros = events.Scalars('hist_zero/0.weight')
+    assert [z.value for z in zeros] == list(hist[hist['layer'] == '0.weight']['zero'].to_numpy(float)[::2])
+
+
+def _read_wandb_history(path):
+    "History rows of a W&B offline run file (a LevelDB-style log of protobuf records), read independently."
+    from wandb.proto import wandb_internal_pb2 as pb
+    data, pos, block, records, pending = open(path, 'rb').read(), 7, 32768, [], b''
+    while pos + 7 <= len(data):
+        if block - pos % block < 7: pos += block - pos % block; continue
+        _, length, kind = struct.unpack('<IHB', data[pos:pos + 7]); pos += 7
+        chunk, pos = data[pos:pos + length], pos + length
+        if kind == 1: records.append(chunk)
+        elif kind == 2: pending = chunk
+        elif kind == 3: pending += chunk
+        elif kind == 4: records.append(pending + chunk)
+    rows = []
+    for raw in records:
+        record = pb.Record(); record.ParseFromString(raw)
+        if record.WhichOneof('record_type') == 'history':
+            rows.append({(item.key or '/'.join(item.nested_key)): item.value_json for item in record.history.item})
+    return rows
+
+
+def test_wandb_offline_run_holds_the_expected_keys(tmp_path, monkeypatch):
+    wandb = pytest.importorskip('wandb')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    run = wandb.init(mode='offline', dir=str(tmp_path), project='gradstats-test')
+    try: record = _fit(WandbGradStats(hist_every=3))
+    finally: run.finish()
+    files = glob.glob(str(tmp_path/'wandb'/'offline-run-*'/'run-*.wandb'))
+    assert len(files) == 1
+    rows = [r for r in _read_wandb_history(files[0]) if 'grad_norm/total' in r]
+    steps, df = record.steps, record.df
+    assert len(rows) == len(steps)
+    import json
+    np.testing.assert_allclose([json.loads(r['grad_norm/total']) for r in rows], steps['grad_norm'], rtol=1e-6)
+    first = df[df['step'] == steps['step'].iloc[0]]
+    for layer, norm in zip(first['layer'], first['grad_norm']):
+        assert json.loads(rows[0][f'grad_norm/{layer}']) == pytest.approx(float(norm), rel=1e-6)
+    with_hist = [i for i, r in enumerate(rows) if any(k.startswith('grad_log10_abs/') for k in r)]
+    assert with_hist == list(range(0, len(rows), 3))
+
+
+def test_missing_extras_give_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'wandb', None)
+    with pytest.raises(ImportError, match=r'fastai_gradstats\[wandb\]'): WandbGradStats()
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)
+    with pytest.raises(ImportError, match=r'fastai_gradstats\[tensorboard\]'): TensorBoardGradStats()
+
+
+def test_exporter_arguments():
+    pytest.importorskip('tensorboard')
+    with pytest.raises(ValueError, match='hist_every'): TensorBoardGradStats(hist_every=0)
