@@ -21,7 +21,8 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
     `groups` maps each parameter name to its group's name (parameters not in it are left out).
     Norms combine as the square root of the sum of squares, `grad_max` as the max, counts as sums,
     `grad_mean`, `zero_frac` weighted by elements, `grad_std` pooled, `dead_frac` weighted by units
-    (NaN when no tensor of the group has units), `update_ratio` as ||Δw|| / ||w|| of the group.
+    (NaN when no tensor of the group has units), `update_norm` as the norm of the group's step and `update_ratio` as ||Δw|| / ||w||. NaN and Inf
+    propagate (a NaN in one tensor makes the group's norm NaN), as they would in the concatenated gradient.
     Returns a DataFrame with the columns of `record.df`, ordered by step and then by the group's
     first parameter from input to output."""
     if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
@@ -45,19 +46,19 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
         'zeros': f('zero_frac') * numel, 'units': units, 'dead': np.nan_to_num(f('dead_frac')) * units,
         'n_nan': df['n_nan'].to_numpy(), 'n_inf': df['n_inf'].to_numpy(),
         'mean_i': f('grad_mean')})
-    if 'update_ratio' in df: work['d2'] = (f('update_ratio') * f('param_norm')) ** 2
+    if 'update_norm' in df: work['d2'] = f('update_norm') ** 2
     first = {g: i for i, g in reversed(list(enumerate(group)))}
     grouped = work.groupby(['step', 'layer'], sort=False)
-    sums = grouped[[c for c in work.columns if c not in ('step', 'epoch', 'layer', 'grad_max', 'mean_i')]].sum(min_count=1)
+    sums = grouped[[c for c in work.columns if c not in ('step', 'epoch', 'layer', 'grad_max', 'mean_i')]].sum(skipna=False)
     out = pd.DataFrame(index=sums.index)
     out['epoch'] = grouped['epoch'].first()
     out['grad_norm'] = np.sqrt(sums['g2'])
     out['param_norm'] = np.sqrt(sums['p2'])
-    out['grad_max'] = grouped['grad_max'].max()
+    out['grad_max'] = grouped['grad_max'].max(skipna=False)
     out['grad_mean'] = sums['sum'] / sums['numel']
     # pooled variance: within-tensor sums of squares plus between-tensor spread of the means
     work['between'] = work['numel'] * (work['mean_i'] - (out['grad_mean'].reindex(pd.MultiIndex.from_frame(work[['step', 'layer']])).to_numpy())) ** 2
-    between = work.groupby(['step', 'layer'], sort=False)['between'].sum()
+    between = work.groupby(['step', 'layer'], sort=False)['between'].sum(skipna=False)
     out['grad_std'] = np.sqrt((sums['ss_within'] + between) / (sums['numel'] - 1))
     out['zero_frac'] = sums['zeros'] / sums['numel']
     with np.errstate(divide='ignore', invalid='ignore'):
@@ -65,7 +66,9 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
         out['grad_param_ratio'] = out['grad_norm'] / out['param_norm']
     out['grad_rms'] = out['grad_norm'] / np.sqrt(sums['numel'])
     out['n_nan'], out['n_inf'] = sums['n_nan'].astype(np.int64), sums['n_inf'].astype(np.int64)
-    if 'd2' in sums: out['update_ratio'] = np.sqrt(sums['d2']) / out['param_norm']
+    if 'd2' in sums:
+        out['update_norm'] = np.sqrt(sums['d2'])
+        with np.errstate(divide='ignore', invalid='ignore'): out['update_ratio'] = out['update_norm'] / out['param_norm']
     out = out.reset_index()
     out['order'] = out['layer'].map(first)
     out = out.sort_values(['step', 'order'], kind='stable').drop(columns='order').reset_index(drop=True)

@@ -16,7 +16,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastcore.basics import store_attr
 
 from .record import GradRecord
-from .stats import METRICS, LayerStats, MagnitudeHistogram
+from .stats import METRICS, LayerStats, MagnitudeHistogram, _norms
 from .thresholds import Thresholds
 
 __all__ = ['GradStats', 'GradientAlert', 'input_to_output']
@@ -102,7 +102,7 @@ class GradStats(Callback):
         hist_dtype = None if not hist else np.uint16 if hist_sample is not None and hist_sample < 2**16 else np.int64
         self.record = GradRecord(args={'every': int(every), 'zero_tol': float(zero_tol), 'hist': hist,
                                        'hist_sample': hist_sample, 'update_ratio': update_ratio, 'keep_last': keep_last},
-                                 extra_columns=('update_ratio',) if update_ratio else (), hist_dtype=hist_dtype,
+                                 extra_columns=('update_norm',) if update_ratio else (), hist_dtype=hist_dtype,
                                  keep_last=keep_last, every=int(every))
         self.step_count, self._active, self._params, self._plan, self._recorded_step = 0, False, None, None, False
         self._weights_before, self._alerted, self.stopped_at = None, set(), None
@@ -139,7 +139,7 @@ class GradStats(Callback):
 
     def after_step(self):
         if not self._active: return
-        if self._weights_before is not None: self._record_update_ratio()
+        if self._weights_before is not None: self._record_update_norm()
         self.step_count += 1
         self._recorded_step = False
 
@@ -229,14 +229,11 @@ class GradStats(Callback):
             self.stopped_at = self.step_count
             raise CancelFitException()
 
-    def _record_update_ratio(self):
-        "||w_after - w_before|| / ||w_before|| of the step just taken, into the last recorded step."
+    def _record_update_norm(self):
+        "||w_after - w_before|| of the step just taken, into the last recorded step (`df` derives `update_ratio`)."
         before, params = self._weights_before
         self._weights_before = None
-        if not params: return self.record.set_last('update_ratio', [])
+        if not params: return self.record.set_last('update_norm', [])
         with torch.no_grad():
-            norms = torch.stack(torch._foreach_norm(torch._foreach_sub(params, before), dtype=torch.float32)
-                                + torch._foreach_norm(before, dtype=torch.float32)).view(2, -1)
-        delta, weight = _to_host(norms)
-        with np.errstate(divide='ignore', invalid='ignore'):
-            self.record.set_last('update_ratio', delta / weight)
+            delta = torch.stack(_norms(torch._foreach_sub(params, before)))
+        self.record.set_last('update_norm', _to_host(delta))

@@ -33,7 +33,7 @@ def step_scalars(last: dict, columns=SCALARS) -> dict:
         norm, pnorm = row['grad_norm'], row['param_norm']
         row['grad_param_ratio'] = norm / pnorm if pnorm else math.inf if norm else math.nan
         row['n_nan'], row['n_inf'] = int(counts[i, 0]), int(counts[i, 1])
-        if width > len(METRICS): row['update_ratio'] = float(values[i, len(METRICS)])
+        if width > len(METRICS): row['update_ratio'] = float(values[i, len(METRICS)]) / pnorm if pnorm else math.nan
         for column in columns:
             if column in row and not (column == 'dead_frac' and math.isnan(row[column])):
                 out[f'{column}/{layer}'] = row[column]

@@ -55,9 +55,9 @@ class _Run:
         self.early = self.applied.iloc[:max(1, min(5, n // 5))]
         self.late = self.applied.iloc[n - max(1, n // 5):] if n else self.applied
         finite_loss = lambda part: part['loss'][np.isfinite(part['loss'])]
-        start = finite_loss(self.early)
-        # min with the very first loss: an explosion in the first steps must not pass for the initial loss
-        self.loss_early = float(min(start.median(), start.iloc[0])) if len(start) else np.nan
+        start = finite_loss(self.applied)
+        # the very first loss: the early median could already be after an explosion, or after convergence
+        self.loss_early = float(start.iloc[0]) if len(start) else np.nan
         self.loss_late = float(finite_loss(self.late).median()) if len(finite_loss(self.late)) else np.nan
         late_loss = finite_loss(self.late).to_numpy(float)
         self.enough = n >= 10
@@ -352,7 +352,7 @@ def suggest_clip(record, thresholds: Thresholds | None = None) -> dict:
     healthy = series[~(series > t.spike_factor * rolling) & (series <= t.total_norm_critical)]
     base = healthy if len(healthy) else series
     max_norm = float(np.percentile(base, t.clip_percentile))
-    return {'max_norm': max_norm, 'n_clipped': int((norms > max_norm).sum() + (~np.isfinite(norms)).sum()),
+    return {'max_norm': max_norm, 'n_clipped': int((~(norms <= max_norm)).sum()),  # NaN and Inf would be clipped too
             'n_steps': int(len(norms)), 'percentile': float(t.clip_percentile)}
 
 

@@ -20,9 +20,10 @@ __all__ = ['GradRecord', 'load', 'record_method', 'LAYER_COLUMNS', 'STEP_COLUMNS
 
 DERIVED_COLUMNS = ('grad_param_ratio', 'grad_rms')
 "Per-layer columns derived when `df` is built: grad_norm / param_norm, and grad_norm / sqrt(numel)."
-EXTRA_COLUMNS = ('update_ratio',)
-"""Optional per-layer columns: `update_ratio` is ||w_after - w_before|| / ||w_before||, the size of the
-step the optimizer took relative to the weights (0 on a skipped step)."""
+EXTRA_COLUMNS = ('update_norm',)
+"""Optional stored per-layer columns: `update_norm` is ||w_after - w_before||, the size of the step the
+optimizer took (0 on a skipped step); `df` then also derives `update_ratio` = update_norm / param_norm
+(`param_norm` is measured before the step)."""
 COUNT_COLUMNS = ('n_nan', 'n_inf')
 "Integer per-layer columns: how many gradient elements are NaN, and how many are ±Inf."
 LAYER_COLUMNS = ('name', 'module', 'shape', 'numel', 'depth', 'group')
@@ -73,7 +74,7 @@ class GradRecord:
     - `df`: tidy DataFrame, one row per (recorded step, parameter tensor), ordered by step and
       then from input to output; columns `step`, `epoch`, `layer`, the statistics of
       `fastai_gradstats.stats.METRICS`, `grad_param_ratio`, `grad_rms` (root mean square of the
-      gradient's elements), `n_nan`, `n_inf`, and `update_ratio` when it was recorded;
+      gradient's elements), `n_nan`, `n_inf`, and `update_norm`, `update_ratio` when they were recorded;
     - `steps`: one row per recorded step: `step`, `epoch`, `lr`, `loss`, `grad_norm` (the L2 norm
       over all recorded parameters), `skipped` (the optimizer did not apply this step);
     - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`.
@@ -222,7 +223,8 @@ class GradRecord:
     @property
     def metrics(self):
         "Names of the per-layer statistics in `df`."
-        return list(METRICS) + list(DERIVED_COLUMNS) + list(COUNT_COLUMNS) + self.value_columns[len(METRICS):]
+        extra = self.value_columns[len(METRICS):]
+        return list(METRICS) + list(DERIVED_COLUMNS) + list(COUNT_COLUMNS) + extra + (['update_ratio'] if extra else [])
 
     @property
     def layers(self) -> pd.DataFrame:
@@ -251,6 +253,9 @@ class GradRecord:
                 cols['grad_rms'] = values[:, METRICS.index('grad_norm')] / np.sqrt(numel)
             for i, name in enumerate(COUNT_COLUMNS): cols[name] = self._counts.view[:, i]
             for i, name in enumerate(self.value_columns[len(METRICS):], len(METRICS)): cols[name] = values[:, i]
+            if 'update_norm' in cols:
+                with np.errstate(divide='ignore', invalid='ignore'):
+                    cols['update_ratio'] = cols['update_norm'] / values[:, METRICS.index('param_norm')]
             self._cache['df'] = pd.DataFrame(cols, copy=False)
         return self._cache['df']
 
@@ -308,7 +313,7 @@ class GradRecord:
         (path/_FILES['meta']).write_text(json.dumps(meta, indent=1, default=_json_default))
         df = self.df.copy()
         df['layer'] = df['layer'].astype(str)
-        df.drop(columns=list(DERIVED_COLUMNS)).to_parquet(path/_FILES['stats'], index=False)
+        df.drop(columns=[c for c in (*DERIVED_COLUMNS, 'update_ratio') if c in df]).to_parquet(path/_FILES['stats'], index=False)
         self.steps.drop(columns=['grad_norm']).to_parquet(path/_FILES['steps'], index=False)
         if self._hist is not None: self.hist.drop(columns=['step', 'layer']).to_parquet(path/_HIST_FILE, index=False)
         elif (path/_HIST_FILE).exists(): (path/_HIST_FILE).unlink()
@@ -363,6 +368,11 @@ def load(path) -> GradRecord:
         hist = pd.read_parquet(path/_HIST_FILE) if record.has_hist else None
     except Exception as e:
         raise ValueError(f"{str(path)!r} holds an unreadable parquet file: {e}") from None
+    need_stats = {'step', 'epoch', 'layer', *record.value_columns, *COUNT_COLUMNS} - set(stats.columns)
+    need_steps = {'step', 'epoch', 'lr', 'loss', 'skipped'} - set(steps.columns)
+    if need_stats or need_steps:
+        raise ValueError(f"{str(path)!r} is not a complete GradStats run: missing columns "
+                         f"{sorted(need_stats) + sorted(need_steps)}")
     step_pos = pd.Index(steps['step']).get_indexer(stats['step'])
     if (step_pos < 0).any(): raise ValueError(f"{str(path)!r}: stats.parquet has steps that steps.parquet lacks")
     order = np.argsort(step_pos, kind='stable')

@@ -105,8 +105,8 @@ class LayerStats:
     def refine(self, values: np.ndarray, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]):
         """Fix, in float64, the rows of `values` (a host copy of this object's result for `grads`, `params`)
         that float32 sums cannot give: non-finite norms (NaN/Inf elements, or squares that overflow
-        float32 above about 1.8e19) and standard deviations lost to cancellation (a mean much larger
-        than the std). Returns `(values, counts)`, `counts` the NaN and Inf elements per row.
+        float32 above about 1.8e19), norms of tiny non-zero gradients whose squares underflow, and
+        standard deviations lost to cancellation (a mean much larger than the std). Returns `(values, counts)`, `counts` the NaN and Inf elements per row.
 
         Healthy rows cost nothing: the extra work and the one extra host copy happen only on
         steps that have such rows."""
@@ -114,9 +114,12 @@ class LayerStats:
         counts = np.zeros((len(self.shapes), 2), np.int64)
         grad_norm, param_norm, grad_std = (values[:, METRICS.index(c)].astype(np.float64) for c in ('grad_norm', 'param_norm', 'grad_std'))
         numel = self.numel.numpy()
+        zero_frac = values[:, METRICS.index('zero_frac')]
         with np.errstate(invalid='ignore', over='ignore'):
             cancelled = (numel > 1) & (grad_norm > 0) & (grad_std ** 2 * (numel - 1) < 1e-3 * grad_norm ** 2)
-        rows = np.flatnonzero(~np.isfinite(grad_norm) | ~np.isfinite(param_norm) | cancelled)
+            # squares below ~1e-45 vanish in float32: a norm under 1e-18 may have lost (some of) them
+            underflow = (grad_norm < 1e-18) & (zero_frac < 1)
+        rows = np.flatnonzero(~np.isfinite(grad_norm) | ~np.isfinite(param_norm) | cancelled | underflow)
         if not len(rows): return values, counts
         with torch.no_grad():
             exact = torch.stack([torch.stack([g.double().norm(), p.double().norm(), g.double().mean(),

@@ -70,9 +70,18 @@ class _OpCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class _Parallel(nn.Module):
+    "`n` Linear layers side by side (no depth, so no vanishing gradient triggers `refine`)."
+    def __init__(self, n):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Linear(16, 4) for _ in range(n))
+    def forward(self, x): return torch.stack([b(x) for b in self.branches]).sum(0)
+
+
 def _ops_per_step(n_layers, steps=6):
     "Torch calls GradStats makes per recorded step, for each step of a fit."
-    learn = _learner(n_layers=n_layers, n=32 * steps)
+    learn = _learner(n=32 * steps)
+    learn.model = _Parallel(n_layers)
     counts = []
     original = GradStats.before_step
     def counted(cb):

@@ -1,0 +1,581 @@
+"""Health (issue 5): on real fits of small models, each finding where it should be and nowhere else.
+
+Every expectation (which step first exploded, which layer first went NaN, which layers are dead, how
+far gradients fall with depth, the clipping percentile) is computed here from the raw gradients
+captured at each optimizer step, or with numpy from the record's step table, not read from the code.
+"""
+import dataclasses
+import math
+import re
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastai.basics import (Adam, BCEWithLogitsLossFlat, Callback, CrossEntropyLossFlat, DataLoaders, Learner, MSELossFlat,
+                           SGD, partial, set_seed)
+from torch import nn
+
+import fastai_gradstats
+from fastai_gradstats import GradientAlert, GradRecord, GradStats, Thresholds, health, load, suggest_clip, summary
+from fastai_gradstats.demo import digits_dls, mlp
+from fastai_gradstats.health import CHECKS, HEALTH_COLUMNS
+from fastai_gradstats.stats import METRICS
+
+
+# --- helpers ---------------------------------------------------------------------------------
+class Capture(Callback):
+    "Gradients and weights (float64 numpy, by name) after backward, i.e. as the optimizer is about to use them."
+    order = GradStats.order + 0.2
+
+    def before_fit(self): self.grads, self.before, self.losses = [], [], []
+
+    def after_backward(self):
+        ps = list(self.learn.model.named_parameters())
+        self.grads.append({n: p.grad.detach().double().numpy().copy() for n, p in ps})
+        self.before.append({n: p.detach().double().numpy().copy() for n, p in ps})
+        self.losses.append(float(self.learn.loss))
+
+    def total_norms(self):
+        with np.errstate(over='ignore', invalid='ignore'):
+            return np.array([math.sqrt(sum(float((g ** 2).sum()) for g in grads.values())) for grads in self.grads])
+
+
+def fit(model, dls, lr, epochs, opt=Adam, loss=None, seed=0, cbs=(), alerts_seen=None, **gradstats):
+    "Train with GradStats and Capture; the GradientAlert warnings go to `alerts_seen` (a list) when given."
+    set_seed(seed)
+    learn = Learner(dls, model, loss_func=loss or CrossEntropyLossFlat(), opt_func=opt)
+    cap = Capture()
+    cb = GradStats(**gradstats)
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')   # so that "once" is the callback's doing, not Python's
+        learn.fit(epochs, lr, cbs=[cb, cap, *cbs])
+    if alerts_seen is not None: alerts_seen.extend(w for w in seen if issubclass(w.category, GradientAlert))
+    return learn, cap, cb
+
+
+def digits(n_train, n_valid=32, bs=64, seed=0):
+    dls = digits_dls(bs=bs, n_train=n_train)
+    set_seed(seed)   # the DataLoader draws its shuffling seed when it is made
+    return DataLoaders.from_dsets(list(dls.train.dataset), list(dls.valid.dataset)[:n_valid], bs=bs,
+                                  device=torch.device('cpu'))
+
+
+def regression_dls(n=448, n_in=16, scale=3.0, bs=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + bs, n_in, generator=g) * scale
+    y = x @ torch.randn(n_in, 1, generator=g)
+    set_seed(seed)   # the DataLoader draws its shuffling seed when it is made
+    return DataLoaders.from_dsets(list(zip(x[:n], y[:n])), list(zip(x[n:], y[n:])), bs=bs, device=torch.device('cpu'))
+
+
+def separable_dls(n, sep, bs, seed=0):
+    "Two classes split by x0 = 0 with a margin `sep`: logistic regression can drive its loss to ~0."
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g)
+    y = (x[:, 0] > 0).float()
+    x[:, 0] = torch.where(y > 0, 1.0, -1.0) * (sep + x[:, 0].abs())
+    set_seed(seed)   # the DataLoader draws its shuffling seed when it is made
+    return DataLoaders.from_dsets(list(zip(x, y[:, None])), list(zip(x[:64], y[:64, None])), bs=bs,
+                                  device=torch.device('cpu'))
+
+
+def diverging_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 1))
+
+
+def rows(table, check, status=None):
+    out = table[table['check'] == check]
+    return out if status is None else out[out['status'] == status]
+
+
+def not_ok(table, check):
+    return rows(table, check)[rows(table, check)['status'] != 'ok']
+
+
+def weight_names(model):
+    "Weights (2+ dims) from input to output: the registration order of these Sequential models."
+    return [n for n, p in model.named_parameters() if p.dim() >= 2]
+
+
+# --- fits ------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def sigmoid_run():
+    model = mlp(8, 64, act=nn.Sigmoid)
+    learn, cap, _ = fit(model, digits(512), 1e-3, 2)
+    return learn.grad_stats, cap, model
+
+
+@pytest.fixture(scope='module')
+def diverging_run():
+    "A regression with inputs scaled by 3 and SGD at lr 0.05: the loss explodes, then the gradients turn NaN."
+    alerts = []
+    learn, cap, _ = fit(diverging_model(), regression_dls(), 0.05, 3, opt=SGD, loss=MSELossFlat(), alerts_seen=alerts)
+    return learn.grad_stats, cap, alerts
+
+
+DEAD_LAYERS = ('0', '4')
+
+
+@pytest.fixture(scope='module')
+def dead_run():
+    "48 of 64 units of the first and third hidden Linear have bias -10: with ReLU they never fire."
+    torch.manual_seed(0)
+    model = mlp(3, 64, init='kaiming')
+    with torch.no_grad():
+        for i in DEAD_LAYERS: model[int(i)].bias[:48] = -10.0
+    learn, cap, _ = fit(model, digits(512), 1e-3, 2)
+    return learn.grad_stats, cap
+
+
+@pytest.fixture(scope='module')
+def healthy_run():
+    "Kaiming-initialised Linear + BatchNorm1d + ReLU."
+    torch.manual_seed(0)
+    layers, n = [], 64
+    for _ in range(3):
+        lin = nn.Linear(n, 64)
+        nn.init.kaiming_normal_(lin.weight, nonlinearity='relu'); nn.init.zeros_(lin.bias)
+        layers += [lin, nn.BatchNorm1d(64), nn.ReLU()]
+    learn, cap, _ = fit(nn.Sequential(*layers, nn.Linear(64, 10)), digits(512), 1e-3, 2)
+    return learn.grad_stats, cap
+
+
+@pytest.fixture(scope='module')
+def converged_run():
+    """Logistic regression on separable data with Adam (no weight decay, tiny eps, short memory): the weights grow
+    steadily, the loss falls step after step to ~0 and the gradient norm to below 1e-7."""
+    torch.manual_seed(0)
+    learn, cap, _ = fit(nn.Linear(2, 1), separable_dls(2048, 2.0, 256), 0.4, 7, loss=BCEWithLogitsLossFlat(),
+                        opt=partial(Adam, wd=0.0, eps=1e-20, mom=0.5, sqr_mom=0.5))
+    return learn.grad_stats, cap
+
+
+# --- vanishing -------------------------------------------------------------------------------
+def median_rms(cap, names):
+    return np.array([np.median([np.linalg.norm(g[n]) / math.sqrt(g[n].size) for g in cap.grads]) for n in names])
+
+
+def test_deep_sigmoid_is_flagged_vanishing_at_the_input_weight(sigmoid_run):
+    record, cap, model = sigmoid_run
+    weights = weight_names(model)
+    rms = median_rms(cap, weights)
+    ratio = rms[-1] / rms[0]
+    assert ratio > 100                                   # the scenario: gradients do vanish towards the input
+    table = record.health()
+    found = not_ok(table, 'vanishing')
+    assert len(found) == 1
+    row = found.iloc[0]
+    assert row['status'] == 'critical' and row['layer'] == weights[0]
+    np.testing.assert_allclose(row['value'], ratio, rtol=1e-3)
+    assert row['first_step'] == 0 and row['last_step'] == len(cap.grads) - 1
+    assert weights[0] in row['reason'] and weights[-1] in row['reason']
+
+
+def test_deep_sigmoid_has_no_other_kind_of_problem(sigmoid_run):
+    record, cap, _ = sigmoid_run
+    table = record.health()
+    assert np.isfinite(cap.total_norms()).all() and cap.total_norms().max() < 10
+    for check in ('nonfinite', 'exploding', 'total_norm', 'spikes', 'dead', 'converged'):
+        assert not_ok(table, check).empty, check
+
+
+# --- exploding and NaN -----------------------------------------------------------------------
+def test_scenario_diverges(diverging_run):
+    record, cap, _ = diverging_run
+    norms = cap.total_norms()
+    assert np.isfinite(norms[0]) and norms[0] < 100 and not np.isfinite(norms[-1])
+    assert list(record.steps['step']) == list(range(len(cap.grads)))
+
+
+def test_too_high_lr_is_flagged_exploding_from_its_first_step(diverging_run):
+    record, cap, _ = diverging_run
+    norms = cap.total_norms()
+    first = int(np.flatnonzero(~np.isfinite(norms) | (norms > 100))[0])
+    table = record.health()
+    found = not_ok(table, 'exploding')
+    assert len(found) == 1 and found.iloc[0]['status'] == 'critical'
+    assert found.iloc[0]['first_step'] == first
+    assert found.iloc[0]['last_step'] == len(norms) - 1
+    total = not_ok(table, 'total_norm')
+    assert list(total['status']) == ['critical'] and total.iloc[0]['first_step'] == first
+
+
+def test_too_high_lr_is_flagged_nonfinite_at_the_output_layer(diverging_run):
+    record, cap, _ = diverging_run
+    names = [n for n, _ in diverging_model().named_parameters()]          # input to output
+    bad = [[n for n in names if not np.isfinite(g[n]).all()] for g in cap.grads]
+    first = next(i for i, b in enumerate(bad) if b)
+    table = record.health()
+    found = not_ok(table, 'nonfinite')
+    assert len(found) == 1
+    row = found.iloc[0]
+    assert row['status'] == 'critical'
+    assert row['first_step'] == first
+    assert row['layer'] == bad[first][-1]                                  # nearest the output at that step
+    assert row['last_step'] == max(i for i, b in enumerate(bad) if b)
+    assert f'step {first}' in row['reason']
+
+
+def test_too_high_lr_is_not_called_vanishing_or_dead(diverging_run):
+    record, _, _ = diverging_run
+    table = record.health()
+    for check in ('vanishing', 'dead', 'converged'):
+        assert not_ok(table, check).empty, check
+
+
+def test_alert_once_with_step_and_layer_on_nan(diverging_run):
+    record, cap, alerts = diverging_run
+    names = [n for n, _ in diverging_model().named_parameters()]
+    bad = [[n for n in names if not np.isfinite(g[n]).all()] for g in cap.grads]
+    first = next(i for i, b in enumerate(bad) if b)
+    assert sum(1 for b in bad if b) > 5                                    # NaN at many steps ...
+    nan_alerts = [str(w.message) for w in alerts if 'NaN' in str(w.message)]
+    assert len(nan_alerts) == 1                                            # ... warned once
+    assert f'step {first}' in nan_alerts[0] and bad[first][-1] in nan_alerts[0]
+
+
+def test_alert_once_on_explosion(diverging_run):
+    record, cap, alerts = diverging_run
+    norms = cap.total_norms()
+    over = np.flatnonzero(np.isfinite(norms) & (norms > 100))
+    assert len(over) >= 2
+    first = int(over[0])
+    explosion = [str(w.message) for w in alerts if 'norm' in str(w.message) and 'NaN' not in str(w.message)]
+    assert len(explosion) == 1
+    largest = max(cap.grads[first], key=lambda n: np.linalg.norm(cap.grads[first][n]))
+    assert f'step {first}' in explosion[0] and largest in explosion[0]
+    assert len(alerts) == 2
+
+
+def test_no_alert_when_alerts_are_off():
+    alerts = []
+    learn, _, _ = fit(diverging_model(), regression_dls(), 0.05, 1, opt=SGD, loss=MSELossFlat(), alerts_seen=alerts,
+                      alerts=False)
+    assert not learn.grad_stats.steps['grad_norm'].pipe(np.isfinite).all()
+    assert alerts == []
+
+
+def test_stop_on_critical_stops_before_the_step_is_applied():
+    alerts = []
+    model = diverging_model()
+    learn, cap, cb = fit(model, regression_dls(), 0.05, 3, opt=SGD, loss=MSELossFlat(), alerts_seen=alerts,
+                         stop_on_critical=True)
+    norms = cap.total_norms()
+    first = int(np.flatnonzero(~np.isfinite(norms) | (norms > 100))[0])
+    assert first > 0
+    assert len(cap.grads) == first + 1                                     # training went no further
+    assert cb.stopped_at == first
+    record = learn.grad_stats
+    assert list(record.steps['step']) == list(range(first + 1))            # the record keeps that step
+    np.testing.assert_allclose(record.steps['grad_norm'].iloc[-1], norms[first], rtol=1e-5)
+    for name, p in model.named_parameters():                               # and the step was not applied
+        np.testing.assert_array_equal(p.detach().double().numpy(), cap.before[first][name])
+    assert any('stopping' in str(w.message) for w in alerts)
+
+
+def test_stop_on_critical_at_the_first_nan():
+    "With the explosion threshold out of reach, the first critical step is the first NaN/Inf gradient."
+    model = diverging_model()
+    learn, cap, cb = fit(model, regression_dls(), 0.05, 3, opt=SGD, loss=MSELossFlat(), stop_on_critical=True,
+                         thresholds=Thresholds(total_norm_critical=1e30))
+    bad = [not all(np.isfinite(g).all() for g in grads.values()) for grads in cap.grads]
+    first = bad.index(True)
+    assert len(cap.grads) == first + 1 and cb.stopped_at == first
+    record = learn.grad_stats
+    assert record.steps['step'].iloc[-1] == first
+    assert record.df.loc[record.df['step'] == first, 'n_nan'].sum() > 0
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all()
+        np.testing.assert_array_equal(p.detach().double().numpy(), cap.before[first][name])
+
+
+# --- dead units ------------------------------------------------------------------------------
+def expected_dead(cap, t=Thresholds()):
+    "Per weight: median over the second half of the steps of the fraction of units (rows) with an all-zero gradient."
+    second = cap.grads[len(cap.grads) // 2:]
+    out = {}
+    for name, g in cap.grads[0].items():
+        if g.ndim < 2: continue
+        frac = np.median([np.mean(np.abs(s[name].reshape(len(s[name]), -1)).max(1) == 0) for s in second])
+        if frac > t.dead_critical: out[name] = ('critical', frac)
+        elif frac > t.dead_warning: out[name] = ('warning', frac)
+    return out
+
+
+def test_negative_bias_relu_layers_are_flagged_dead(dead_run):
+    record, cap = dead_run
+    expected = expected_dead(cap)
+    assert {n for n, (s, _) in expected.items() if s == 'critical'} == {f'{i}.weight' for i in DEAD_LAYERS}
+    found = not_ok(record.health(), 'dead')
+    assert {r['layer']: r['status'] for _, r in found.iterrows()} == {n: s for n, (s, _) in expected.items()}
+    for _, r in found.iterrows():
+        np.testing.assert_allclose(r['value'], expected[r['layer']][1], rtol=1e-6)
+        assert r['layer'] in r['reason']
+
+
+def test_dead_layers_are_not_flagged_otherwise(dead_run):
+    record, cap = dead_run
+    table = record.health()
+    assert np.isfinite(cap.total_norms()).all() and cap.total_norms().max() < 10
+    for check in ('nonfinite', 'exploding', 'total_norm', 'vanishing', 'spikes'):
+        assert not_ok(table, check).empty, check
+
+
+def test_a_stricter_dead_threshold_flags_more():
+    "A layer with some 25-40% dead units: ok under a dead_warning above that, a warning under the default 0.2."
+    torch.manual_seed(0)
+    model = mlp(1, 64, init='kaiming')
+    with torch.no_grad(): model[0].bias[:16] = -10.0
+    learn, cap, _ = fit(model, digits(256), 1e-3, 2)
+    frac = np.median([np.mean(np.abs(g['0.weight']).max(1) == 0) for g in cap.grads[len(cap.grads) // 2:]])
+    assert 0.2 < frac < 0.45
+    assert not_ok(learn.grad_stats.health(Thresholds(dead_warning=frac + 0.05)), 'dead').empty
+    found = not_ok(learn.grad_stats.health(), 'dead')
+    assert list(found['layer']) == ['0.weight'] and list(found['status']) == ['warning']
+
+
+# --- healthy and converged -------------------------------------------------------------------
+def test_well_initialised_batchnorm_model_has_no_critical_finding(healthy_run):
+    record, cap = healthy_run
+    norms = cap.total_norms()
+    assert np.isfinite(norms).all() and 0.1 < norms.max() < 10
+    table = record.health()
+    assert (table['status'] != 'critical').all(), table[table['status'] == 'critical']
+    for check in ('nonfinite', 'exploding', 'total_norm', 'vanishing', 'dead', 'spikes', 'layer_spread'):
+        assert not_ok(table, check).empty, check
+
+
+def test_scenario_converges(converged_run):
+    record, cap = converged_run
+    norms = cap.total_norms()
+    assert norms.min() < 1e-7 and norms[0] > 0.1
+    assert max(cap.losses[-5:]) < 1e-6 and cap.losses[0] > 0.1
+
+
+def test_converged_model_is_not_called_vanishing(converged_run):
+    record, cap = converged_run
+    table = record.health()
+    assert not_ok(table, 'vanishing').empty
+    assert not_ok(table, 'stuck').empty
+    conv = rows(table, 'converged')
+    assert len(conv) == 1 and conv.iloc[0]['reason'].startswith('loss fell')
+    assert 'converged' in record.summary()
+    assert (table['status'] != 'critical').all()
+
+
+def test_model_converged_within_its_first_steps_is_not_called_vanishing():
+    """Large margin and SGD at lr 2: the first step takes the loss from ~0.8 to ~1e-15 and the gradients from ~3
+    to ~1e-14, and they stay there. The loss fell and is flat: convergence, not vanishing and not stuck."""
+    torch.manual_seed(0)
+    learn, cap, _ = fit(nn.Linear(2, 1), separable_dls(512, 5.0, 32), 2.0, 2, opt=SGD, loss=BCEWithLogitsLossFlat())
+    norms = cap.total_norms()
+    assert norms[0] > 1 and norms[1:].max() < 1e-7
+    assert cap.losses[0] > 0.5 and max(cap.losses[1:]) < 1e-9
+    table = learn.grad_stats.health()
+    assert not_ok(table, 'vanishing').empty, not_ok(table, 'vanishing')[['status', 'reason']].to_string()
+    assert not_ok(table, 'stuck').empty
+    assert rows(table, 'converged').iloc[0]['reason'].startswith('loss fell')
+
+
+# --- thresholds ------------------------------------------------------------------------------
+def test_a_stricter_threshold_turns_ok_into_a_warning(healthy_run):
+    record, cap = healthy_run
+    norms = cap.total_norms()
+    peak = norms.max()
+    assert rows(record.health(), 'total_norm').iloc[0]['status'] == 'ok'
+    strict = Thresholds(total_norm_low=peak / 10, total_norm_warning=peak / 2)
+    row = rows(record.health(strict), 'total_norm').iloc[0]
+    assert row['status'] == 'warning'
+    np.testing.assert_allclose(row['value'], peak, rtol=1e-5)
+    assert row['threshold'] == peak / 2
+    assert row['first_step'] == int(np.flatnonzero(norms > peak / 2)[0])
+    assert row['last_step'] == int(np.flatnonzero(norms > peak / 2)[-1])
+
+
+def test_layer_spread_against_its_threshold(healthy_run):
+    record, cap = healthy_run
+    weights = [n for n in cap.grads[0] if cap.grads[0][n].ndim >= 2]
+    spread = np.median([max(np.linalg.norm(g[n]) for n in weights) / min(np.linalg.norm(g[n]) for n in weights)
+                        for g in cap.grads])
+    row = rows(record.health(), 'layer_spread').iloc[0]
+    np.testing.assert_allclose(row['value'], spread, rtol=1e-4)
+    assert row['status'] == ('ok' if spread <= 10 else 'warning')
+    row = rows(record.health(Thresholds(layer_spread_warning=spread * 0.9)), 'layer_spread').iloc[0]
+    assert row['status'] == 'warning'
+    row = rows(record.health(Thresholds(layer_spread_warning=spread * 0.5, layer_spread_critical=spread * 0.9)),
+               'layer_spread').iloc[0]
+    assert row['status'] == 'critical'
+
+
+FIELDS = [f.name for f in dataclasses.fields(Thresholds)]
+
+
+@pytest.mark.parametrize('field', FIELDS)
+@pytest.mark.parametrize('bad', [-1.0, 0.0, float('nan')], ids=['negative', 'zero', 'nan'])
+def test_bad_threshold_values_raise_naming_the_field(field, bad):
+    with pytest.raises(ValueError, match=rf'\b{field}\b'):
+        Thresholds(**{field: bad})
+
+
+@pytest.mark.parametrize('low, value, high', [('total_norm_warning', 150.0, 'total_norm_critical'),
+                                              ('total_norm_low', 20.0, 'total_norm_warning'),
+                                              ('zero_frac_warning', 0.3, 'zero_frac_critical'),
+                                              ('dead_warning', 0.6, 'dead_critical'),
+                                              ('layer_spread_warning', 150.0, 'layer_spread_critical'),
+                                              ('depth_ratio_warning', 150.0, 'depth_ratio_critical'),
+                                              ('ratio_low', 2.0, 'ratio_high')])
+def test_warning_above_critical_raises_naming_the_fields(low, value, high):
+    assert value > getattr(Thresholds(), high)
+    with pytest.raises(ValueError) as e:
+        Thresholds(**{low: value})
+    assert low in str(e.value) and high in str(e.value)
+
+
+def test_fractions_above_one_are_rejected():
+    with pytest.raises(ValueError, match='dead_critical'):
+        Thresholds(dead_critical=1.5)
+
+
+def test_thresholds_reject_non_numbers():
+    with pytest.raises(TypeError, match='total_norm_critical'):
+        Thresholds(total_norm_critical='100')
+    with pytest.raises(TypeError):
+        health(GradRecord(), thresholds={'total_norm_critical': 1})
+
+
+# --- summary and clipping advice -------------------------------------------------------------
+def test_summary_lists_critical_findings_first_with_clipping_advice(diverging_run):
+    record, cap, _ = diverging_run
+    text = record.summary()
+    lines = text.splitlines()
+    found = [re.match(r'\s+(CRITICAL|WARNING)\s+(\w+)', l) for l in lines[1:]]
+    found = [m.groups() for m in found if m]
+    statuses = [s for s, _ in found]
+    assert statuses and statuses == sorted(statuses, key=['CRITICAL', 'WARNING'].index)   # worst first
+    critical = {c for s, c in found if s == 'CRITICAL'}
+    assert {'exploding', 'nonfinite', 'total_norm'} <= critical
+    assert not {'vanishing', 'dead'} & critical
+    names = [n for n, _ in diverging_model().named_parameters()]
+    first_bad = next([n for n in names if not np.isfinite(g[n]).all()] for g in cap.grads if not all(np.isfinite(g[n]).all() for n in names))
+    nonfinite = next(l for l in lines if re.match(r'\s+CRITICAL\s+nonfinite', l))
+    assert f' {first_bad[-1]}:' in nonfinite
+    advice = [l for l in lines if l.strip().startswith('advice:')]
+    assert len(advice) == 1
+    expected = independent_clip(record.steps)
+    assert f"GradientClip(max_norm={expected['max_norm']:.3g})" in advice[0]
+    assert f"of {expected['n_steps']} steps" in advice[0]
+    header = re.match(r'Gradient health: (\d+) critical, (\d+) warning', lines[0])
+    table = record.health()
+    assert int(header.group(1)) == (table['status'] == 'critical').sum()
+    assert f"{len(cap.grads)} recorded step(s)" in lines[0]
+
+
+def test_summary_without_explosion_has_no_clipping_advice(healthy_run, sigmoid_run):
+    for record in (healthy_run[0], sigmoid_run[0]):
+        assert 'advice' not in record.summary()
+    text = sigmoid_run[0].summary()
+    assert re.search(r'CRITICAL\s+vanishing 0\.weight', text)
+
+
+def independent_clip(steps, percentile=95.0, window=20, factor=10.0, critical=100.0):
+    """The clip value from the step table: the percentile of the total norms of the applied, finite steps that
+    are neither spikes (over `factor` times the median of up to `window` previous such steps, given 5) nor above
+    the critical band."""
+    applied = steps[~steps['skipped'].to_numpy()]
+    norms = applied['grad_norm'].to_numpy(float)
+    finite = norms[np.isfinite(norms)]
+    healthy = []
+    for i, v in enumerate(finite):
+        prev = finite[max(0, i - window):i]
+        spike = len(prev) >= 5 and v > factor * np.median(prev)
+        if not spike and v <= critical: healthy.append(v)
+    max_norm = float(np.percentile(healthy if healthy else finite, percentile))
+    return {'max_norm': max_norm, 'n_clipped': int((~(norms <= max_norm)).sum()),   # NaN and Inf clipped, once each
+            'n_steps': len(norms), 'percentile': percentile}
+
+
+def synthetic_record(norms, skipped=()):
+    layers = [{'name': 'w', 'module': 'Linear', 'shape': (4, 4), 'numel': 16, 'depth': 0}]
+    record = GradRecord(layers)
+    idx = record.layer_index(['w'])
+    for step, norm in enumerate(norms):
+        values = np.full((1, len(METRICS)), 0.01)
+        values[0, METRICS.index('grad_norm')] = norm
+        values[0, METRICS.index('param_norm')] = 1.0
+        record.add_step(step, 0, 1e-3, 1.0, idx, values, skipped=step in skipped)
+    return record
+
+
+def test_suggest_clip_is_the_percentile_of_the_healthy_norms():
+    rng = np.random.default_rng(0)
+    norms = list(1 + rng.uniform(0, 1, 60))
+    norms[25], norms[40] = 50.0, 30.0                 # spikes
+    norms[33] = float('nan')                         # non-finite
+    norms[12] = 1000.0                               # a skipped step: not applied
+    norms[50] = 150.0                                # above the critical band (and a spike)
+    norms[55] = float('inf')                         # an Inf gradient: one step, clipped once
+    record = synthetic_record(norms, skipped={12})
+    got = suggest_clip(record)
+    steps = record.steps
+    expected = independent_clip(steps)
+    healthy = [v for i, v in enumerate(norms) if i not in (25, 40, 33, 12, 50, 55)]
+    np.testing.assert_allclose(expected['max_norm'], np.percentile(healthy, 95), rtol=1e-6)   # the helper's own check
+    np.testing.assert_allclose(got['max_norm'], np.percentile(np.float32(healthy), 95), rtol=1e-6)
+    assert got['n_steps'] == 59
+    assert got['n_clipped'] == expected['n_clipped'] <= got['n_steps']
+    assert got['percentile'] == 95.0
+    assert record.suggest_clip() == got
+    got = suggest_clip(record, Thresholds(clip_percentile=50.0))
+    np.testing.assert_allclose(got['max_norm'], np.median(np.float32(healthy)), rtol=1e-6)
+
+
+def test_suggest_clip_on_a_real_fit(healthy_run):
+    record, cap = healthy_run
+    norms = cap.total_norms()
+    np.testing.assert_allclose(suggest_clip(record)['max_norm'], np.percentile(norms, 95), rtol=1e-5)
+    assert suggest_clip(record)['n_clipped'] == int((norms > np.percentile(norms, 95) * (1 + 1e-6)).sum())
+
+
+def test_suggest_clip_on_the_diverging_fit(diverging_run):
+    record, cap, _ = diverging_run
+    norms = cap.total_norms()
+    healthy = norms[np.isfinite(norms) & (norms <= 100)]
+    got = suggest_clip(record)
+    np.testing.assert_allclose(got['max_norm'], np.percentile(healthy, 95), rtol=1e-5)
+    assert got['n_clipped'] == int((~np.isfinite(norms) | (norms > got['max_norm'] * (1 + 1e-6))).sum())
+
+
+# --- the table -------------------------------------------------------------------------------
+def test_health_table_shape(dead_run):
+    record, _ = dead_run
+    table = record.health()
+    assert tuple(table.columns) == HEALTH_COLUMNS
+    assert set(CHECKS) <= set(table['check'])                  # every check reports, ok when it found nothing
+    ranks = table['status'].map({'critical': 0, 'warning': 1, 'ok': 2}).to_numpy()
+    assert (np.diff(ranks) >= 0).all()                         # worst first
+    assert set(table['status']) <= {'critical', 'warning', 'ok'}
+    assert table['reason'].map(lambda r: isinstance(r, str) and len(r) > 0 and '\n' not in r).all()
+
+
+def test_health_is_the_same_on_a_loaded_record(diverging_run, dead_run, tmp_path):
+    for i, record in enumerate((diverging_run[0], dead_run[0])):
+        loaded = load(record.save(tmp_path/f'run{i}'))
+        pd.testing.assert_frame_equal(loaded.health(), record.health())
+        assert loaded.summary() == record.summary()
+
+
+def test_health_functions_are_methods_and_exports(dead_run):
+    record, _ = dead_run
+    pd.testing.assert_frame_equal(health(record), record.health())
+    assert summary(record, show_ok=True) == record.summary(show_ok=True)
+    assert fastai_gradstats.Thresholds is Thresholds
+
+
+def test_empty_record_is_an_error():
+    with pytest.raises(ValueError, match='empty'):
+        health(GradRecord())
+    with pytest.raises(ValueError, match='empty'):
+        summary(GradRecord())

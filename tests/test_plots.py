@@ -1,0 +1,794 @@
+"""Plots (issue 4): the picture holds the data.
+
+Every array drawn (image data, bar heights, line data) is compared with one computed here
+independently, from the raw gradients and weights captured during the fit or from the record's
+tables with plain numpy; NaN/Inf cells are checked on the rendered pixels; every figure is saved
+as PNG so that a broken renderer fails.
+"""
+import math
+import warnings
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fastai.basics import Adam, Callback, CrossEntropyLossFlat, DataLoaders, Learner, MSELossFlat, SGD, set_seed
+from matplotlib.colors import to_rgb
+from torch import nn
+
+import fastai_gradstats
+from fastai_gradstats import GradientAlert, GradRecord, GradStats, load, plots
+from fastai_gradstats.demo import digits_dls, mlp
+from fastai_gradstats.stats import HIST_BINS, METRICS
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+# --- helpers ---------------------------------------------------------------------------------
+class Capture(Callback):
+    """Keeps, for every optimizer step, the gradients and weights as the optimizer sees them (after
+    backward) and the weights after the step, as float32 numpy arrays by parameter name."""
+    order = GradStats.order + 0.2
+
+    def before_fit(self):
+        self.grads, self.before, self.after = [], [], []
+
+    def after_backward(self):
+        ps = list(self.learn.model.named_parameters())
+        self.grads.append({n: p.grad.detach().cpu().numpy().copy() for n, p in ps if p.grad is not None})
+        self.before.append({n: p.detach().cpu().numpy().copy() for n, p in ps})
+
+    def after_step(self):
+        self.after.append({n: p.detach().cpu().numpy().copy() for n, p in self.learn.model.named_parameters()})
+
+
+def fit(model, dls, lr=1e-3, epochs=1, opt=Adam, loss=None, cbs=(), seed=0, **gradstats):
+    set_seed(seed)
+    learn = Learner(dls, model, loss_func=loss or CrossEntropyLossFlat(), opt_func=opt)
+    cap = Capture()
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore', GradientAlert)
+        learn.fit(epochs, lr, cbs=[GradStats(**gradstats), cap, *cbs])
+    return learn, cap
+
+
+def digits(n_train, n_valid=32, bs=64, seed=0):
+    "The digits (demo.digits_dls) with a small validation set, so that each epoch is quick."
+    dls = digits_dls(bs=bs, n_train=n_train)
+    set_seed(seed)   # the DataLoader draws its shuffling seed when it is made
+    return DataLoaders.from_dsets(list(dls.train.dataset), list(dls.valid.dataset)[:n_valid], bs=bs,
+                                  device=torch.device('cpu'))
+
+
+def regression_dls(n=64, n_in=4, n_out=4, bs=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, n_in, generator=g)
+    y = torch.randn(n, n_out, generator=g)
+    set_seed(seed)   # the DataLoader draws its shuffling seed when it is made
+    return DataLoaders.from_dsets(list(zip(x, y)), list(zip(x[:bs], y[:bs])), bs=bs, device=torch.device('cpu'))
+
+
+def depth_order(record):
+    "Layer names from input to output, from the layer table."
+    return list(record.layers.sort_values('depth')['name'])
+
+
+def pivot(record, column, names=None):
+    "layer x step array of a df column, built with numpy (rows in depth order)."
+    df = record.df
+    names = depth_order(record) if names is None else names
+    steps = np.unique(df['step'].to_numpy())
+    out = np.full((len(names), len(steps)), np.nan)
+    layer = df['layer'].astype(str).to_numpy()
+    values = df[column].to_numpy(float)
+    step_pos = {s: j for j, s in enumerate(steps)}
+    name_pos = {n: i for i, n in enumerate(names)}
+    for l, s, v in zip(layer, df['step'].to_numpy(), values):
+        if l in name_pos: out[name_pos[l], step_pos[s]] = v
+    return out, steps
+
+
+def image_values(image):
+    "The image's data with masked cells as NaN."
+    arr = image.get_array()
+    return np.ma.filled(np.ma.asarray(arr).astype(float), np.nan)
+
+
+def save_png(fig, tmp_path, name):
+    path = tmp_path/f'{name}.png'
+    fig.savefig(path)
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+    plt.close(fig)
+    return path
+
+
+def hist_counts(g):
+    "Counts of HIST_BINS for one gradient (zero_tol 0), by comparison with powers of ten in float64."
+    a = np.abs(np.asarray(g, np.float64).ravel())
+    counts = dict.fromkeys(HIST_BINS, 0)
+    counts['nan'] = int(np.isnan(a).sum())
+    counts['inf'] = int(np.isinf(a).sum())
+    counts['zero'] = int((a == 0).sum())
+    rest = a[np.isfinite(a) & (a > 0)]
+    edges = 10.0 ** np.arange(-16, 5)       # 1e-16 ... 1e4
+    idx = np.searchsorted(edges, rest, side='right') - 1
+    counts['tiny'] = int((idx < 0).sum())
+    counts['huge'] = int((idx >= 20).sum())
+    for k in range(20): counts[f'1e{k - 16}'] = int((idx == k).sum())
+    return np.array([counts[b] for b in HIST_BINS])
+
+
+def pixel(fig, ax, x, y):
+    "RGB colour (0-1) of the rendered pixel at data coordinates (x, y) of `ax`."
+    fig.canvas.draw()
+    buf = np.asarray(fig.canvas.buffer_rgba())
+    px, py = ax.transData.transform((x, y))
+    return buf[int(round(buf.shape[0] - py)), int(round(px)), :3] / 255.0
+
+
+def check_heatmap_image(ax, expected, steps, log):
+    image = ax.images[0]
+    drawn = image_values(image)
+    assert drawn.shape == expected.shape
+    hidden = ~np.isfinite(expected) | ((expected <= 0) if log else False)
+    assert np.array_equal(np.ma.getmaskarray(image.get_array()), hidden)
+    np.testing.assert_allclose(drawn[~hidden], expected[~hidden], rtol=1e-6)
+    # column j is centred on step j, row i on i (input at the top)
+    x0, x1, bottom, top = image.get_extent()
+    width = (x1 - x0) / len(steps)
+    np.testing.assert_allclose(x0 + width * (np.arange(len(steps)) + 0.5), steps)
+    assert (top, bottom) == (-0.5, len(expected) - 0.5)
+
+
+# --- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def close_figures():
+    plt.close('all')
+    yield
+    plt.close('all')
+
+
+@pytest.fixture(scope='module')
+def run():
+    "A real fit on the digits with exact histograms and the update ratio."
+    learn, cap = fit(mlp(2, 32), digits(n_train=256), lr=3e-3, epochs=2, hist=True, hist_sample=None,
+                     update_ratio=True)
+    return learn.grad_stats, cap
+
+
+@pytest.fixture(scope='module')
+def run2():
+    "A second fit of the same architecture (other seed and learning rate), for comparisons."
+    learn, cap = fit(mlp(2, 32), digits(n_train=256), lr=1e-2, epochs=1, seed=1)
+    return learn.grad_stats, cap
+
+
+@pytest.fixture(scope='module')
+def saved(run, tmp_path_factory):
+    record, _ = run
+    return load(record.save(tmp_path_factory.mktemp('run')/'saved'))
+
+
+class InjectNonfinite(Callback):
+    "Puts NaN into the output bias gradient at step 1 and +Inf into one input weight element at step 3."
+    order = GradStats.order - 0.3
+
+    def before_fit(self): self.n = 0
+
+    def after_backward(self):
+        m = self.learn.model
+        if self.n == 1: m[-1].bias.grad.fill_(float('nan'))
+        if self.n == 3: m[0].weight.grad[0, 0] = float('inf')
+        self.n += 1
+
+
+class Sanitize(Callback):
+    "After GradStats has read them, replace non-finite gradients so that the model stays finite."
+    order = GradStats.order + 0.3
+
+    def before_step(self):
+        for p in self.learn.model.parameters():
+            if p.grad is not None: p.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+
+@pytest.fixture(scope='module')
+def nonfinite_run():
+    learn, cap = fit(mlp(1, 16), digits(n_train=192), lr=1e-3, epochs=2, cbs=[InjectNonfinite(), Sanitize()],
+                     hist=True, hist_sample=None)
+    return learn.grad_stats, cap
+
+
+# --- heatmap ---------------------------------------------------------------------------------
+@pytest.mark.parametrize('metric', ['grad_norm', 'grad_param_ratio', 'zero_frac', 'grad_mean'])
+def test_heatmap_draws_the_layer_step_table(run, metric, tmp_path):
+    record, cap = run
+    names = depth_order(record)
+    if metric == 'grad_norm':   # recomputed from the raw gradients in float64
+        expected = np.array([[np.linalg.norm(g[n].astype(np.float64)) for g in cap.grads] for n in names])
+        steps = np.arange(len(cap.grads))
+        assert list(record.steps['step']) == list(steps)
+    else:
+        expected, steps = pivot(record, metric)
+    ax = plots.heatmap(record, metric)
+    log = isinstance(ax.images[0].norm, matplotlib.colors.LogNorm)
+    finite = expected[np.isfinite(expected)]
+    if (finite > 0).all():   # a positive metric: log colours exactly when it spans two decades
+        assert log == (finite.max() / finite.min() >= 100)
+    check_heatmap_image(ax, expected, steps, log)
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    assert metric in ax.figure.axes[-1].get_ylabel()   # the labelled colour bar
+    save_png(ax.figure, tmp_path, metric)
+
+
+def test_heatmap_log_scale_spans_the_data(run):
+    record, cap = run
+    ax = plots.heatmap(record, 'grad_norm', log=True)
+    norm = ax.images[0].norm
+    values = np.array([[np.linalg.norm(g[n].astype(np.float64)) for g in cap.grads] for n in depth_order(record)])
+    assert isinstance(norm, matplotlib.colors.LogNorm)
+    np.testing.assert_allclose([norm.vmin, norm.vmax], [values.min(), values.max()], rtol=1e-5)
+    plt.close(ax.figure)
+    ax = plots.heatmap(record, 'grad_norm', log=False)
+    assert not isinstance(ax.images[0].norm, matplotlib.colors.LogNorm)
+    plt.close(ax.figure)
+
+
+def test_heatmap_weights_only_and_by_module(run, tmp_path):
+    record, cap = run
+    names = depth_order(record)
+    weights = [n for n in names if n.endswith('weight')]
+    ax = plots.heatmap(record, 'grad_norm', weights_only=True)
+    expected = np.array([[np.linalg.norm(g[n].astype(np.float64)) for g in cap.grads] for n in weights])
+    check_heatmap_image(ax, expected, np.arange(len(cap.grads)), log=True)
+    assert [t.get_text() for t in ax.get_yticklabels()] == weights
+    save_png(ax.figure, tmp_path, 'weights_only')
+
+    modules = list(dict.fromkeys(n.rsplit('.', 1)[0] for n in names))
+    expected = np.array([[math.sqrt(sum(float((g[n].astype(np.float64) ** 2).sum()) for n in g if n.rsplit('.', 1)[0] == m))
+                          for g in cap.grads] for m in modules])
+    ax = plots.heatmap(record, 'grad_norm', by_module=True)
+    check_heatmap_image(ax, expected, np.arange(len(cap.grads)), log=True)
+    assert [t.get_text() for t in ax.get_yticklabels()] == modules
+    save_png(ax.figure, tmp_path, 'by_module')
+
+
+def test_heatmap_nan_cells_in_the_nan_colour(run, tmp_path):
+    "dead_frac is NaN for 1-D tensors (biases): those cells are drawn in the NaN colour and named in the legend."
+    record, _ = run
+    names = depth_order(record)
+    expected, steps = pivot(record, 'dead_frac')
+    bias_rows = [i for i, n in enumerate(names) if n.endswith('bias')]
+    assert np.isnan(expected[bias_rows]).all() and np.isfinite(np.delete(expected, bias_rows, 0)).all()
+    ax = plots.heatmap(record, 'dead_frac')
+    check_heatmap_image(ax, expected, steps, log=False)
+    special = np.ma.asarray(ax.images[1].get_array())
+    assert np.array_equal(~np.ma.getmaskarray(special), np.isnan(expected))
+    assert (special.compressed() == 1).all()   # index 1 of (zero, nan, inf)
+    nan_rgb = to_rgb(plots.SPECIAL_COLORS['nan'])
+    for i in bias_rows:
+        for s in (steps[0], steps[len(steps) // 2]):
+            np.testing.assert_allclose(pixel(ax.figure, ax, s, i), nan_rgb, atol=2 / 255)
+    # a finite cell is not drawn in the NaN colour
+    assert not np.allclose(pixel(ax.figure, ax, steps[0], 0), nan_rgb, atol=2 / 255)
+    assert 'NaN' in [t.get_text() for t in ax.get_legend().get_texts()]
+    save_png(ax.figure, tmp_path, 'dead_frac')
+
+
+def test_heatmap_nan_and_inf_gradients(nonfinite_run, tmp_path):
+    record, cap = nonfinite_run
+    names = depth_order(record)
+    expected = np.array([[np.linalg.norm(g[n].astype(np.float64)) for g in cap.grads] for n in names])
+    nan_cells = np.argwhere(np.isnan(expected))
+    inf_cells = np.argwhere(np.isinf(expected))
+    out_bias, in_weight = names.index('2.bias'), names.index('0.weight')
+    assert {tuple(c) for c in nan_cells} == {(out_bias, 1)} and {tuple(c) for c in inf_cells} == {(in_weight, 3)}
+    ax = plots.heatmap(record, 'grad_norm')
+    check_heatmap_image(ax, expected, np.arange(len(cap.grads)), log=True)
+    special = np.ma.asarray(ax.images[1].get_array())
+    assert special[out_bias, 1] == 1 and special[in_weight, 3] == 2
+    np.testing.assert_allclose(pixel(ax.figure, ax, 1, out_bias), to_rgb(plots.SPECIAL_COLORS['nan']), atol=2 / 255)
+    np.testing.assert_allclose(pixel(ax.figure, ax, 3, in_weight), to_rgb(plots.SPECIAL_COLORS['inf']), atol=2 / 255)
+    assert {'NaN', 'Inf'} <= {t.get_text() for t in ax.get_legend().get_texts()}
+    save_png(ax.figure, tmp_path, 'nonfinite')
+    # and the record counted them
+    df = record.df
+    row = df[(df['step'] == 1) & (df['layer'].astype(str) == '2.bias')]
+    assert int(row['n_nan'].iloc[0]) == int(np.isnan(cap.grads[1]['2.bias']).sum()) == cap.grads[1]['2.bias'].size
+    row = df[(df['step'] == 3) & (df['layer'].astype(str) == '0.weight')]
+    assert int(row['n_inf'].iloc[0]) == 1
+
+
+def test_heatmap_zero_cells_on_a_log_scale(tmp_path):
+    "An exact zero cannot be drawn on a log scale: it is drawn in the zero colour."
+    layers = [{'name': f'{i}.weight', 'module': 'Linear', 'shape': (2, 2), 'numel': 4, 'depth': i} for i in range(2)]
+    record = GradRecord(layers)
+    idx = record.layer_index(['0.weight', '1.weight'])
+    for step, norms in enumerate([(1e-3, 1.0), (0.0, 2.0), (1e-2, 10.0)]):
+        values = np.full((2, len(METRICS)), 0.5)
+        values[:, METRICS.index('grad_norm')] = norms
+        record.add_step(step, 0, 1e-3, 1.0, idx, values)
+    ax = plots.heatmap(record, 'grad_norm')
+    assert isinstance(ax.images[0].norm, matplotlib.colors.LogNorm)
+    expected = np.array([[1e-3, 0.0, 1e-2], [1.0, 2.0, 10.0]])
+    check_heatmap_image(ax, expected, np.arange(3), log=True)
+    np.testing.assert_allclose(pixel(ax.figure, ax, 1, 0), to_rgb(plots.SPECIAL_COLORS['zero']), atol=2 / 255)
+    save_png(ax.figure, tmp_path, 'zero')
+
+
+# --- magnitude histogram ---------------------------------------------------------------------
+def test_gradstats_hist_counts_every_element(run):
+    record, cap = run
+    hist = record.hist
+    assert len(hist) == len(record.df)
+    for step, grads in enumerate(cap.grads):
+        for name, g in grads.items():
+            row = hist[(hist['step'] == step) & (hist['layer'].astype(str) == name)]
+            assert len(row) == 1
+            np.testing.assert_array_equal(row[list(HIST_BINS)].to_numpy(np.int64)[0], hist_counts(g), err_msg=f'{name} step {step}')
+
+
+def test_gradstats_hist_counts_nan_and_inf(nonfinite_run):
+    record, cap = nonfinite_run
+    hist = record.hist
+    for step, grads in enumerate(cap.grads):
+        for name, g in grads.items():
+            row = hist[(hist['step'] == step) & (hist['layer'].astype(str) == name)]
+            np.testing.assert_array_equal(row[list(HIST_BINS)].to_numpy(np.int64)[0], hist_counts(g))
+    assert hist.loc[(hist['step'] == 1) & (hist['layer'].astype(str) == '2.bias'), 'nan'].iloc[0] == 10
+    assert hist.loc[(hist['step'] == 3) & (hist['layer'].astype(str) == '0.weight'), 'inf'].iloc[0] == 1
+
+
+def test_gradstats_hist_with_tensors_smaller_than_the_sample():
+    "The default sample (2048) is larger than every tensor here, so the counts are exact."
+    learn, cap = fit(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)), regression_dls(), loss=MSELossFlat(),
+                     epochs=2)
+    record = learn.grad_stats
+    assert record.args['hist_sample'] == 2048
+    for step, grads in enumerate(cap.grads):
+        for name, g in grads.items():
+            row = record.hist[(record.hist['step'] == step) & (record.hist['layer'].astype(str) == name)]
+            np.testing.assert_array_equal(row[list(HIST_BINS)].to_numpy(np.int64)[0], hist_counts(g))
+
+
+def expected_fractions(record, layer=None):
+    "bins x steps fractions of all gradient elements: each layer's (sampled) counts scaled to its numel."
+    hist = record.hist
+    numel = dict(zip(record.layers['name'], record.layers['numel']))
+    steps = np.unique(hist['step'])
+    out = np.zeros((len(HIST_BINS), len(steps)))
+    for j, s in enumerate(steps):
+        rows = hist[hist['step'] == s]
+        total = 0.0
+        for _, r in rows.iterrows():
+            name = str(r['layer'])
+            if layer is not None and name != layer: continue
+            c = r[list(HIST_BINS)].to_numpy(float)
+            out[:, j] += numel[name] * c / c.sum()
+            total += numel[name]
+        out[:, j] /= total
+    return out, steps
+
+
+def check_hist_image(ax, expected):
+    image = ax.images[0]
+    drawn = image_values(image)
+    assert drawn.shape == expected.shape
+    assert np.array_equal(np.ma.getmaskarray(image.get_array()), ~(expected > 0))
+    np.testing.assert_allclose(drawn[expected > 0], expected[expected > 0], rtol=1e-9)
+
+
+def test_magnitude_hist_draws_element_fractions(run, tmp_path):
+    record, cap = run
+    # from the raw gradients: fraction of all elements in each bin at each step
+    expected = np.stack([sum(hist_counts(g) for g in grads.values()) / sum(g.size for g in grads.values())
+                         for grads in cap.grads], axis=1)
+    ax = plots.magnitude_hist(record)
+    check_hist_image(ax, expected)
+    assert ax.images[0].origin == 'lower'   # row 0 (zero) at the bottom
+    one = [l for l in ax.lines if l.get_label() == '|g| = 1']
+    assert len(one) == 1 and np.allclose(one[0].get_ydata(), HIST_BINS.index('1e0') - 0.5)
+    save_png(ax.figure, tmp_path, 'hist')
+
+
+def test_magnitude_hist_of_one_layer(run, tmp_path):
+    record, cap = run
+    expected = np.stack([hist_counts(grads['0.weight']) / grads['0.weight'].size for grads in cap.grads], axis=1)
+    ax = plots.magnitude_hist(record, layer='0.weight')
+    check_hist_image(ax, expected)
+    assert '0.weight' in ax.get_title()
+    save_png(ax.figure, tmp_path, 'hist_layer')
+
+
+def test_magnitude_hist_scales_sampled_counts_to_numel(tmp_path):
+    learn, cap = fit(mlp(1, 32), digits(n_train=128), epochs=1, hist_sample=100)
+    record = learn.grad_stats
+    counted = record.hist[list(HIST_BINS)].sum(axis=1).to_numpy()
+    numel = record.layers.set_index('name').loc[record.hist['layer'].astype(str), 'numel'].to_numpy()
+    np.testing.assert_array_equal(counted, np.minimum(numel, 100))
+    for step, grads in enumerate(cap.grads):   # the tensors below the sample size are counted exactly
+        for name, g in grads.items():
+            if g.size <= 100:
+                row = record.hist[(record.hist['step'] == step) & (record.hist['layer'].astype(str) == name)]
+                np.testing.assert_array_equal(row[list(HIST_BINS)].to_numpy(np.int64)[0], hist_counts(g))
+    expected, _ = expected_fractions(record)
+    ax = plots.magnitude_hist(record)
+    check_hist_image(ax, expected)
+    save_png(ax.figure, tmp_path, 'sampled')
+
+
+def test_magnitude_hist_on_the_bare_hist_frame(run, tmp_path):
+    record, _ = run
+    ax = plots.magnitude_hist(record.hist)
+    expected, _ = expected_fractions(record)
+    check_hist_image(ax, expected)
+    save_png(ax.figure, tmp_path, 'hist_df')
+
+
+# --- gradient flow ---------------------------------------------------------------------------
+def flow_expected(record, cap, steps, names):
+    rms = [np.mean([np.linalg.norm(cap.grads[s][n].astype(np.float64)) / math.sqrt(cap.grads[s][n].size) for s in steps])
+           for n in names]
+    mx = [max(np.abs(cap.grads[s][n]).max() for s in steps) for n in names]
+    return np.array(rms), np.array(mx)
+
+
+def bars(ax, label):
+    container = [c for c in ax.containers if c.get_label() == label]
+    assert len(container) == 1
+    return np.array([p.get_height() for p in container[0].patches])
+
+
+@pytest.mark.parametrize('which', ['all', 'step', 'window'])
+def test_gradient_flow_bar_heights(run, which, tmp_path):
+    record, cap = run
+    names = depth_order(record)
+    n = len(cap.grads)
+    kwargs, steps = {'all': ({}, range(n)), 'step': ({'step': 3}, [3]), 'window': ({'steps': (2, 5)}, range(2, 6))}[which]
+    rms, mx = flow_expected(record, cap, steps, names)
+    ax = plots.gradient_flow(record, **kwargs)
+    np.testing.assert_allclose(bars(ax, 'rms |g|'), rms, rtol=1e-5)
+    np.testing.assert_allclose(bars(ax, 'max |g|'), mx, rtol=1e-6)
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+    assert ax.get_yscale() == 'log'
+    save_png(ax.figure, tmp_path, which)
+
+
+def test_gradient_flow_weights_only(run, tmp_path):
+    record, cap = run
+    weights = [n for n in depth_order(record) if n.endswith('weight')]
+    rms, mx = flow_expected(record, cap, range(len(cap.grads)), weights)
+    ax = plots.gradient_flow(record, weights_only=True)
+    np.testing.assert_allclose(bars(ax, 'rms |g|'), rms, rtol=1e-5)
+    np.testing.assert_allclose(bars(ax, 'max |g|'), mx, rtol=1e-6)
+    save_png(ax.figure, tmp_path, 'flow_w')
+
+
+def test_gradient_flow_bad_step(run):
+    record, _ = run
+    with pytest.raises(ValueError, match='999'):
+        plots.gradient_flow(record, step=999)
+
+
+# --- curves ----------------------------------------------------------------------------------
+def test_layer_curves_line_data(run, tmp_path):
+    record, cap = run
+    layers = ['2.weight', '0.weight']
+    ax = plots.layer_curves(record, layers=layers, metrics='grad_norm')
+    assert [l.get_label() for l in ax.lines] == ['0.weight', '2.weight']   # input to output
+    for line in ax.lines:
+        np.testing.assert_array_equal(line.get_xdata(), np.arange(len(cap.grads)))
+        expected = [np.linalg.norm(g[line.get_label()].astype(np.float64)) for g in cap.grads]
+        np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-5)
+    save_png(ax.figure, tmp_path, 'curves')
+
+
+def test_layer_curves_several_metrics(run, tmp_path):
+    record, cap = run
+    fig = plots.layer_curves(record, metrics=['grad_max', 'zero_frac'])
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 2
+    names = depth_order(record)
+    for ax, metric in zip(fig.axes, ['grad_max', 'zero_frac']):
+        assert ax.get_ylabel() == metric
+        assert [l.get_label() for l in ax.lines] == names
+        for line in ax.lines:
+            g = [c[line.get_label()] for c in cap.grads]
+            expected = [np.abs(x).max() for x in g] if metric == 'grad_max' else [np.mean(x == 0) for x in g]
+            np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-6)
+    save_png(fig, tmp_path, 'curves2')
+    with pytest.raises(ValueError):
+        plots.layer_curves(record, metrics=['grad_max', 'zero_frac'], ax=plt.subplots()[1])
+    plt.close('all')
+
+
+def test_layer_curves_unknown_layer(run):
+    record, _ = run
+    with pytest.raises(ValueError, match=r"nope") as e:
+        plots.layer_curves(record, layers=['nope'])
+    assert all(n in str(e.value) for n in depth_order(record))
+
+
+def test_gradstats_update_ratio_column(run):
+    "update_ratio equals ||w_after - w_before|| / ||w_before|| of weights captured around each step."
+    record, cap = run
+    df = record.df
+    assert len(cap.before) == len(cap.after) == len(record)
+    for step, (before, after) in enumerate(zip(cap.before, cap.after)):
+        for name in before:
+            b, a = before[name].astype(np.float64), after[name].astype(np.float64)
+            expected = np.linalg.norm(a - b) / np.linalg.norm(b)
+            got = df.loc[(df['step'] == step) & (df['layer'].astype(str) == name), 'update_ratio'].iloc[0]
+            np.testing.assert_allclose(got, expected, rtol=1e-4, err_msg=f'{name} step {step}')
+
+
+def test_update_ratio_plot(run, tmp_path):
+    record, cap = run
+    ax = plots.update_ratio(record)
+    names = depth_order(record)
+    layer_lines = [l for l in ax.lines if l.get_label() in names]
+    assert [l.get_label() for l in layer_lines] == names
+    for line in layer_lines:
+        n = line.get_label()
+        expected = [np.linalg.norm(a[n].astype(np.float64) - b[n]) / np.linalg.norm(b[n].astype(np.float64))
+                    for b, a in zip(cap.before, cap.after)]
+        np.testing.assert_array_equal(line.get_xdata(), np.arange(len(cap.before)))
+        np.testing.assert_allclose(line.get_ydata(), expected, rtol=1e-4)
+    assert ax.get_yscale() == 'log'
+    assert any(l.get_label() not in names and np.allclose(l.get_ydata(), 1e-3) for l in ax.lines)  # the 1e-3 line
+    save_png(ax.figure, tmp_path, 'update')
+
+
+def test_update_ratio_plot_needs_the_column(run2):
+    record, _ = run2
+    with pytest.raises(ValueError, match='update_ratio'):
+        plots.update_ratio(record)
+
+
+# --- comparing runs --------------------------------------------------------------------------
+def test_compare_line_data(run, run2, tmp_path):
+    (r1, c1), (r2, c2) = run, run2
+    fig = plots.compare([r1, r2], labels=['a', 'b'])
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 3
+    weights = [n for n in depth_order(r1) if n.endswith('weight')]
+    for cap, label in ((c1, 'a'), (c2, 'b')):
+        rms = np.array([[np.linalg.norm(g[n].astype(np.float64)) / math.sqrt(g[n].size) for g in cap.grads] for n in weights])
+        mean = [l for l in fig.axes[0].lines if l.get_label() == label][0]
+        median = [l for l in fig.axes[1].lines if l.get_label() == label][0]
+        np.testing.assert_allclose(mean.get_ydata(), rms.mean(1), rtol=1e-5)
+        np.testing.assert_allclose(median.get_ydata(), np.median(rms, 1), rtol=1e-5)
+        every = np.array([[np.linalg.norm(g[n].astype(np.float64)) / math.sqrt(g[n].size) for n in g] for g in cap.grads])
+        across = [l for l in fig.axes[2].lines if l.get_label() == label][0]
+        np.testing.assert_array_equal(across.get_xdata(), np.arange(len(cap.grads)))
+        np.testing.assert_allclose(across.get_ydata(), np.median(every, 1), rtol=1e-5)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == weights
+    save_png(fig, tmp_path, 'compare')
+
+
+def test_compare_aligns_different_architectures_by_position(run, tmp_path):
+    r1, c1 = run
+    learn, c3 = fit(nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)), digits(n_train=128), epochs=1)
+    r3 = learn.grad_stats
+    fig = plots.compare([r1, r3], labels=['mlp', 'small'])
+    w1 = [n for n in depth_order(r1) if n.endswith('weight')]
+    w3 = [n for n in depth_order(r3) if n.endswith('weight')]
+    n = min(len(w1), len(w3))
+    for cap, names, label in ((c1, w1, 'mlp'), (c3, w3, 'small')):
+        mean = [l for l in fig.axes[0].lines if l.get_label() == label][0]
+        expected = [np.mean([np.linalg.norm(g[w].astype(np.float64)) / math.sqrt(g[w].size) for g in cap.grads]) for w in names[:n]]
+        np.testing.assert_allclose(mean.get_ydata(), expected, rtol=1e-5)
+    save_png(fig, tmp_path, 'compare_arch')
+
+
+def test_compare_needs_two_runs(run):
+    record, _ = run
+    with pytest.raises(ValueError):
+        plots.compare([record])
+
+
+# --- one step, one layer, many layers --------------------------------------------------------
+def render_all(record, tmp_path, prefix):
+    for name, make in [('heatmap', lambda: plots.heatmap(record).figure),
+                       ('hist', lambda: plots.magnitude_hist(record).figure),
+                       ('flow', lambda: plots.gradient_flow(record).figure),
+                       ('curves', lambda: plots.layer_curves(record).figure)]:
+        save_png(make(), tmp_path, f'{prefix}_{name}')
+
+
+def test_one_step_renders(tmp_path):
+    learn, cap = fit(mlp(1, 8, n_in=4, n_out=4), regression_dls(n=32, bs=32), loss=MSELossFlat(), epochs=1)
+    record = learn.grad_stats
+    assert len(record) == 1
+    ax = plots.heatmap(record)
+    expected = np.array([[np.linalg.norm(cap.grads[0][n].astype(np.float64))] for n in depth_order(record)])
+    check_heatmap_image(ax, expected, np.array([0]), log=ax.images[0].norm.__class__ is matplotlib.colors.LogNorm)
+    plt.close(ax.figure)
+    render_all(record, tmp_path, 'one_step')
+
+
+def test_one_layer_renders(tmp_path):
+    learn, cap = fit(nn.Linear(4, 4, bias=False), regression_dls(), loss=MSELossFlat(), epochs=2)
+    record = learn.grad_stats
+    assert list(record.layers['name']) == ['weight']
+    ax = plots.heatmap(record)
+    expected = np.array([[np.linalg.norm(g['weight'].astype(np.float64)) for g in cap.grads]])
+    check_heatmap_image(ax, expected, np.arange(len(cap.grads)),
+                        log=ax.images[0].norm.__class__ is matplotlib.colors.LogNorm)
+    plt.close(ax.figure)
+    render_all(record, tmp_path, 'one_layer')
+
+
+def test_many_layers_render(tmp_path):
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(110)])
+    with torch.no_grad():   # identity layers: gradients keep their size through the 110 layers
+        for m in model: nn.init.eye_(m.weight); nn.init.zeros_(m.bias)
+    learn, cap = fit(model, regression_dls(), loss=MSELossFlat(), lr=1e-4, epochs=1)
+    record = learn.grad_stats
+    names = depth_order(record)
+    assert len(names) == 220
+    assert names[:2] == ['0.weight', '0.bias'] and names[-1] == '109.bias'
+    ax = plots.heatmap(record)
+    expected = np.array([[np.linalg.norm(g[n].astype(np.float64)) for g in cap.grads] for n in names])
+    check_heatmap_image(ax, expected, np.arange(len(cap.grads)),
+                        log=ax.images[0].norm.__class__ is matplotlib.colors.LogNorm)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert 1 < len(labels) <= 40   # readable: a subset of labels, in depth order
+    ticks = ax.get_yticks()
+    assert labels == [names[int(t)] for t in ticks]
+    save_png(ax.figure, tmp_path, 'many_heatmap')
+    render_all(record, tmp_path, 'many')
+
+
+@pytest.mark.parametrize('scale', [1e-30, 1e25], ids=['tiny', 'huge'])
+def test_heatmap_shows_the_size_of_tiny_and_huge_gradients(scale, tmp_path):
+    """Vanishing gradients of 1e-30 are not zero, and finite gradients of 1e25 are not infinite: the heatmap
+    (and the record) must show their norm, which float32 holds (1.2e-38 to 3.4e38)."""
+    mse = MSELossFlat()
+    learn, cap = fit(nn.Linear(4, 4), regression_dls(), loss=lambda out, y: mse(out, y) * scale, epochs=1)
+    record = learn.grad_stats
+    names = depth_order(record)
+    expected = np.array([[np.linalg.norm(g[n].astype(np.float64)) for g in cap.grads] for n in names])
+    assert np.isfinite(expected).all() and (expected > 0).all()
+    assert all(np.isfinite(g[n]).all() for g in cap.grads for n in g)
+    ax = plots.heatmap(record, 'grad_norm')
+    drawn = image_values(ax.images[0])
+    np.testing.assert_allclose(drawn, expected, rtol=1e-4)
+    save_png(ax.figure, tmp_path, 'scale')
+
+
+# --- record methods, loaded records, bare DataFrames -----------------------------------------
+def test_record_methods_are_the_plot_functions(run, tmp_path):
+    record, _ = run
+    pairs = [(record.plot_heatmap('grad_param_ratio'), plots.heatmap(record, 'grad_param_ratio')),
+             (record.plot_magnitude_hist(layer='2.weight'), plots.magnitude_hist(record, layer='2.weight'))]
+    for a, b in pairs:
+        np.testing.assert_array_equal(image_values(a.images[0]), image_values(b.images[0]))
+    a, b = record.plot_gradient_flow(steps=(1, 3)), plots.gradient_flow(record, steps=(1, 3))
+    np.testing.assert_array_equal(bars(a, 'rms |g|'), bars(b, 'rms |g|'))
+    for a, b in [(record.plot_layer_curves(metrics='grad_std'), plots.layer_curves(record, metrics='grad_std')),
+                 (record.plot_update_ratio(), plots.update_ratio(record))]:
+        assert len(a.lines) == len(b.lines)
+        for la, lb in zip(a.lines, b.lines): np.testing.assert_array_equal(la.get_ydata(), lb.get_ydata())
+    for i, fig in enumerate(map(plt.figure, plt.get_fignums())): save_png(fig, tmp_path, f'method{i}')
+
+
+def test_loaded_record_draws_the_same(run, saved, tmp_path):
+    record, cap = run
+    names = depth_order(record)
+    expected = np.array([[np.linalg.norm(g[n].astype(np.float64)) for g in cap.grads] for n in names])
+    ax = saved.plot_heatmap('grad_norm')
+    check_heatmap_image(ax, expected, np.arange(len(cap.grads)), log=True)
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    save_png(ax.figure, tmp_path, 'loaded_heatmap')
+    ax = saved.plot_magnitude_hist()
+    check_hist_image(ax, np.stack([sum(hist_counts(g) for g in gr.values()) / sum(g.size for g in gr.values())
+                                   for gr in cap.grads], axis=1))
+    save_png(ax.figure, tmp_path, 'loaded_hist')
+    rms, mx = flow_expected(saved, cap, range(len(cap.grads)), names)
+    ax = saved.plot_gradient_flow()
+    np.testing.assert_allclose(bars(ax, 'rms |g|'), rms, rtol=1e-5)
+    save_png(ax.figure, tmp_path, 'loaded_flow')
+    ax = saved.plot_update_ratio(layers=['0.weight'])
+    expected = [np.linalg.norm(a['0.weight'].astype(np.float64) - b['0.weight']) / np.linalg.norm(b['0.weight'].astype(np.float64))
+                for b, a in zip(cap.before, cap.after)]
+    np.testing.assert_allclose([l for l in ax.lines if l.get_label() == '0.weight'][0].get_ydata(), expected, rtol=1e-4)
+    save_png(ax.figure, tmp_path, 'loaded_update')
+    fig = plots.compare([saved, record])
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), fig.axes[0].lines[1].get_ydata())
+    save_png(fig, tmp_path, 'loaded_compare')
+
+
+def test_bare_df_draws_the_same(run, tmp_path):
+    record, cap = run
+    df = record.df
+    names = depth_order(record)
+    expected = np.array([[np.linalg.norm(g[n].astype(np.float64)) for g in cap.grads] for n in names])
+    ax = plots.heatmap(df, 'grad_norm')
+    check_heatmap_image(ax, expected, np.arange(len(cap.grads)), log=True)
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    save_png(ax.figure, tmp_path, 'df_heatmap')
+    rms, mx = flow_expected(record, cap, range(len(cap.grads)), names)
+    ax = plots.gradient_flow(df)
+    np.testing.assert_allclose(bars(ax, 'rms |g|'), rms, rtol=1e-5)
+    np.testing.assert_allclose(bars(ax, 'max |g|'), mx, rtol=1e-6)
+    save_png(ax.figure, tmp_path, 'df_flow')
+    ax = plots.layer_curves(df, layers=['0.weight'])
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), expected[names.index('0.weight')], rtol=1e-5)
+    save_png(ax.figure, tmp_path, 'df_curves')
+    ax = plots.update_ratio(df)
+    assert [l.get_label() for l in ax.lines if l.get_label() in names] == names
+    save_png(ax.figure, tmp_path, 'df_update')
+    fig = plots.compare([df, record])
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), fig.axes[0].lines[1].get_ydata())
+    save_png(fig, tmp_path, 'df_compare')
+
+
+def test_package_exports_the_plot_functions():
+    for name in ('heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare'):
+        assert getattr(fastai_gradstats, name) is getattr(plots, name)
+
+
+# --- errors ----------------------------------------------------------------------------------
+def empty_record(**kw):
+    layers = [{'name': '0.weight', 'module': 'Linear', 'shape': (2, 2), 'numel': 4, 'depth': 0}]
+    return GradRecord(layers, **kw)
+
+
+@pytest.mark.parametrize('func', ['heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio'])
+def test_empty_record_is_a_clear_error(func):
+    record = empty_record(hist_dtype=np.uint16, extra_columns=('update_norm',))
+    with pytest.raises(ValueError, match='empty'):
+        getattr(plots, func)(record)
+    if func != 'magnitude_hist':
+        with pytest.raises(ValueError, match='empty'):
+            getattr(plots, func)(record.df)
+    with pytest.raises(ValueError, match='empty'):
+        getattr(record, f'plot_{func}')()
+    plt.close('all')
+
+
+def test_empty_record_in_compare(run):
+    with pytest.raises(ValueError, match='empty'):
+        plots.compare([run[0], empty_record()])
+
+
+@pytest.mark.parametrize('call', [lambda r: plots.heatmap(r, 'grad_nrom'), lambda r: r.plot_heatmap('grad_nrom'),
+                                  lambda r: plots.heatmap(r.df, 'grad_nrom'),
+                                  lambda r: plots.layer_curves(r, metrics='grad_nrom'),
+                                  lambda r: plots.layer_curves(r, metrics=['grad_norm', 'grad_nrom']),
+                                  lambda r: plots.compare([r, r], metric='grad_nrom')],
+                         ids=['heatmap', 'method', 'df', 'curves', 'curves_list', 'compare'])
+def test_unknown_metric_names_it_and_lists_the_available(run, call):
+    record, _ = run
+    with pytest.raises(ValueError) as e:
+        call(record)
+    message = str(e.value)
+    assert 'grad_nrom' in message
+    for metric in record.metrics:
+        assert metric in message, metric
+    plt.close('all')
+
+
+def test_unknown_hist_layer(run):
+    record, _ = run
+    with pytest.raises(ValueError, match='nope') as e:
+        plots.magnitude_hist(record, layer='nope')
+    assert all(n in str(e.value) for n in depth_order(record))
+
+
+def test_magnitude_hist_without_histograms(run2):
+    record, _ = run2
+    learn, _ = fit(mlp(1, 8), digits(n_train=64), epochs=1, hist=False)
+    with pytest.raises(ValueError, match='hist'):
+        plots.magnitude_hist(learn.grad_stats)
+
+
+def test_plots_draw_on_a_given_ax_and_never_show(run, monkeypatch, tmp_path):
+    record, _ = run
+    monkeypatch.setattr(plt, 'show', lambda *a, **k: pytest.fail('plt.show() called'))
+    fig, axes = plt.subplots(2, 2)
+    got = [plots.heatmap(record, ax=axes[0, 0]), plots.magnitude_hist(record, ax=axes[0, 1]),
+           plots.gradient_flow(record, ax=axes[1, 0]), plots.layer_curves(record, ax=axes[1, 1])]
+    assert [g is a for g, a in zip(got, axes.ravel())] == [True] * 4
+    save_png(fig, tmp_path, 'grid')

@@ -1,0 +1,361 @@
+"""The demo, the HTML report and the `gradstats` command (issue 6).
+
+`gradstats demo --quick` runs once for the module; the report it writes is parsed with BeautifulSoup and its
+numbers are compared with the runs it saved (loaded back with `fastai_gradstats.load`) and, where they can
+be, with values recomputed here from those runs' tables.
+"""
+import base64
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from bs4 import BeautifulSoup
+
+from fastai_gradstats import cli, load
+from fastai_gradstats.demo import COMPARISONS, EXPERIMENTS
+from fastai_gradstats.health import CHECKS
+
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+SECTIONS = ('heatmap', 'magnitude_hist', 'gradient_flow')
+STATUS_RANK = {'critical': 0, 'warning': 1, 'ok': 2}
+
+
+def gradstats(*args, cwd=None):
+    return subprocess.run([sys.executable, '-m', 'fastai_gradstats', *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp('demo')/'out'
+    proc = gradstats('demo', '--quick', '--out', out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope='module')
+def runs(demo):
+    out, _ = demo
+    return {e.name: load(out/e.name) for e in EXPERIMENTS}
+
+
+@pytest.fixture(scope='module')
+def soup(demo):
+    out, _ = demo
+    return BeautifulSoup((out/'report.html').read_text(encoding='utf-8'), 'html.parser')
+
+
+def section(soup, h2_id):
+    "The elements after <h2 id=...> up to the next <h2>."
+    start = soup.find('h2', id=h2_id)
+    assert start is not None, h2_id
+    out = []
+    for el in start.find_next_siblings():
+        if el.name == 'h2': break
+        out.append(el)
+    return out
+
+
+def parse_table(table):
+    head = [th.get_text() for th in table.find('thead').find_all('th')]
+    body = [[td.get_text() for td in tr.find_all('td')] for tr in table.find('tbody').find_all('tr')]
+    classes = [tr.get('class', [None])[0] for tr in table.find('tbody').find_all('tr')]
+    return pd.DataFrame(body, columns=head), classes
+
+
+def num(text):
+    return float('nan') if text == 'nan' else float(text)
+
+
+def close(a, b, rtol=1e-5):
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rtol, abs_tol=0)
+
+
+def worst(table, check):
+    return min(table.loc[table['check'] == check, 'status'], key=STATUS_RANK.get)
+
+
+def total_norms(record):
+    "Total gradient norm per step, recomputed from the per-layer rows."
+    df = record.df
+    sq = (df['grad_norm'].to_numpy(np.float64)) ** 2
+    return pd.Series(sq).groupby(df['step'].to_numpy()).sum().pow(0.5).to_numpy()
+
+
+def check_self_contained(html):
+    assert 'src="http' not in html and "src='http" not in html
+    assert '<script' not in html.lower()
+    assert '<link' not in html.lower()        # no external stylesheet
+    soup = BeautifulSoup(html, 'html.parser')
+    images = soup.find_all('img')
+    assert images
+    for img in images:
+        src = img['src']
+        assert src.startswith('data:image/png;base64,')
+        assert base64.b64decode(src.split(',', 1)[1])[:8] == PNG_MAGIC
+    return soup
+
+
+# --- the demo --------------------------------------------------------------------------------
+def test_demo_saves_every_run_figures_and_report(demo):
+    out, _ = demo
+    for e in EXPERIMENTS:
+        assert {'meta.json', 'steps.parquet', 'stats.parquet'} <= {p.name for p in (out/e.name).iterdir()}
+        for s in SECTIONS:
+            assert (out/'figures'/f'{e.name}_{s}.png').read_bytes()[:8] == PNG_MAGIC
+    for a, b in COMPARISONS:
+        assert (out/'figures'/f'compare_{a}_vs_{b}.png').read_bytes()[:8] == PNG_MAGIC
+    assert (out/'report.html').is_file()
+
+
+def test_demo_prints_each_runs_summary(demo, runs):
+    _, proc = demo
+    for name, record in runs.items():
+        assert f'== {name}' in proc.stdout
+        assert record.summary() in proc.stdout
+    assert 'Traceback' not in proc.stderr
+
+
+def test_saved_runs_have_the_demo_step_counts(runs):
+    "The digits demo trains 1500 images in batches of 64 (the last, partial one dropped) for `quick_epochs` epochs."
+    for e in EXPERIMENTS:
+        record = runs[e.name]
+        assert len(record.steps) == (1500 // 64) * e.quick_epochs, e.name
+        assert list(record.steps['step']) == list(range(len(record.steps)))
+        assert record.args['experiment'] == e.name and record.args['claim'] == e.claim
+
+
+def test_report_is_self_contained(demo):
+    out, _ = demo
+    check_self_contained((out/'report.html').read_text(encoding='utf-8'))
+
+
+def test_report_overview_numbers_come_from_the_saved_runs(soup, runs):
+    overview = section(soup, 'overview')
+    table, _ = parse_table(next(el for el in overview if el.name == 'table'))
+    assert list(table['run']) == [e.name for e in EXPERIMENTS]
+    for _, row in table.iterrows():
+        record = runs[row['run']]
+        steps = record.steps
+        assert int(row['steps']) == len(steps)
+        assert close(num(row['first_loss']), float(steps['loss'].iloc[0]))
+        assert close(num(row['last_loss']), float(steps['loss'].iloc[-1]))
+        norms = total_norms(record)
+        finite = norms[np.isfinite(norms)]
+        assert close(num(row['peak_grad_norm']), finite.max() if len(finite) else float('nan'), rtol=1e-4)
+        health = record.health()
+        assert int(row['critical']) == (health['status'] == 'critical').sum()
+        assert int(row['warning']) == (health['status'] == 'warning').sum()
+
+
+def test_report_has_every_section_per_run(soup, runs):
+    for e in EXPERIMENTS:
+        part = section(soup, f'run-{e.name}')
+        headings = [el.get_text() for el in part if el.name == 'h3']
+        assert headings[:2] == ['Summary', 'Health']
+        assert headings[2:] == [s.replace('_', ' ') for s in SECTIONS]
+        claim = [el for el in part if el.name == 'p' and 'claim' in el.get('class', [])]
+        assert len(claim) == 1 and e.claim in claim[0].get_text()
+        pre = [el for el in part if el.name == 'pre']
+        assert len(pre) == 1 and pre[0].get_text() == runs[e.name].summary()
+        images = [el for el in part if el.name == 'img']
+        assert [img['class'][1] for img in images] == list(SECTIONS)
+
+
+def test_report_images_are_the_saved_figures(soup, demo):
+    out, _ = demo
+    for e in EXPERIMENTS:
+        for img in (el for el in section(soup, f'run-{e.name}') if el.name == 'img'):
+            data = base64.b64decode(img['src'].split(',', 1)[1])
+            assert data == (out/'figures'/f"{e.name}_{img['class'][1]}.png").read_bytes()
+
+
+def test_report_health_tables_come_from_the_saved_runs(soup, runs):
+    for e in EXPERIMENTS:
+        table_el = next(el for el in section(soup, f'run-{e.name}') if el.name == 'table')
+        table, classes = parse_table(table_el)
+        health = runs[e.name].health()
+        assert list(table['check']) == list(health['check'])
+        assert list(table['layer']) == list(health['layer'])
+        assert list(table['status']) == list(health['status']) == classes
+        assert list(table['reason']) == list(health['reason'])
+        for a, b in zip(table['value'], health['value']): assert close(num(a), float(b), rtol=1e-5)
+
+
+def test_report_comparisons(soup, demo):
+    out, _ = demo
+    part = section(soup, 'comparisons')
+    headings = [el.get_text() for el in part if el.name == 'h3']
+    assert headings == [f'{a} vs {b}' for a, b in COMPARISONS]
+    images = [el for el in part if el.name == 'img']
+    assert len(images) == len(COMPARISONS) and all('compare' in img['class'] for img in images)
+    for (a, b), img in zip(COMPARISONS, images):
+        assert base64.b64decode(img['src'].split(',', 1)[1]) == (out/'figures'/f'compare_{a}_vs_{b}.png').read_bytes()
+    nav = [a['href'] for a in soup.find('nav').find_all('a')]
+    assert nav == [f'#run-{e.name}' for e in EXPERIMENTS] + ['#comparisons']
+
+
+# --- the experiments show what their threads claim ---------------------------------------------
+@pytest.mark.parametrize('exp', [e for e in EXPERIMENTS if e.expect], ids=lambda e: e.name)
+def test_expected_health_statuses(exp, runs, soup):
+    health = runs[exp.name].health()
+    table, _ = parse_table(next(el for el in section(soup, f'run-{exp.name}') if el.name == 'table'))
+    for check, status in exp.expect.items():
+        assert worst(health, check) == status, (exp.name, check)
+        assert worst(table, check) == status, (exp.name, check)
+
+
+def depth_ratio(record):
+    "Median rms gradient of the output-most weight over that of the input-most weight."
+    df, layers = record.df, record.layers.set_index('name')
+    weights = sorted([n for n in layers.index if len(layers.loc[n, 'shape']) >= 2], key=lambda n: layers.loc[n, 'depth'])
+    rms = {n: np.median(df.loc[df['layer'].astype(str) == n, 'grad_norm'].to_numpy(float) / math.sqrt(layers.loc[n, 'numel']))
+           for n in (weights[0], weights[-1])}
+    return rms[weights[-1]] / rms[weights[0]]
+
+
+def test_vanishing_and_exploding_runs_are_flagged_and_healthy_ones_are_not(runs):
+    # independent evidence from the saved tables, then the diagnosis
+    assert depth_ratio(runs['sigmoid_deep']) > 100
+    assert depth_ratio(runs['relu_deep']) < 10
+    for name in ('lr_too_high', 'rnn_scale_above_1'):
+        norms = total_norms(runs[name])
+        assert (~np.isfinite(norms) | (norms > 100)).any(), name
+    for name in ('lr_reasonable', 'relu_deep'):
+        norms = total_norms(runs[name])
+        assert np.isfinite(norms).all() and norms.max() <= 100, name
+    assert worst(runs['sigmoid_deep'].health(), 'vanishing') == 'critical'
+    assert worst(runs['relu_deep'].health(), 'vanishing') == 'ok'
+    for name in ('lr_too_high', 'rnn_scale_above_1'):
+        assert worst(runs[name].health(), 'exploding') == 'critical', name
+    for name in ('lr_reasonable', 'relu_deep'):
+        h = runs[name].health()
+        assert worst(h, 'exploding') == 'ok' and worst(h, 'nonfinite') == 'ok', name
+
+
+# --- gradstats report / summary on saved runs ------------------------------------------------
+def test_report_command_on_saved_runs(demo, runs, tmp_path):
+    out, _ = demo
+    target = tmp_path/'sub'/'f.html'
+    proc = gradstats('report', out/'sigmoid_deep', out/'relu_deep', '--out', target)
+    assert proc.returncode == 0, proc.stderr
+    assert str(target) in proc.stdout
+    soup = check_self_contained(target.read_text(encoding='utf-8'))
+    table, _ = parse_table(next(el for el in section(soup, 'overview') if el.name == 'table'))
+    assert list(table['run']) == ['sigmoid_deep', 'relu_deep']
+    for _, row in table.iterrows():
+        assert int(row['steps']) == len(runs[row['run']].steps)
+        assert close(num(row['last_loss']), float(runs[row['run']].steps['loss'].iloc[-1]))
+    for name in ('sigmoid_deep', 'relu_deep'):
+        part = section(soup, f'run-{name}')
+        assert [img['class'][1] for img in part if img.name == 'img'] == list(SECTIONS)
+        assert next(el for el in part if el.name == 'pre').get_text() == runs[name].summary()
+    compare = [el for el in section(soup, 'comparisons') if el.name == 'img']
+    assert len(compare) == 1
+    assert [el.get_text() for el in section(soup, 'comparisons') if el.name == 'h3'] == ['sigmoid_deep vs relu_deep']
+
+
+def test_report_command_with_one_run_and_same_names(demo, tmp_path):
+    out, _ = demo
+    other = tmp_path/'elsewhere'/'lr_reasonable'
+    shutil.copytree(out/'lr_reasonable', other)
+    target = tmp_path/'two.html'
+    assert cli.main(['report', str(out/'lr_reasonable'), str(other), '--out', str(target)]) == 0
+    soup = check_self_contained(target.read_text(encoding='utf-8'))
+    runs = list(parse_table(next(el for el in section(soup, 'overview') if el.name == 'table'))[0]['run'])
+    assert len(runs) == 2 and len(set(runs)) == 2 and runs[0] == 'lr_reasonable'
+    target = tmp_path/'one.html'
+    assert cli.main(['report', str(out/'lr_reasonable'), '--out', str(target)]) == 0
+    soup = check_self_contained(target.read_text(encoding='utf-8'))
+    assert soup.find('h2', id='comparisons') is None
+
+
+def test_summary_command(demo, runs):
+    out, _ = demo
+    proc = gradstats('summary', out/'lr_too_high')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == runs['lr_too_high'].summary() + '\n'
+    assert f"over {len(runs['lr_too_high'].steps)} recorded step(s)" in proc.stdout
+    assert 'CRITICAL' in proc.stdout and 'exploding' in proc.stdout
+
+
+def test_summary_command_all(demo, runs, capsys):
+    out, _ = demo
+    assert cli.main(['summary', str(out/'relu_deep'), '--all']) == 0
+    text = capsys.readouterr().out
+    assert text == runs['relu_deep'].summary(show_ok=True) + '\n'
+    for check in CHECKS:
+        assert check in text
+
+
+# --- bad input: one line on stderr, exit code 2, no traceback --------------------------------
+def assert_clean_error(proc, command):
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f'gradstats {command}: error:')
+    assert 'Traceback' not in proc.stderr
+    return lines[0]
+
+
+def test_summary_of_a_missing_dir(tmp_path):
+    missing = tmp_path/'no_such_run'
+    line = assert_clean_error(gradstats('summary', missing), 'summary')
+    assert 'no_such_run' in line
+
+
+def test_report_with_a_corrupted_meta_json(demo, tmp_path):
+    out, _ = demo
+    run = tmp_path/'broken'
+    shutil.copytree(out/'relu_deep', run)
+    (run/'meta.json').write_text('{"format": "fastai_gradstats.record", "layers": [', encoding='utf-8')
+    target = tmp_path/'r.html'
+    line = assert_clean_error(gradstats('report', out/'sigmoid_deep', run, '--out', target), 'report')
+    assert 'meta.json' in line
+    assert not target.exists()
+
+
+def corrupt(run, how):
+    if how == 'garbage_meta': (run/'meta.json').write_bytes(b'\x00\xff not json')
+    elif how == 'meta_is_a_list': (run/'meta.json').write_text('[1, 2, 3]')
+    elif how == 'meta_without_layers':
+        meta = json.loads((run/'meta.json').read_text()); del meta['layers']; (run/'meta.json').write_text(json.dumps(meta))
+    elif how == 'meta_layers_lack_keys':
+        meta = json.loads((run/'meta.json').read_text())
+        meta['layers'] = [{'name': l['name']} for l in meta['layers']]; (run/'meta.json').write_text(json.dumps(meta))
+    elif how == 'newer_format':
+        meta = json.loads((run/'meta.json').read_text()); meta['format_version'] = 999; (run/'meta.json').write_text(json.dumps(meta))
+    elif how == 'missing_stats': (run/'stats.parquet').unlink()
+    elif how == 'garbage_parquet': (run/'stats.parquet').write_bytes(b'PAR1 this is not parquet')
+    elif how == 'parquet_lacks_columns':
+        pd.read_parquet(run/'stats.parquet')[['step', 'layer']].to_parquet(run/'stats.parquet', index=False)
+    elif how == 'steps_lacks_columns':
+        pd.read_parquet(run/'steps.parquet')[['step']].to_parquet(run/'steps.parquet', index=False)
+    elif how == 'empty_dir':
+        for p in run.iterdir(): p.unlink()
+    elif how == 'is_a_file':
+        shutil.rmtree(run); run.write_text('hello')
+
+
+CORRUPTIONS = ['garbage_meta', 'meta_is_a_list', 'meta_without_layers', 'meta_layers_lack_keys', 'newer_format',
+               'missing_stats', 'garbage_parquet', 'parquet_lacks_columns', 'steps_lacks_columns', 'empty_dir', 'is_a_file']
+
+
+@pytest.mark.parametrize('how', CORRUPTIONS)
+def test_unreadable_runs_give_a_one_line_error(demo, tmp_path, capsys, how):
+    "In process: `main` returns 2 with one line on stderr; an exception escaping it would be a traceback."
+    out, _ = demo
+    run = tmp_path/'run'
+    shutil.copytree(out/'lr_reasonable', run)
+    corrupt(run, how)
+    for argv, command in ((['summary', str(run)], 'summary'), (['report', str(run), '--out', str(tmp_path/'r.html')], 'report')):
+        code = cli.main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, (how, command)
+        assert len(err.strip().splitlines()) == 1 and err.startswith(f'gradstats {command}: error:'), err
