@@ -40,15 +40,23 @@ warnings.filterwarnings('ignore')
 
 
 # --- workloads -----------------------------------------------------------------------------
+def digits_repeated(bs=64, times=5):
+    "The digits training images repeated `times` times (enough batches for 100 steps), the usual validation set."
+    from fastai_gradstats.demo import TensorPairs
+    base = digits_dls(bs=bs)
+    train, valid = base.train.dataset, base.valid.dataset
+    big = TensorPairs(train.x.repeat(times, 1), train.y.repeat(times))
+    return DataLoaders.from_dsets(big, valid, bs=bs, device=torch.device('cpu'))
+
+
 def mlp_workload(depth=10, width=256):
     layers, n = [], 64
     for _ in range(depth): layers += [nn.Linear(n, width), nn.ReLU()]; n = width
-    return nn.Sequential(*layers, nn.Linear(n, 10)), digits_dls(bs=64)
+    return nn.Sequential(*layers, nn.Linear(n, 10)), digits_repeated()
 
 
 def cnn_workload():
-    from fastai.data.core import DataLoaders as DL
-    dls = digits_dls(bs=64)
+    dls = digits_repeated()
     model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), ConvLayer(1, 32), ResBlock(1, 32, 32), ResBlock(1, 32, 64, stride=2),
                           ResBlock(1, 64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
     return model, dls
@@ -67,9 +75,10 @@ class TinyTransformer(nn.Module):
 
 def transformer_workload():
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 32, (1600, 32), generator=g)
+    x = torch.randint(0, 32, (3264, 32), generator=g)
     y = (x[:, :4].sum(1) % 10)
-    dls = DataLoaders.from_dsets(list(zip(x[:1536], y[:1536])), list(zip(x[1536:], y[1536:])), bs=32,
+    from fastai_gradstats.demo import TensorPairs
+    dls = DataLoaders.from_dsets(TensorPairs(x[:3200], y[:3200]), TensorPairs(x[3200:], y[3200:]), bs=32,
                                  device=torch.device('cpu'))
     return TinyTransformer(), dls
 
@@ -132,6 +141,24 @@ class TensorboardHist(Callback):
     def after_fit(self): self.writer.close()
 
 
+def _lightning_grad_norm():
+    """Lightning's `grad_norm` (lightning/pytorch/utilities/grads.py, pure torch). Importing `lightning.pytorch`
+    pulls torchmetrics and torchvision, which cannot import on a CPU-only torch here, so the module file is
+    loaded on its own when the package import fails."""
+    try:
+        from lightning.pytorch.utilities import grad_norm
+        return grad_norm
+    except ImportError:
+        import importlib.util
+        spec = importlib.util.find_spec('lightning')
+        if spec is None: raise
+        path = os.path.join(spec.submodule_search_locations[0], 'pytorch', 'utilities', 'grads.py')
+        module_spec = importlib.util.spec_from_file_location('lightning_grads', path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.grad_norm
+
+
 def monitors(tmp):
     "Name -> factory of a fresh callback (or None), with the peers that are not installed marked unavailable."
     found = {'none': lambda: None, 'floor (foreach_norm, 1 copy)': Floor,
@@ -142,9 +169,8 @@ def monitors(tmp):
              'naive .item() loop': NaiveItem}
     unavailable = {}
     try:
-        from lightning.pytorch.utilities import grad_norm
-        found["Lightning grad_norm"] = lambda: LightningGradNorm(grad_norm)
-    except Exception as e: unavailable['Lightning grad_norm'] = f'not installed ({type(e).__name__})'
+        found["Lightning grad_norm"] = (lambda fn: lambda: LightningGradNorm(fn))(_lightning_grad_norm())
+    except Exception as e: unavailable['Lightning grad_norm'] = f'not available ({type(e).__name__}: {e})'
     try:
         from torch.utils.tensorboard import SummaryWriter
         found['TensorBoard histograms'] = lambda: TensorboardHist(SummaryWriter, tmp)
