@@ -119,12 +119,13 @@ class WandbWatch(Callback):
     "W&B's `wandb.watch(model, log='all', log_freq=1)` in offline mode; hooks log at every step."
     def __init__(self, wandb, tmp): self.wandb, self.tmp = wandb, tmp
     def before_fit(self):
-        self.run = self.wandb.init(mode='offline', dir=self.tmp, reinit=True, settings=self.wandb.Settings(silent=True))
+        # not `self.run`: fastai's Callback.run switches a callback off
+        self.wandb_run = self.wandb.init(mode='offline', dir=self.tmp, reinit=True, settings=self.wandb.Settings(silent=True))
         self.wandb.watch(self.learn.model, log='all', log_freq=1)
     def after_batch(self):
         if self.training: self.wandb.log({'loss': float(self.learn.loss)})
     def after_fit(self):
-        self.wandb.unwatch(self.learn.model); self.run.finish(quiet=True)
+        self.wandb.unwatch(self.learn.model); self.wandb_run.finish()
 
 
 class TensorboardHist(Callback):

@@ -4,22 +4,27 @@ from importlib.metadata import PackageNotFoundError, version as _version
 try: __version__ = _version('fastai_gradstats')  # settings.ini is the one source; pip wrote it into the metadata
 except PackageNotFoundError: __version__ = 'unknown'
 
-from .stats import METRICS, LayerStats, count_nonfinite
-from .record import GradRecord, load
-from .callback import GradStats, GradientAlert
-
-__all__ = ['GradStats', 'GradientAlert', 'GradRecord', 'load', 'LayerStats', 'count_nonfinite', 'METRICS', '__version__']
-from . import plots
-from .plots import heatmap, magnitude_hist, gradient_flow, layer_curves, update_ratio, compare
-from .aggregate import combine, by_module, by_param_group
-
-__all__ += ['plots', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare',
-            'combine', 'by_module', 'by_param_group']
-from . import health as _health_module
+from .stats import METRICS, HIST_BINS, HIST_DECADES, LayerStats, MagnitudeHistogram, count_nonfinite
+from .record import GradRecord, load, merge, record_method
 from .thresholds import Thresholds
-from .health import health, summary, suggest_clip
+from .callback import GradStats, GradientAlert, input_to_output
+from .aggregate import combine, by_module, by_param_group, module_of
+from . import plots
+from .plots import (heatmap, magnitude_hist, gradient_flow, layer_curves, update_ratio, compare, metric_table, hist_table,
+                    flow_table, compare_table, is_weight, SPECIAL_COLORS)
+from .health import summary, suggest_clip
+from . import health  # the module (fastai_gradstats.health.Thresholds); its function is `record.health()`
+from .report import write_report, run_figures, overview
+from .export import TensorBoardGradStats, WandbGradStats, step_scalars
 
-__all__ += ['Thresholds', 'health', 'summary', 'suggest_clip']
-from .export import TensorBoardGradStats, WandbGradStats
-
-__all__ += ['TensorBoardGradStats', 'WandbGradStats']
+__all__ = ['__version__',
+           # record while training
+           'GradStats', 'GradientAlert', 'GradRecord', 'load', 'merge', 'Thresholds',
+           # compute
+           'METRICS', 'HIST_BINS', 'HIST_DECADES', 'LayerStats', 'MagnitudeHistogram', 'count_nonfinite', 'input_to_output',
+           'record_method', 'combine', 'by_module', 'by_param_group', 'module_of',
+           # draw and diagnose
+           'plots', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare', 'metric_table',
+           'hist_table', 'flow_table', 'compare_table', 'is_weight', 'SPECIAL_COLORS', 'health', 'summary', 'suggest_clip',
+           # report and export
+           'write_report', 'run_figures', 'overview', 'TensorBoardGradStats', 'WandbGradStats', 'step_scalars']

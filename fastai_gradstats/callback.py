@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import torch
+from torch import nn
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
 from fastcore.basics import store_attr
@@ -55,6 +56,12 @@ def input_to_output(loss: torch.Tensor, params) -> list:
     return sorted(found, key=lambda pid: -found[pid])
 
 
+def _rank():
+    "This process's rank under torch.distributed, or None outside it."
+    if torch.distributed.is_available() and torch.distributed.is_initialized(): return torch.distributed.get_rank()
+    return None
+
+
 def _check_every(every):
     if isinstance(every, bool) or not isinstance(every, (int, np.integer)):
         raise TypeError(f"`every` must be an int, got {type(every).__name__}")
@@ -80,22 +87,21 @@ class GradStats(Callback):
         every:int=1,             # Record optimizer steps 0, `every`, 2*`every`, ... (steps count from 0 across fits)
         zero_tol:float=0.0,      # A gradient element with |g| <= `zero_tol` counts as zero in `zero_frac` and `dead_frac`
         hist:bool=True,          # Also record each layer's log10 |g| histogram (`learn.grad_stats.hist`)
-        hist_sample:int|None=2048, # Count the histogram of a larger tensor on this many fixed random elements; None: all
+        hist_sample:int|None=2048, # Count the histogram of a larger tensor on this many fixed, spread elements; None: all
         update_ratio:bool=False, # Also record ||w_after - w_before|| / ||w_before|| per layer (keeps a copy of the weights)
         alerts:bool=True,        # Warn once when NaN/Inf gradients or an explosion first appear (`GradientAlert`)
         stop_on_critical:bool=False, # Stop training at that step, before the optimizer applies it, keeping the record
         thresholds:Thresholds|None=None, # What counts as an explosion (`total_norm_critical`); default `Thresholds()`
         keep_last:int|None=None, # Bound memory: keep every step of the last `keep_last` recorded, thin older ones geometrically
+        all_ranks:bool=False,    # Under data parallel, record on every rank (tagged `rank`), not only on rank 0
     ):
         _check_every(every); _check_zero_tol(zero_tol)
         if thresholds is None: thresholds = Thresholds()
         if not isinstance(thresholds, Thresholds):
             raise TypeError(f"`thresholds` must be a fastai_gradstats.Thresholds, got {type(thresholds).__name__}")
         for name, flag in (('hist', hist), ('update_ratio', update_ratio), ('alerts', alerts),
-                           ('stop_on_critical', stop_on_critical)):
+                           ('stop_on_critical', stop_on_critical), ('all_ranks', all_ranks)):
             if not isinstance(flag, bool): raise TypeError(f"`{name}` must be True or False, got {flag!r}")
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, (int, np.integer)) or keep_last < 1):
-            raise ValueError(f"`keep_last` must be a positive int or None, got {keep_last!r}")
         if hist_sample is not None and (isinstance(hist_sample, bool) or not isinstance(hist_sample, (int, np.integer)) or hist_sample < 1):
             raise ValueError(f"`hist_sample` must be a positive int or None, got {hist_sample!r}")
         store_attr()
@@ -116,11 +122,19 @@ class GradStats(Callback):
     def before_fit(self):
         self._active = not hasattr(self.learn, 'lr_finder')  # lr_find trains a throwaway copy
         if not self._active: return
+        # Under DDP the gradients at before_step are already averaged over ranks: rank 0 alone has the
+        # global statistics, at no extra collective; other ranks record only when asked to.
+        rank = _rank()
+        if rank is not None: self.record.rank = rank
+        if rank and not self.all_ranks:
+            self.learn.grad_stats, self._active = self.record, False
+            return
         if self._recorded_step:  # the last fit stopped inside a recorded step: that step is over
             self.step_count += 1
             self._recorded_step = False
         self.learn.grad_stats = self.record
         model = self.learn.model
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module  # names as in one process
         self._params = list(model.named_parameters())
         self._module_of = {}
         for mod_name, module in model.named_modules():

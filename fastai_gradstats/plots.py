@@ -19,7 +19,7 @@ from .record import GradRecord, record_method
 from .stats import HIST_BINS, HIST_DECADES
 
 __all__ = ['heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare',
-           'metric_table', 'SPECIAL_COLORS']
+           'metric_table', 'hist_table', 'flow_table', 'compare_table', 'is_weight', 'SPECIAL_COLORS']
 
 SPECIAL_COLORS = {'zero': '#000000', 'nan': '#ff00ff', 'inf': '#ff8c00'}
 "Colours of heatmap cells that a colour scale cannot show: exact zeros on a log scale, NaN, ±Inf."
@@ -45,6 +45,11 @@ def _frame(record, what='record'):
     return df, order
 
 
+def is_weight(name: str) -> bool:
+    "Whether the parameter called `name` is a weight (`fc.weight`, `rnn.weight_hh_l0`), not a bias or a buffer-like scale."
+    return name.rsplit('.', 1)[-1].startswith('weight')
+
+
 def _metrics_of(df):
     return [c for c in df.columns if c not in _NOT_METRICS and pd.api.types.is_numeric_dtype(df[c])]
 
@@ -66,7 +71,7 @@ def _select_layers(order, layers, argname='layers'):
 def metric_table(record, metric='grad_norm', weights_only=False, by_module=False) -> pd.DataFrame:
     """The layer x step table that `heatmap` draws: one row per layer from input to output, one column per step.
 
-    `weights_only` keeps parameters whose name ends in `weight`; `by_module` combines each module's
+    `weights_only` keeps the parameters named `weight...` (`is_weight`); `by_module` combines each module's
     parameters first (see `fastai_gradstats.aggregate.by_module`)."""
     if by_module:
         from .aggregate import by_module as _by_module
@@ -74,8 +79,8 @@ def metric_table(record, metric='grad_norm', weights_only=False, by_module=False
     df, order = _frame(record)
     _check_metric(df, metric)
     if weights_only:
-        order = [l for l in order if l.split('.')[-1] == 'weight' or l.endswith('weight')]
-        if not order: raise ValueError("`weights_only=True` left no layer: no parameter name ends in 'weight'")
+        order = [l for l in order if is_weight(l)]
+        if not order: raise ValueError("`weights_only=True` left no layer: no parameter is named 'weight...'")
     table = df.pivot_table(index='layer', columns='step', values=metric, aggfunc='first', observed=True, dropna=False)
     table.index = table.index.astype(str)
     return table.reindex(order).astype(float)
@@ -250,7 +255,7 @@ def gradient_flow(record, step=None, steps=None, ax=None, weights_only=False):
     For one `step`, a `(first, last)` window of `steps`, or all steps: vanishing with depth shows
     as values falling towards the input (left). Returns the Axes."""
     table = flow_table(record, step, steps)
-    if weights_only: table = table[[i.endswith('weight') for i in table.index]]
+    if weights_only: table = table[[is_weight(i) for i in table.index]]
     ax = _new_ax(ax, (max(6, 0.3 * len(table) + 3), 4))
     x = np.arange(len(table))
     ax.bar(x, table['grad_max'], color='#9ecae1', label='max |g|')
@@ -326,7 +331,7 @@ def compare_table(records, metric='grad_rms', labels=None, weights_only=True):
     for rec in records:
         df, order = _frame(rec, 'records')
         _check_metric(df, metric)
-        if weights_only: order = [l for l in order if l.endswith('weight')] or order
+        if weights_only: order = [l for l in order if is_weight(l)] or order
         stats = df.groupby(df['layer'].astype(str))[metric].agg(['mean', 'median']).reindex(order)
         frames.append(stats)
     same_names = all(list(f.index) == list(frames[0].index) for f in frames)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .stats import HIST_BINS, METRICS
 
-__all__ = ['GradRecord', 'load', 'record_method', 'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS', 'EXTRA_COLUMNS']
+__all__ = ['GradRecord', 'load', 'merge', 'record_method', 'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS', 'EXTRA_COLUMNS']
 
 DERIVED_COLUMNS = ('grad_param_ratio', 'grad_rms')
 "Per-layer columns derived when `df` is built: grad_norm / param_norm, and grad_norm / sqrt(numel)."
@@ -85,6 +85,8 @@ class GradRecord:
         if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
             raise ValueError(f"`every` must be a positive int, got {every!r}")
         self.keep_last, self.every = (None if keep_last is None else int(keep_last)), int(every)
+        self.rank = None        # the process rank under data parallel (None: one process)
+        self.multi_rank = False # a merge of several ranks: `df` and `steps` get a `rank` column
         self._unthinned = 0
         self._layers = []
         self._index = {}
@@ -98,7 +100,7 @@ class GradRecord:
         self._row_layer = _Growable(np.int32)
         self._step_cols = {'step': _Growable(np.int64), 'epoch': _Growable(np.int32), 'lr': _Growable(np.float64),
                            'loss': _Growable(np.float32), 'skipped': _Growable(np.bool_), 'n_rows': _Growable(np.int64),
-                           'kept_every': _Growable(np.int64)}
+                           'kept_every': _Growable(np.int64), 'rank': _Growable(np.int32)}
         self._cache = {}
         self.set_layers(layers)
 
@@ -147,7 +149,8 @@ class GradRecord:
         "Append several steps at once: `steps` maps step columns to sequences, `n_rows` rows per step."
         new_steps = np.asarray(steps['step'], np.int64)
         last = self._step_cols['step'].view[-1:]
-        if len(new_steps) and np.any(np.diff(np.concatenate([last, new_steps])) <= 0):
+        # a merge of ranks holds each step once per rank, ordered by (step, rank)
+        if len(new_steps) and np.any(np.diff(np.concatenate([last, new_steps])) < (0 if self.multi_rank else 1)):
             raise ValueError(f"`step` must increase: got {new_steps.tolist()[:5]} after {last.tolist()}")
         self._values.extend(values); self._counts.extend(counts); self._row_layer.extend(layer_index)
         if self._hist is not None: self._hist.extend(hist)
@@ -155,6 +158,8 @@ class GradRecord:
         self._step_cols['n_rows'].extend(n_rows)
         self._step_cols['kept_every'].extend(np.asarray(steps['kept_every']) if 'kept_every' in steps
                                              else np.full(len(new_steps), self.every))
+        self._step_cols['rank'].extend(np.asarray(steps['rank']) if 'rank' in steps
+                                       else np.full(len(new_steps), self.rank or 0))
         self._cache.clear()
         self._unthinned += len(new_steps)
         if self.keep_last is not None and self._unthinned >= max(1, self.keep_last // 4): self.thin()
@@ -243,7 +248,8 @@ class GradRecord:
         if 'df' not in self._cache:
             row_step = self._row_step()
             values = self._values.view
-            cols = {'step': self._step_cols['step'].view[row_step],
+            cols = {'rank': self._step_cols['rank'].view[row_step]} if self.multi_rank else {}
+            cols |= {'step': self._step_cols['step'].view[row_step],
                     'epoch': self._step_cols['epoch'].view[row_step],
                     'layer': pd.Categorical.from_codes(self._row_layer.view, [l['name'] for l in self._layers])}
             for i, name in enumerate(METRICS): cols[name] = values[:, i]
@@ -286,7 +292,8 @@ class GradRecord:
             cols['grad_norm'] = total
             cols['skipped'] = self._step_cols['skipped'].view.copy()
             cols['kept_every'] = self._step_cols['kept_every'].view.copy()
-            self._cache['steps'] = pd.DataFrame(cols, columns=list(STEP_COLUMNS))
+            if self.multi_rank: cols = {'rank': self._step_cols['rank'].view.copy(), **cols}
+            self._cache['steps'] = pd.DataFrame(cols, columns=(['rank'] if self.multi_rank else []) + list(STEP_COLUMNS))
         return self._cache['steps']
 
     def __repr__(self):
@@ -307,7 +314,8 @@ class GradRecord:
         path.mkdir(parents=True, exist_ok=True)
         from . import __version__
         meta = {'format': 'fastai_gradstats.record', 'format_version': FORMAT_VERSION, 'version': __version__,
-                'args': self.args, 'extra_columns': self.value_columns[len(METRICS):],
+                'args': self.args, 'extra_columns': self.value_columns[len(METRICS):], 'rank': self.rank,
+                'multi_rank': self.multi_rank,
                 'hist_dtype': None if self._hist is None else self._hist.data.dtype.name,
                 'layers': [dict(l, shape=list(l['shape'])) for l in self._layers]}
         (path/_FILES['meta']).write_text(json.dumps(meta, indent=1, default=_json_default))
@@ -363,6 +371,7 @@ def load(path) -> GradRecord:
         record = GradRecord(layers, meta.get('args'), meta.get('extra_columns', ()), meta.get('hist_dtype'))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(path/_FILES['meta'])!r} is not a valid GradStats run: {e}") from None
+    record.rank, record.multi_rank = meta.get('rank'), bool(meta.get('multi_rank', False))
     try:
         stats, steps = pd.read_parquet(path/_FILES['stats']), pd.read_parquet(path/_FILES['steps'])
         hist = pd.read_parquet(path/_HIST_FILE) if record.has_hist else None
@@ -373,7 +382,8 @@ def load(path) -> GradRecord:
     if need_stats or need_steps:
         raise ValueError(f"{str(path)!r} is not a complete GradStats run: missing columns "
                          f"{sorted(need_stats) + sorted(need_steps)}")
-    step_pos = pd.Index(steps['step']).get_indexer(stats['step'])
+    keys = ['rank', 'step'] if record.multi_rank else ['step']
+    step_pos = pd.MultiIndex.from_frame(steps[keys]).get_indexer(pd.MultiIndex.from_frame(stats[keys]))
     if (step_pos < 0).any(): raise ValueError(f"{str(path)!r}: stats.parquet has steps that steps.parquet lacks")
     order = np.argsort(step_pos, kind='stable')
     stats = stats.iloc[order]
@@ -381,3 +391,42 @@ def load(path) -> GradRecord:
                    stats[record.value_columns].to_numpy(np.float32), stats[list(COUNT_COLUMNS)].to_numpy(np.int64),
                    None if hist is None else hist.iloc[order][list(HIST_BINS)].to_numpy())
     return record
+
+
+def merge(records) -> GradRecord:
+    """One record from the records of several data-parallel ranks (`GradStats(all_ranks=True)`), live,
+    loaded, or given as paths of saved runs. `df` and `steps` get a `rank` column and hold each step
+    once per rank, ordered by step and then rank, so per-rank divergence shows side by side."""
+    records = [load(r) if isinstance(r, (str, Path)) else r for r in records]
+    if not records or not all(isinstance(r, GradRecord) for r in records):
+        raise TypeError("`records` must be a non-empty list of GradRecords or paths of saved runs")
+    first = records[0]
+    for r in records[1:]:
+        if r.value_columns != first.value_columns or (r._hist is None) != (first._hist is None):
+            raise ValueError("`records` were recorded with different options (columns or histograms) and cannot merge")
+    ranks = [r.rank if r.rank is not None else i for i, r in enumerate(records)]
+    if len(set(ranks)) != len(ranks): raise ValueError(f"`records` come from the same rank twice: {ranks}")
+    layers = {l['name']: l for r in records for l in r._layers}
+    out = GradRecord(list(layers.values()), first.args, first.value_columns[len(METRICS):],
+                     None if first._hist is None else first._hist.data.dtype)
+    out.multi_rank = True
+    parts = []
+    for rank, r in zip(ranks, records):
+        n_rows = r._step_cols['n_rows'].view
+        starts = np.concatenate([[0], np.cumsum(n_rows)[:-1]])
+        names = np.array([l['name'] for l in r._layers], dtype=object)
+        for i, step in enumerate(r._step_cols['step'].view):
+            parts.append((int(step), rank, r, i, slice(starts[i], starts[i] + n_rows[i]), names))
+    parts.sort(key=lambda p: (p[0], p[1]))
+    cols = {k: [] for k in ('step', 'epoch', 'lr', 'loss', 'skipped', 'kept_every', 'rank')}
+    rows, layer_index, values, counts, hist = [], [], [], [], []
+    for step, rank, r, i, rows_of, names in parts:
+        for k in cols: cols[k].append(rank if k == 'rank' else r._step_cols[k].view[i])
+        rows.append(rows_of.stop - rows_of.start)
+        layer_index.append(out.layer_index(names[r._row_layer.view[rows_of]]))
+        values.append(r._values.view[rows_of]); counts.append(r._counts.view[rows_of])
+        if r._hist is not None: hist.append(r._hist.view[rows_of])
+    out._extend(cols, rows, np.concatenate(layer_index) if layer_index else [], 
+                np.concatenate(values) if values else np.empty((0, len(out.value_columns))),
+                np.concatenate(counts) if counts else np.empty((0, 2)), np.concatenate(hist) if hist else None)
+    return out

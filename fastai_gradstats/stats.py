@@ -182,6 +182,7 @@ class MagnitudeHistogram:
         if not isinstance(zero_tol, (int, float)) or not math.isfinite(zero_tol) or zero_tol < 0:
             raise ValueError(f"`zero_tol` must be a finite number >= 0, got {zero_tol!r}")
         self.zero_tol, self.sample = float(zero_tol), sample
+        self._tol_bits = _float32_bits(_tol_below(self.zero_tol, torch.float32))
         numels = [torch.Size(s).numel() for s in shapes]
         self.index = [None if sample is None or n <= sample else _spread(n, sample, seed) for n in numels]
         sizes = torch.tensor([n if i is None else len(i) for n, i in zip(numels, self.index)], dtype=torch.long)
@@ -191,8 +192,9 @@ class MagnitudeHistogram:
 
     def _meta(self, device):
         if device not in self._on_device:
+            low, step = _decade_tables()
             self._on_device[device] = ([None if i is None else i.to(device) for i in self.index],
-                                       self.owner_offset.to(device))
+                                       self.owner_offset.to(device, torch.int32), low.to(device), step.to(device))
         return self._on_device[device]
 
     def __call__(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -201,14 +203,46 @@ class MagnitudeHistogram:
         if len(grads) != len(self.index):
             raise ValueError(f"expected {len(self.index)} gradients, got {len(grads)}")
         if not grads: return torch.zeros(0, len(HIST_BINS), dtype=torch.long)
-        index, owner_offset = self._meta(grads[0].device)
-        lo, hi = HIST_DECADES[0], HIST_DECADES[-1]
+        index, owner_offset, bin_low, bin_step = self._meta(grads[0].device)
         with torch.no_grad():
             flat = [g.reshape(-1) for g in grads]
-            mag = torch.cat([f if i is None else f.index_select(0, i) for f, i in zip(flat, index)]).float().abs_()
-            # Bin = floor(log10 |g|) (in float32), clamped so that `tiny` and `huge` catch the tails.
-            bins = torch.log10(mag).floor_().clamp_(lo - 1, hi + 1).sub_(lo - 2)
-            bins.masked_fill_(mag <= self.zero_tol, 0).masked_fill_(mag == math.inf, len(HIST_BINS) - 2)
-            bins = bins.nan_to_num_(nan=len(HIST_BINS) - 1).long()
+            picked = torch.cat([f if i is None else f.index_select(0, i) for f, i in zip(flat, index)])
+            # |g| as float32 bits: for non-negative floats, integer order is float order, and the exponent
+            # field picks a row of two small tables (see `_decade_tables`): exact, and integer ops only
+            bits = picked.float().view(torch.int32).bitwise_and_(0x7FFFFFFF)
+            exponent = bits.bitwise_right_shift(23)
+            bins = bin_low.index_select(0, exponent).add_(bits >= bin_step.index_select(0, exponent))
+            if self.zero_tol > 0: bins.masked_fill_(bits <= self._tol_bits, 0)
             counts = torch.bincount(bins.add_(owner_offset), minlength=len(grads) * len(HIST_BINS))
             return counts.view(len(grads), len(HIST_BINS))
+
+
+def _float32_bits(x: float) -> int:
+    "The bit pattern of the float32 `x` as an int."
+    return int(np.array(x, dtype=np.float32).view(np.int32))
+
+
+def _decade_tables():
+    """For each float32 exponent field e (0-255): `low[e]`, the `HIST_BINS` index of the smallest magnitude
+    with that exponent, and `step[e]`, the bit pattern from which the magnitude is one bin higher (the
+    first float32 >= the next power of ten inside that octave; never reached when there is none).
+    Exponent 0 holds zero and subnormals (`step` 1: subnormals are `tiny`); 255 holds Inf and NaN."""
+    from fractions import Fraction
+    lo, hi = HIST_DECADES[0], HIST_DECADES[-1]
+    def bin_of(k): return 1 if k < lo else len(HIST_BINS) - 3 if k > hi else 2 + k - lo
+    never = 0x7FFFFFFF
+    low, step = np.zeros(256, np.int32), np.full(256, never, np.int64)
+    low[0], step[0] = 0, 1
+    low[255], step[255] = len(HIST_BINS) - 2, 0x7F800001       # Inf, then NaN one bin higher
+    for e in range(1, 255):
+        start, end = Fraction(2) ** (e - 127), Fraction(2) ** (e - 126)
+        k = math.floor(math.log10(start))
+        while Fraction(10) ** k > start: k -= 1
+        while Fraction(10) ** (k + 1) <= start: k += 1
+        low[e] = bin_of(k)
+        boundary = Fraction(10) ** (k + 1)
+        if boundary < end and bin_of(k + 1) != bin_of(k):
+            first = np.float32(float(boundary))
+            if Fraction(float(first)) < boundary: first = np.nextafter(first, np.float32(np.inf))
+            step[e] = _float32_bits(first)
+    return torch.from_numpy(low), torch.from_numpy(step.astype(np.int32))

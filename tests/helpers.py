@@ -35,6 +35,15 @@ def small_dls(n_train: int = 64, n_valid: int = 32, bs: int = 16, seed: int = 0,
                                   device=torch.device('cpu'))
 
 
+def digits(n_train, n_valid=32, bs=64, seed=0):
+    "The digits (demo.digits_dls) with a small validation set, so that each epoch is quick; seeded shuffling."
+    from fastai.basics import set_seed
+    dls = digits_dls(bs=bs, n_train=n_train)
+    set_seed(seed)   # the DataLoader draws its shuffling seed when it is made
+    return DataLoaders.from_dsets(list(dls.train.dataset), list(dls.valid.dataset)[:n_valid], bs=bs,
+                                  device=torch.device('cpu'))
+
+
 def tiny_mlp(seed: int = 0, width: int = 16) -> nn.Sequential:
     torch.manual_seed(seed)
     return mlp(depth=1, width=width)  # 0: Linear(64, w), 1: ReLU, 2: Linear(w, 10)

@@ -18,8 +18,10 @@ from fastai.basics import (Adam, BCEWithLogitsLossFlat, Callback, CrossEntropyLo
 from torch import nn
 
 import fastai_gradstats
-from fastai_gradstats import GradientAlert, GradRecord, GradStats, Thresholds, health, load, suggest_clip, summary
+from fastai_gradstats import GradientAlert, GradRecord, GradStats, Thresholds, load, suggest_clip, summary
+from fastai_gradstats.health import health
 from fastai_gradstats.demo import digits_dls, mlp
+from helpers import digits
 from fastai_gradstats.health import CHECKS, HEALTH_COLUMNS
 from fastai_gradstats.stats import METRICS
 
@@ -53,13 +55,6 @@ def fit(model, dls, lr, epochs, opt=Adam, loss=None, seed=0, cbs=(), alerts_seen
         learn.fit(epochs, lr, cbs=[cb, cap, *cbs])
     if alerts_seen is not None: alerts_seen.extend(w for w in seen if issubclass(w.category, GradientAlert))
     return learn, cap, cb
-
-
-def digits(n_train, n_valid=32, bs=64, seed=0):
-    dls = digits_dls(bs=bs, n_train=n_train)
-    set_seed(seed)   # the DataLoader draws its shuffling seed when it is made
-    return DataLoaders.from_dsets(list(dls.train.dataset), list(dls.valid.dataset)[:n_valid], bs=bs,
-                                  device=torch.device('cpu'))
 
 
 def regression_dls(n=448, n_in=16, scale=3.0, bs=64, seed=0):

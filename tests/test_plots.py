@@ -21,6 +21,7 @@ from torch import nn
 import fastai_gradstats
 from fastai_gradstats import GradientAlert, GradRecord, GradStats, load, plots
 from fastai_gradstats.demo import digits_dls, mlp
+from helpers import Repair, digits
 from fastai_gradstats.stats import HIST_BINS, METRICS
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -52,14 +53,6 @@ def fit(model, dls, lr=1e-3, epochs=1, opt=Adam, loss=None, cbs=(), seed=0, **gr
         warnings.simplefilter('ignore', GradientAlert)
         learn.fit(epochs, lr, cbs=[GradStats(**gradstats), cap, *cbs])
     return learn, cap
-
-
-def digits(n_train, n_valid=32, bs=64, seed=0):
-    "The digits (demo.digits_dls) with a small validation set, so that each epoch is quick."
-    dls = digits_dls(bs=bs, n_train=n_train)
-    set_seed(seed)   # the DataLoader draws its shuffling seed when it is made
-    return DataLoaders.from_dsets(list(dls.train.dataset), list(dls.valid.dataset)[:n_valid], bs=bs,
-                                  device=torch.device('cpu'))
 
 
 def regression_dls(n=64, n_in=4, n_out=4, bs=32, seed=0):
@@ -185,18 +178,9 @@ class InjectNonfinite(Callback):
         self.n += 1
 
 
-class Sanitize(Callback):
-    "After GradStats has read them, replace non-finite gradients so that the model stays finite."
-    order = GradStats.order + 0.3
-
-    def before_step(self):
-        for p in self.learn.model.parameters():
-            if p.grad is not None: p.grad.nan_to_num_(0.0, 0.0, 0.0)
-
-
 @pytest.fixture(scope='module')
 def nonfinite_run():
-    learn, cap = fit(mlp(1, 16), digits(n_train=192), lr=1e-3, epochs=2, cbs=[InjectNonfinite(), Sanitize()],
+    learn, cap = fit(mlp(1, 16), digits(n_train=192), lr=1e-3, epochs=2, cbs=[InjectNonfinite(), Repair()],
                      hist=True, hist_sample=None)
     return learn.grad_stats, cap
 

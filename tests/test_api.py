@@ -1,0 +1,38 @@
+"Every public name of every module is exported from the package and documented."
+import importlib
+import inspect
+import pkgutil
+
+import pytest
+
+import fastai_gradstats
+
+MODULES = [m.name for m in pkgutil.iter_modules(fastai_gradstats.__path__) if not m.name.startswith('_')]
+
+
+@pytest.mark.parametrize('name', MODULES)
+def test_public_names_are_exported_and_documented(name):
+    module = importlib.import_module(f'fastai_gradstats.{name}')
+    assert module.__doc__, f'module {name} has no docstring'
+    for public in getattr(module, '__all__', []):
+        obj = getattr(module, public)
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            assert obj.__doc__, f'{name}.{public} has no docstring'
+            if public == name:   # health.health: the package's `health` is the module (`record.health()` calls it)
+                assert getattr(fastai_gradstats, public) is module
+            elif name not in ('cli', 'demo'):   # the edge modules are reached as fastai_gradstats.cli / .demo
+                assert getattr(fastai_gradstats, public, None) is obj, f'{name}.{public} is not exported from fastai_gradstats'
+
+
+def test_record_methods_are_documented():
+    for method in ('plot_heatmap', 'plot_magnitude_hist', 'plot_gradient_flow', 'plot_layer_curves', 'plot_update_ratio',
+                   'health', 'summary', 'suggest_clip', 'save', 'last', 'thin'):
+        assert getattr(fastai_gradstats.GradRecord, method).__doc__, method
+
+
+def test_importing_never_imports_torchvision_or_fastai_vision():
+    import subprocess, sys
+    code = ("import sys, fastai_gradstats, fastai_gradstats.report, fastai_gradstats.export, fastai_gradstats.cli; "
+            "bad = [m for m in sys.modules if m.startswith(('torchvision', 'fastai.vision'))]; print(bad); sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
