@@ -111,7 +111,7 @@ class GradStats(Callback):
                                  extra_columns=('update_norm',) if update_ratio else (), hist_dtype=hist_dtype,
                                  keep_last=keep_last, every=int(every))
         self.step_count, self._active, self._params, self._plan, self._recorded_step = 0, False, None, None, False
-        self._weights_before, self._alerted, self.stopped_at = None, set(), None
+        self._weights_before, self._weight_buffers, self._alerted, self.stopped_at = None, None, set(), None
 
     @property
     def name(self):
@@ -163,7 +163,7 @@ class GradStats(Callback):
 
     def after_fit(self):
         self._params, self._plan, self._hist_plan, self._module_of, self._active = None, None, None, None, False
-        self._weights_before = None
+        self._weights_before, self._weight_buffers = None, None
 
     # --- helpers -------------------------------------------------------------------------
     def _describe_layers(self, order):
@@ -213,7 +213,12 @@ class GradStats(Callback):
         values, counts = self._plan.refine(values, grads, params)  # a second copy only on steps that need it
         if self.update_ratio:
             values = np.concatenate([values, np.full((n, 1), np.nan, np.float32)], axis=1)
-            self._weights_before = (torch._foreach_mul(params, 1.0), params)
+            # reuse one buffer per weight: copying into it allocates nothing after the first step
+            if self._weight_buffers is None or len(self._weight_buffers) != n or any(
+                    b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(self._weight_buffers, params)):
+                self._weight_buffers = [torch.empty_like(p) for p in params]
+            with torch.no_grad(): torch._foreach_copy_(self._weight_buffers, params)
+            self._weights_before = (self._weight_buffers, params)
         self.record.add_step(self.step_count, self.learn.epoch, self.learn.opt.hypers[-1]['lr'], loss,
                              self._plan_index, values, counts, skipped,
                              hist.reshape(n, -1).round() if self.hist else None)
@@ -249,5 +254,6 @@ class GradStats(Callback):
         self._weights_before = None
         if not params: return self.record.set_last('update_norm', [])
         with torch.no_grad():
-            delta = torch.stack(_norms(torch._foreach_sub(params, before)))
+            torch._foreach_sub_(before, params)  # in place: the buffers now hold w_before - w_after
+            delta = torch.stack(_norms(before))
         self.record.set_last('update_norm', _to_host(delta))

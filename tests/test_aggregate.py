@@ -236,3 +236,20 @@ def test_errors(run):
     layers = [{'name': '0.weight', 'module': 'Linear', 'shape': (2, 2), 'numel': 4, 'depth': 0}]
     with pytest.raises(ValueError, match='empty'):
         by_module(GradRecord(layers))
+
+
+def test_by_param_group_follows_the_optimizer_groups():
+    "A splitter makes two optimizer groups (body, head); by_param_group equals the float64 recomputation per group."
+    from fastai_gradstats.aggregate import by_param_group
+    dls0 = digits_dls(bs=64, n_train=128)
+    dls = DataLoaders.from_dsets(list(dls0.train.dataset), list(dls0.valid.dataset)[:32], bs=64, device=torch.device('cpu'))
+    set_seed(0)
+    net = model()
+    learn = Learner(dls, net, loss_func=CrossEntropyLossFlat(), opt_func=Adam,
+                    splitter=lambda m: [list(m[:4].parameters()), list(m[4:].parameters())])
+    cap = Capture()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=[GradStats(), cap])
+    record = learn.grad_stats
+    assert list(record.layers.set_index('name')['group'].loc[['0.weight', '3.bias', '5.weight']]) == [0, 0, 1]
+    groups = {n: ('group 0' if n.split('.')[0] in ('0', '1', '3') else 'group 1') for n in cap.grads[0]}
+    check(by_param_group(record), reference(cap, groups, ['group 0', 'group 1']))
