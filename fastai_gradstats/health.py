@@ -149,8 +149,9 @@ def _check_exploding(run):
         return [_finding('exploding', 'warning', f"total norm grew {growth:.3g}x from the first to the last fifth of "
                          "training: the run may be diverging; lower the learning rate", value=growth,
                          threshold=t.growth_factor, first_step=first, last_step=last)]
-    return [_finding('exploding', 'ok', 'the total norm neither grows steadily nor leaves the critical band',
-                     value=growth, threshold=t.growth_factor)]
+    reason = ('the total norm neither grows steadily nor leaves the critical band' if not growth >= t.growth_factor else
+              f'the total norm grew {growth:.3g}x from the start but stays below {t.total_norm_warning:g}: not exploding')
+    return [_finding('exploding', 'ok', reason, value=growth, threshold=t.growth_factor)]
 
 
 def _check_spikes(run):
