@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 try: __version__ = _version('fastai_gradstats')  # settings.ini is the one source; pip wrote it into the metadata
 except PackageNotFoundError: __version__ = 'unknown'
 
-from .stats import METRICS, HIST_BINS, HIST_DECADES, LayerStats, MagnitudeHistogram, count_nonfinite
+from .stats import METRICS, HIST_BINS, HIST_DECADES, LayerStats, MagnitudeHistogram, count_nonfinite, check_zero_tol
 from .record import GradRecord, load, merge, record_method
 from .thresholds import Thresholds
 from .callback import GradStats, GradientAlert, input_to_output
@@ -21,7 +21,8 @@ __all__ = ['__version__',
            # record while training
            'GradStats', 'GradientAlert', 'GradRecord', 'load', 'merge', 'Thresholds',
            # compute
-           'METRICS', 'HIST_BINS', 'HIST_DECADES', 'LayerStats', 'MagnitudeHistogram', 'count_nonfinite', 'input_to_output',
+           'METRICS', 'HIST_BINS', 'HIST_DECADES', 'LayerStats', 'MagnitudeHistogram', 'count_nonfinite', 'check_zero_tol',
+           'input_to_output',
            'record_method', 'combine', 'by_module', 'by_param_group', 'module_of',
            # draw and diagnose
            'plots', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare', 'metric_table',

@@ -17,7 +17,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastcore.basics import store_attr
 
 from .record import GradRecord
-from .stats import METRICS, LayerStats, MagnitudeHistogram, _norms
+from .stats import METRICS, LayerStats, MagnitudeHistogram, _norms, check_zero_tol
 from .thresholds import Thresholds
 
 __all__ = ['GradStats', 'GradientAlert', 'input_to_output']
@@ -68,13 +68,6 @@ def _check_every(every):
     if every < 1: raise ValueError(f"`every` must be >= 1, got {every}")
 
 
-def _check_zero_tol(zero_tol):
-    if isinstance(zero_tol, bool) or not isinstance(zero_tol, (int, float, np.floating, np.integer)):
-        raise TypeError(f"`zero_tol` must be a number, got {type(zero_tol).__name__}")
-    if not math.isfinite(zero_tol) or zero_tol < 0:
-        raise ValueError(f"`zero_tol` must be a finite number >= 0, got {zero_tol}")
-
-
 class GradStats(Callback):
     "Record per-layer gradient statistics of every `every`-th optimizer step into `learn.grad_stats`"
     # Gradients are final between MixedPrecision (order 10), which unscales them in its
@@ -95,7 +88,7 @@ class GradStats(Callback):
         keep_last:int|None=None, # Bound memory: keep every step of the last `keep_last` recorded, thin older ones geometrically
         all_ranks:bool=False,    # Under data parallel, record on every rank (tagged `rank`), not only on rank 0
     ):
-        _check_every(every); _check_zero_tol(zero_tol)
+        _check_every(every); check_zero_tol(zero_tol)
         if thresholds is None: thresholds = Thresholds()
         if not isinstance(thresholds, Thresholds):
             raise TypeError(f"`thresholds` must be a fastai_gradstats.Thresholds, got {type(thresholds).__name__}")

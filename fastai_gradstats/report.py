@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 
 from .health import health, summary
 from .plots import compare, gradient_flow, heatmap, magnitude_hist
@@ -56,7 +57,6 @@ def run_figures(record: GradRecord, name: str, figures_dir=None) -> dict:
 
 def overview(records: dict):
     "One row per run: steps recorded, first and last loss, peak total norm, and how many findings of each status."
-    import pandas as pd
     rows = []
     for name, record in records.items():
         steps = record.steps
@@ -83,7 +83,7 @@ def _table(df, classes_from=None) -> str:
 def _fmt(v) -> str:
     if isinstance(v, (float, np.floating)):
         return 'nan' if np.isnan(v) else f'{v:.6g}'
-    if v is None or (hasattr(v, '__class__') and v.__class__.__name__ == 'NAType'): return ''
+    if v is None or v is pd.NA: return ''
     return str(v)
 
 

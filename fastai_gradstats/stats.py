@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ['METRICS', 'LayerStats', 'count_nonfinite', 'HIST_BINS', 'HIST_DECADES', 'MagnitudeHistogram']
+__all__ = ['METRICS', 'LayerStats', 'count_nonfinite', 'check_zero_tol', 'HIST_BINS', 'HIST_DECADES', 'MagnitudeHistogram']
 
 METRICS = ('grad_norm', 'param_norm', 'grad_max', 'grad_mean', 'grad_std',
            'zero_frac', 'dead_frac')
@@ -25,6 +25,15 @@ def _tol_below(tol: float, dtype: torch.dtype) -> float:
     "The largest value of `dtype` that is <= `tol`: |g| <= it exactly when |g| <= `tol` (no rounding up of `tol`)."
     t = torch.tensor(tol, dtype=dtype)
     return float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)) if float(t) > tol else t)
+
+
+def check_zero_tol(zero_tol) -> float:
+    "`zero_tol` as a float, or a TypeError (not a number) / ValueError (negative, NaN, Inf) naming it."
+    if isinstance(zero_tol, bool) or not isinstance(zero_tol, (int, float, np.floating, np.integer)):
+        raise TypeError(f"`zero_tol` must be a number, got {type(zero_tol).__name__}")
+    if not math.isfinite(zero_tol) or zero_tol < 0:
+        raise ValueError(f"`zero_tol` must be a finite number >= 0, got {zero_tol!r}")
+    return float(zero_tol)
 
 
 def _check_tensors(tensors, argname):
@@ -56,10 +65,8 @@ class LayerStats:
     counts them.
     """
     def __init__(self, shapes: Sequence[torch.Size], zero_tol: float = 0.0):
-        if not isinstance(zero_tol, (int, float)) or isinstance(zero_tol, bool) or not math.isfinite(zero_tol) or zero_tol < 0:
-            raise ValueError(f"`zero_tol` must be a finite number >= 0, got {zero_tol!r}")
+        self.zero_tol = check_zero_tol(zero_tol)
         self.shapes = [torch.Size(s) for s in shapes]
-        self.zero_tol = float(zero_tol)
         self.rows = [s[0] if len(s) >= 2 and s[0] > 0 else 1 for s in self.shapes]
         self.numel = torch.tensor([s.numel() for s in self.shapes], dtype=torch.float64)
         self.n_units = torch.tensor([s[0] if len(s) >= 2 else math.nan for s in self.shapes], dtype=torch.float64)
@@ -123,10 +130,10 @@ class LayerStats:
         if not len(rows): return values, counts
         with torch.no_grad():
             exact = torch.stack([torch.stack([g.double().norm(), p.double().norm(), g.double().mean(),
-                                              g.double().std() if g.numel() > 1 else torch.tensor(math.nan, dtype=torch.float64, device=g.device),
-                                              torch.isnan(g).sum().double(), torch.isinf(g).sum().double()])
+                                              g.double().std() if g.numel() > 1 else torch.tensor(math.nan, dtype=torch.float64, device=g.device)])
                                  for g, p in ((grads[i], params[i]) for i in rows)])
-        host = exact.cpu().numpy()
+            exact = torch.cat([exact, count_nonfinite([grads[i] for i in rows]).to(exact)], dim=1)
+        host = exact.cpu().numpy()  # one copy, on these rare steps only
         for j, column in enumerate(('grad_norm', 'param_norm', 'grad_mean', 'grad_std')):
             values[rows, METRICS.index(column)] = host[:, j]
         counts[rows] = host[:, 4:].astype(np.int64)
@@ -179,9 +186,7 @@ class MagnitudeHistogram:
     def __init__(self, shapes: Sequence[torch.Size], zero_tol: float = 0.0, sample: int | None = 2048, seed: int = 0):
         if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
             raise ValueError(f"`sample` must be a positive int or None, got {sample!r}")
-        if not isinstance(zero_tol, (int, float)) or not math.isfinite(zero_tol) or zero_tol < 0:
-            raise ValueError(f"`zero_tol` must be a finite number >= 0, got {zero_tol!r}")
-        self.zero_tol, self.sample = float(zero_tol), sample
+        self.zero_tol, self.sample = check_zero_tol(zero_tol), sample
         self._tol_bits = _float32_bits(_tol_below(self.zero_tol, torch.float32))
         numels = [torch.Size(s).numel() for s in shapes]
         self.index = [None if sample is None or n <= sample else _spread(n, sample, seed) for n in numels]
