@@ -17,7 +17,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastcore.basics import store_attr
 
 from .record import GradRecord
-from .stats import METRICS, LayerStats, MagnitudeHistogram, _norms, check_zero_tol
+from .stats import METRICS, LayerStats, _norms, check_zero_tol
 from .thresholds import Thresholds
 
 __all__ = ['GradStats', 'GradientAlert', 'input_to_output']
@@ -155,7 +155,7 @@ class GradStats(Callback):
         if self._active and self._recorded_step: self.record.mark_skipped()
 
     def after_fit(self):
-        self._params, self._plan, self._hist_plan, self._module_of, self._active = None, None, None, None, False
+        self._params, self._plan, self._module_of, self._active = None, None, None, False
         self._weights_before, self._weight_buffers = None, None
 
     # --- helpers -------------------------------------------------------------------------
@@ -185,24 +185,16 @@ class GradStats(Callback):
                   if p.requires_grad and p.grad is not None and not p.grad.is_sparse]
         key = tuple(n for n, _ in chosen)
         if key != self._plan_key:
-            shapes = [p.shape for _, p in chosen]
-            self._plan = LayerStats(shapes, self.zero_tol)
-            self._hist_plan = MagnitudeHistogram(shapes, self.zero_tol, self.hist_sample) if self.hist else None
+            self._plan = LayerStats([p.shape for _, p in chosen], self.zero_tol, self.hist, self.hist_sample)
             self._plan_index, self._plan_key = self.record.layer_index(key), key
         params = [p for _, p in chosen]
         grads = [p.grad for p in params]
-        values = self._plan(grads, params)
         loss = self.learn.loss
         # fastai's loss is a TensorBase, whose __torch_function__ would wrap every op after it: use a plain tensor
         loss = torch.full((), torch.nan) if loss is None else loss.detach().as_subclass(torch.Tensor).float().mean()
-        loss = loss.to(values.device)
-        # one tensor, one copy; float32 holds the sampled histogram counts (< 2**24) exactly, else use float64
-        wide = self.hist and (self.hist_sample is None or self.hist_sample >= 2**24)
-        parts = [values.reshape(-1).double() if wide else values.reshape(-1), loss.reshape(1).to(torch.float64 if wide else values.dtype)]
-        if self.hist: parts.append(self._hist_plan(grads).reshape(-1).to(parts[0].dtype))
-        host = _to_host(torch.cat(parts))
-        n, width = len(params), len(METRICS)
-        values, loss, hist = host[:n * width].reshape(n, width), float(host[n * width]), host[n * width + 1:]
+        host = _to_host(self._plan.collect(grads, params, extra=loss))  # the one copy of this step
+        values, hist = self._plan.assemble(host)
+        loss, n = float(host[-1]), len(params)
         values, counts = self._plan.refine(values, grads, params)  # a second copy only on steps that need it
         if self.update_ratio:
             values = np.concatenate([values, np.full((n, 1), np.nan, np.float32)], axis=1)
@@ -214,7 +206,7 @@ class GradStats(Callback):
             self._weights_before = (self._weight_buffers, params)
         self.record.add_step(self.step_count, self.learn.epoch, self.learn.opt.hypers[-1]['lr'], loss,
                              self._plan_index, values, counts, skipped,
-                             hist.reshape(n, -1).round() if self.hist else None)
+                             hist)
         self._recorded_step = True
         if not skipped and (self.alerts or self.stop_on_critical): self._alert(values, counts)
 

@@ -44,11 +44,35 @@ def _check_tensors(tensors, argname):
             raise TypeError(f"`{argname}` must hold tensors only, got {type(t).__name__}")
 
 
+CHUNK_ELEMENTS = 2 ** 22
+"Default size, in elements, of `LayerStats`' work buffer (16 MB in float32): the most extra memory it holds."
+
+
+def _rows(shape: torch.Size) -> int:
+    "Units of a tensor: its rows along dim 0 when it has 2+ dims (neurons, channels), else one row."
+    return shape[0] if len(shape) >= 2 and shape[0] > 0 else 1
+
+
+def _buffer_dtype(dtype: torch.dtype) -> torch.dtype:
+    "Half-precision gradients are reduced in float32; float64 ones in float64."
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Chunk:
+    """One pass of `LayerStats`' work: whole rows of tensors with the same row length and dtype, copied side
+    by side into an (n_rows, row_length) block of the work buffer (`pieces`: (tensor, first_row, end_row)),
+    or (`direct`) one tensor whose rows are longer than the buffer, reduced where it lies."""
+    def __init__(self, row_length, dtype, pieces, zero_tol, direct=False):
+        self.row_length, self.dtype, self.pieces, self.direct = row_length, dtype, pieces, direct
+        self.n_rows = sum(end - start for _, start, end in pieces)
+        self.tol = _tol_below(zero_tol, dtype)  # |g| <= tol in this dtype exactly when |g| <= zero_tol
+
+
 class LayerStats:
     """Batched statistics of a fixed list of gradient tensors and their parameters.
 
-    Build it once for a list of shapes (the shape metadata is precomputed), then call it
-    every step with the current gradients and parameters. Statistics per tensor:
+    Build it once for a list of shapes, then call it every step with the current gradients and
+    parameters. Statistics per tensor (the columns of `METRICS`):
 
     - `grad_norm`: L2 norm of the gradient; `param_norm`: L2 norm of the parameter;
     - `grad_max`: largest |g|; `grad_mean`, `grad_std`: mean and standard deviation of the
@@ -56,58 +80,186 @@ class LayerStats:
     - `zero_frac`: fraction of elements with |g| <= `zero_tol`;
     - `dead_frac`: fraction of units (slices along dim 0 of a tensor with 2+ dims: output
       neurons or channels) whose whole gradient is <= `zero_tol`; NaN for 0-D and 1-D tensors.
+    With `hist=True` it also counts each gradient's log10 |g| histogram, as `MagnitudeHistogram` does.
 
-    Every pass over the gradients is a reduction that allocates nothing of the gradients' size:
-    norms (`torch._foreach_norm`), per-unit max and min, sums and non-zero counts; the rest is
-    arithmetic on a few short vectors. Sums accumulate in float32 (fast); `refine` redoes in float64
-    the rare rows where that is not enough (overflow, NaN/Inf, cancellation in the std).
-    NaN and Inf propagate into the norms, the max, the mean and the std as they are; `refine`
-    counts them.
+    How it is fast: the gradients' rows are copied, grouped by row length, into one reusable work
+    buffer of at most `chunk_elements` elements (one batched copy per block). Each block then takes
+    five reductions along its rows (sum, L2 norm, and, after an in-place |g|, max and the count of
+    elements <= `zero_tol`) whatever the number of tensors in it, instead of several small reductions
+    per tensor. `collect` leaves those per-row results and the parameters' norms in one flat tensor
+    on the gradients' device: the caller copies it to the host once, and `assemble` turns it into one
+    row per tensor with numpy. No `.item()`, no copy per tensor or per metric.
+    Sums accumulate in float32 (float64 for float64 gradients); `refine` redoes in float64 the rare
+    rows where that is not enough (overflow, NaN/Inf, cancellation in the std). NaN and Inf
+    propagate into the norms, the max, the mean and the std as they are; `refine` counts them.
     """
-    def __init__(self, shapes: Sequence[torch.Size], zero_tol: float = 0.0):
+    def __init__(self, shapes: Sequence[torch.Size], zero_tol: float = 0.0, hist: bool = False,
+                 hist_sample: int | None = 2048, chunk_elements: int = CHUNK_ELEMENTS):
         self.zero_tol = check_zero_tol(zero_tol)
+        if not isinstance(hist, bool): raise TypeError(f"`hist` must be True or False, got {hist!r}")
+        if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
+            raise ValueError(f"`chunk_elements` must be a positive int, got {chunk_elements!r}")
         self.shapes = [torch.Size(s) for s in shapes]
-        self.rows = [s[0] if len(s) >= 2 and s[0] > 0 else 1 for s in self.shapes]
-        self.numel = torch.tensor([s.numel() for s in self.shapes], dtype=torch.float64)
-        self.n_units = torch.tensor([s[0] if len(s) >= 2 else math.nan for s in self.shapes], dtype=torch.float64)
-        self.row_owner = torch.repeat_interleave(torch.arange(len(self.rows)), torch.tensor(self.rows, dtype=torch.long))
-        self._on_device = {}
+        self.hist, self.chunk_elements = hist, chunk_elements
+        self.histogram = MagnitudeHistogram(self.shapes, self.zero_tol, hist_sample) if hist else None
+        self.numel = np.array([s.numel() for s in self.shapes], np.float64)
+        self.rows = [_rows(s) for s in self.shapes]
+        self.n_units = np.array([s[0] if len(s) >= 2 else math.nan for s in self.shapes], np.float64)
+        self._layouts, self._last = {}, None
+        if not self.shapes: self._last = ([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), None)
 
     def __len__(self): return len(self.shapes)
 
-    def _meta(self, device):
-        "The shape metadata, copied to `device` once and kept."
-        if device not in self._on_device:
-            self._on_device[device] = tuple(t.to(device) for t in (self.numel, self.n_units, self.row_owner))
-        return self._on_device[device]
+    # --- the plan ---------------------------------------------------------------------------------
+    def _layout(self, grads):
+        "The chunks for these gradients' dtypes and device, built once and kept (with the work buffers)."
+        key = (grads[0].device, tuple(g.dtype for g in grads))
+        if key not in self._layouts: self._layouts[key] = self._plan(grads[0].device, key[1])
+        self._last = self._layouts[key]
+        return self._last
 
-    def __call__(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
-        "Statistics of `grads` and `params` as a float32 tensor of shape `(len(grads), len(METRICS))`."
+    def _plan(self, device, dtypes):
+        budget, groups = self.chunk_elements, {}
+        for i, (shape, dtype) in enumerate(zip(self.shapes, dtypes)):
+            if shape.numel() == 0: continue
+            groups.setdefault((shape.numel() // self.rows[i], _buffer_dtype(dtype)), []).append(i)
+        chunks = []
+        for (length, dtype), members in groups.items():
+            if length > budget:  # rows longer than the buffer: reduce those tensors where they lie
+                chunks += [_Chunk(length, dtype, [(i, 0, self.rows[i])], self.zero_tol, direct=True) for i in members]
+                continue
+            per_chunk, pieces, used = budget // length, [], 0
+            for i in members:
+                start = 0
+                while start < self.rows[i]:
+                    take = min(self.rows[i] - start, per_chunk - used)
+                    pieces.append((i, start, start + take)); used += take; start += take
+                    if used == per_chunk: chunks.append(_Chunk(length, dtype, pieces, self.zero_tol)); pieces, used = [], 0
+            if pieces: chunks.append(_Chunk(length, dtype, pieces, self.zero_tol))
+        buffers = {}
+        for c in chunks:
+            if not c.direct: buffers[c.dtype] = max(buffers.get(c.dtype, 0), c.n_rows * c.row_length)
+        buffers = {dtype: torch.empty(size, dtype=dtype, device=device) for dtype, size in buffers.items()}
+        for c in chunks:
+            if c.direct: continue
+            c.block = buffers[c.dtype][:c.n_rows * c.row_length].view(c.n_rows, c.row_length)
+            c.targets, row = [], 0
+            for i, start, end in c.pieces:  # views shaped like the (part of the) tensor they receive
+                c.targets.append(c.block[row:row + end - start].view((end - start,) + self.shapes[i][1:]
+                                                                     if len(self.shapes[i]) >= 2 else self.shapes[i]))
+                row += end - start
+        row_tensor = np.concatenate([np.repeat(i, end - start) for c in chunks for i, start, end in c.pieces]
+                                    or [np.zeros(0, np.int64)])
+        starts = np.flatnonzero(np.r_[True, row_tensor[1:] != row_tensor[:-1]]) if len(row_tensor) else np.zeros(0, np.int64)
+        row_length = np.concatenate([np.full(c.n_rows, c.row_length, np.float64) for c in chunks] or [np.zeros(0)])
+        hist_offset = self._plan_samples(chunks, device) if self.hist else None
+        return chunks, row_tensor[starts], starts, row_length, hist_offset
+
+    def _plan_samples(self, chunks, device):
+        "Where each tensor's histogram sample lies in the work buffer (or in the tensor, for direct chunks)."
+        index = self.histogram.index
+        for c in chunks:
+            picks, owners, row = [], [], 0
+            for i, start, end in c.pieces:
+                n_piece = (end - start) * c.row_length
+                lo = start * c.row_length
+                wanted = torch.arange(lo, lo + n_piece) if index[i] is None else index[i][(index[i] >= lo) & (index[i] < lo + n_piece)]
+                picks.append(wanted - lo + row * c.row_length); owners.append(torch.full((len(wanted),), i))
+                row += end - start
+            c.sample_index = torch.cat(picks).to(device)
+            c.sample_owner = torch.cat(owners)
+        owner = torch.cat([c.sample_owner for c in chunks] or [torch.zeros(0, dtype=torch.long)])
+        return (owner * len(HIST_BINS)).to(device)
+
+    # --- every step --------------------------------------------------------------------------------
+    def _check(self, grads, params):
         _check_tensors(grads, 'grads'); _check_tensors(params, 'params')
         if len(grads) != len(self.shapes) or len(params) != len(self.shapes):
             raise ValueError(f"expected {len(self.shapes)} gradients and parameters, "
                              f"got {len(grads)} and {len(params)}")
         for g, s in zip(grads, self.shapes):
             if g.shape != s: raise ValueError(f"a gradient has shape {tuple(g.shape)} where {tuple(s)} was planned")
-        if not grads: return torch.empty(0, len(METRICS))
-        device = grads[0].device
-        numel, n_units, row_owner = self._meta(device)
+
+    def collect(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw reductions of one step, as one flat float64 tensor on the gradients' device (then `extra`,
+        flattened, if given): copy it to the host once and pass it to `assemble`. Reads `grads` and `params`
+        without changing them."""
+        self._check(grads, params)
+        device = grads[0].device if grads else torch.device('cpu')
+        parts = []
         with torch.no_grad():
-            sums = [*_norms(grads), *_norms(params)]
-            sums += [g.sum() if g.dtype in _WIDE else g.sum(dtype=torch.float32) for g in grads]
-            if self.zero_tol == 0: nonzero = [torch.count_nonzero(g) for g in grads]  # NaN counts as non-zero
-            else: nonzero = [g.numel() - torch.count_nonzero(g.abs() <= _tol_below(self.zero_tol, g.dtype)) for g in grads]
-            per_tensor = torch.cat([torch.stack(sums).double(), torch.stack(nonzero).double()]).view(4, -1)
-            grad_norm, param_norm, grad_sum, nonzero = per_tensor
-            # the largest |g| of each unit (row) is max(max g, -min g): no |g| temporary is made
-            units = [g.reshape(r, -1) for g, r in zip(grads, self.rows)]
-            row_max = torch.maximum(torch.cat([u.amax(1) for u in units]), torch.cat([u.amin(1) for u in units]).neg()).double()
-            grad_max = torch.zeros_like(grad_norm).scatter_reduce_(0, row_owner, row_max, 'amax', include_self=False)
-            dead_units = torch.zeros_like(grad_norm).index_add_(0, row_owner, (row_max <= self.zero_tol).double())
-            grad_mean = grad_sum / numel
-            var = (grad_norm * grad_norm - grad_sum * grad_mean).clamp_min_(0) / (numel - 1)
-            return torch.stack([grad_norm, param_norm, grad_max, grad_mean, var.sqrt_().masked_fill_(numel < 2, math.nan),
-                                1 - nonzero / numel, dead_units / n_units], dim=1).float()
+            if grads:
+                chunks = self._layout(grads)[0]
+                sums, norms, maxes, zeros, samples = [], [], [], [], []
+                for c in chunks:
+                    if c.direct: self._reduce_direct(c, grads, sums, norms, maxes, zeros, samples)
+                    else: self._reduce_block(c, grads, sums, norms, maxes, zeros, samples)
+                # one dtype per cat (a mixed-dtype cat takes a slow path, one copy per input)
+                parts = [torch.cat(sums + norms + maxes + zeros + [torch.stack(_norms(list(params)))]).to(torch.float64)]
+                if self.hist: parts.append(_bin_counts(torch.cat(samples), self._last[4], len(grads),
+                                                       self.histogram.tol_bits).reshape(-1).to(torch.float64))
+            if extra is not None: parts.append(extra.detach().reshape(-1).to(device, torch.float64))
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+    def _reduce_block(self, c, grads, sums, norms, maxes, zeros, samples):
+        torch._foreach_copy_(c.targets, [grads[i] if end - start == self.rows[i] and start == 0 else grads[i][start:end]
+                                         for i, start, end in c.pieces])
+        block = c.block  # our own copy: free to overwrite in place
+        sums.append(block.sum(1)); norms.append(torch.linalg.vector_norm(block, dim=1))
+        block.abs_()
+        maxes.append(block.amax(1))
+        if self.hist: samples.append(block.view(-1).index_select(0, c.sample_index))
+        zeros.append(block.le_(c.tol).sum(1))
+
+    def _reduce_direct(self, c, grads, sums, norms, maxes, zeros, samples):
+        (i, _, _), = c.pieces
+        g = grads[i]
+        rows = g.reshape(self.rows[i], -1)
+        wide = dict(dtype=torch.float32) if g.dtype not in _WIDE else {}
+        sums.append(rows.sum(1, **wide)); norms.append(torch.linalg.vector_norm(rows, dim=1, **wide))
+        maxes.append(torch.maximum(rows.amax(1), rows.amin(1).neg()).to(c.dtype))
+        if self.zero_tol == 0: zeros.append((c.row_length - torch.count_nonzero(rows, dim=1)).to(c.dtype))
+        else: zeros.append((rows.abs() <= _tol_below(self.zero_tol, g.dtype)).sum(1).to(c.dtype))
+        if self.hist: samples.append(g.reshape(-1).index_select(0, c.sample_index).to(c.dtype).abs())
+
+    def assemble(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Turn a host copy of `collect`'s result into `(values, hist)`: `values` float32 of shape
+        `(len(self), len(METRICS))`, `hist` int64 of shape `(len(self), len(HIST_BINS))` (None without `hist`).
+        Values of `extra` after them are ignored. Reads the layout of the last `collect`."""
+        n = len(self.shapes)
+        values = np.full((n, len(METRICS)), np.nan, np.float32)
+        if not n: return values, (np.zeros((0, len(HIST_BINS)), np.int64) if self.hist else None)
+        raw = np.asarray(raw, np.float64).reshape(-1)
+        if self._last is None: raise ValueError("`assemble` needs a `collect` of this object first")
+        _, owner, starts, row_length, _ = self._last
+        n_rows = len(row_length)
+        row_sum, row_norm, row_max, row_zeros = (raw[k * n_rows:(k + 1) * n_rows] for k in range(4))
+        param_norm = raw[4 * n_rows:4 * n_rows + n]
+        total, sumsq, grad_max, zeros, dead = (np.zeros(n) for _ in range(5))
+        grad_max[:] = np.nan
+        if n_rows:
+            with np.errstate(invalid='ignore', over='ignore'):
+                total[owner] = np.add.reduceat(row_sum, starts)
+                sumsq[owner] = np.add.reduceat(row_norm * row_norm, starts)
+                grad_max[owner] = np.maximum.reduceat(row_max, starts)
+                zeros[owner] = np.add.reduceat(row_zeros, starts)
+                dead[owner] = np.add.reduceat((row_zeros == row_length).astype(np.float64), starts)
+        with np.errstate(invalid='ignore', divide='ignore', over='ignore'):
+            mean = total / self.numel
+            var = np.maximum(sumsq - total * mean, 0) / (self.numel - 1)
+            std = np.where(self.numel < 2, np.nan, np.sqrt(var))
+            for j, column in enumerate((np.sqrt(sumsq), param_norm, grad_max, mean, std, zeros / self.numel, dead / self.n_units)):
+                values[:, j] = column
+        hist = None
+        if self.hist:
+            at = 4 * n_rows + n
+            hist = np.rint(raw[at:at + n * len(HIST_BINS)]).astype(np.int64).reshape(n, len(HIST_BINS))
+        return values, hist
+
+    def __call__(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
+        "Statistics of `grads` and `params` as a float32 CPU tensor of shape `(len(grads), len(METRICS))` (one host copy)."
+        raw = self.collect(grads, params)
+        return torch.from_numpy(self.assemble(raw.cpu().numpy())[0])
 
     def refine(self, values: np.ndarray, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]):
         """Fix, in float64, the rows of `values` (a host copy of this object's result for `grads`, `params`)
@@ -120,7 +272,7 @@ class LayerStats:
         values = np.array(values, dtype=np.float32, copy=True).reshape(len(self.shapes), len(METRICS))
         counts = np.zeros((len(self.shapes), 2), np.int64)
         grad_norm, param_norm, grad_std = (values[:, METRICS.index(c)].astype(np.float64) for c in ('grad_norm', 'param_norm', 'grad_std'))
-        numel = self.numel.numpy()
+        numel = self.numel
         zero_frac = values[:, METRICS.index('zero_frac')]
         with np.errstate(invalid='ignore', over='ignore'):
             cancelled = (numel > 1) & (grad_norm > 0) & (grad_std ** 2 * (numel - 1) < 1e-3 * grad_norm ** 2)
@@ -144,9 +296,15 @@ _WIDE = (torch.float32, torch.float64)
 
 
 def _norms(tensors):
-    "L2 norms in one batched call; half-precision tensors accumulate in float32."
-    if all(t.dtype in _WIDE for t in tensors): return torch._foreach_norm(tensors, 2)
-    return torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    "L2 norms in one batched call (two with mixed precisions); half-precision tensors accumulate in float32."
+    wide = [t.dtype in _WIDE for t in tensors]
+    if all(wide): return torch._foreach_norm(tensors, 2)
+    if not any(wide): return torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    out = [None] * len(tensors)
+    for keep, kwargs in ((True, {}), (False, {'dtype': torch.float32})):
+        where = [i for i, w in enumerate(wide) if w == keep]
+        for i, norm in zip(where, torch._foreach_norm([tensors[i] for i in where], 2, **kwargs)): out[i] = norm
+    return out
 
 
 def count_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -187,7 +345,7 @@ class MagnitudeHistogram:
         if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
             raise ValueError(f"`sample` must be a positive int or None, got {sample!r}")
         self.zero_tol, self.sample = check_zero_tol(zero_tol), sample
-        self._tol_bits = _float32_bits(_tol_below(self.zero_tol, torch.float32))
+        self.tol_bits = _float32_bits(_tol_below(self.zero_tol, torch.float32)) if self.zero_tol > 0 else None
         numels = [torch.Size(s).numel() for s in shapes]
         self.index = [None if sample is None or n <= sample else _spread(n, sample, seed) for n in numels]
         sizes = torch.tensor([n if i is None else len(i) for n, i in zip(numels, self.index)], dtype=torch.long)
@@ -197,9 +355,8 @@ class MagnitudeHistogram:
 
     def _meta(self, device):
         if device not in self._on_device:
-            low, step = _decade_tables()
             self._on_device[device] = ([None if i is None else i.to(device) for i in self.index],
-                                       self.owner_offset.to(device, torch.int32), low.to(device), step.to(device))
+                                       self.owner_offset.to(device))
         return self._on_device[device]
 
     def __call__(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -208,18 +365,34 @@ class MagnitudeHistogram:
         if len(grads) != len(self.index):
             raise ValueError(f"expected {len(self.index)} gradients, got {len(grads)}")
         if not grads: return torch.zeros(0, len(HIST_BINS), dtype=torch.long)
-        index, owner_offset, bin_low, bin_step = self._meta(grads[0].device)
+        index, owner_offset = self._meta(grads[0].device)
         with torch.no_grad():
             flat = [g.reshape(-1) for g in grads]
             picked = torch.cat([f if i is None else f.index_select(0, i) for f, i in zip(flat, index)])
-            # |g| as float32 bits: for non-negative floats, integer order is float order, and the exponent
-            # field picks a row of two small tables (see `_decade_tables`): exact, and integer ops only
-            bits = picked.float().view(torch.int32).bitwise_and_(0x7FFFFFFF)
-            exponent = bits.bitwise_right_shift(23)
-            bins = bin_low.index_select(0, exponent).add_(bits >= bin_step.index_select(0, exponent))
-            if self.zero_tol > 0: bins.masked_fill_(bits <= self._tol_bits, 0)
-            counts = torch.bincount(bins.add_(owner_offset), minlength=len(grads) * len(HIST_BINS))
-            return counts.view(len(grads), len(HIST_BINS))
+            return _bin_counts(picked, owner_offset, len(grads), self.tol_bits)
+
+
+_DECADE_TABLES = {}
+
+
+def _bin_counts(picked: torch.Tensor, owner_offset: torch.Tensor, n_tensors: int, tol_bits: int | None) -> torch.Tensor:
+    """Histogram counts `(n_tensors, len(HIST_BINS))` of the values `picked` (signed or not), value k belonging
+    to tensor `owner_offset[k] // len(HIST_BINS)`; elements with float32 bits <= `tol_bits` go to `zero`."""
+    device = picked.device
+    if device not in _DECADE_TABLES:
+        low, step = _decade_tables()
+        _DECADE_TABLES[device] = low.to(device, torch.int64), step.to(device)
+    bin_low, bin_step = _DECADE_TABLES[device]
+    # |g| as float32 bits: for non-negative floats, integer order is float order, and the exponent
+    # field picks a row of two small tables (see `_decade_tables`): exact, and integer ops only
+    bits = picked.float().view(torch.int32).bitwise_and(0x7FFFFFFF)
+    exponent = bits.bitwise_right_shift(23)
+    bins = bin_low.index_select(0, exponent).add_(bits >= bin_step.index_select(0, exponent))
+    if tol_bits is not None: bins.masked_fill_(bits <= tol_bits, 0)
+    # scatter_add_, not bincount: bincount reads its input's max back to the host (a sync on CUDA)
+    counts = torch.zeros(n_tensors * len(HIST_BINS), dtype=torch.int64, device=device)
+    counts.scatter_add_(0, bins.add_(owner_offset), torch.ones(1, dtype=torch.int64, device=device).expand(len(bins)))
+    return counts.view(n_tensors, len(HIST_BINS))
 
 
 def _float32_bits(x: float) -> int:

@@ -13,6 +13,7 @@ from fastai.basics import SGD, Callback, CrossEntropyLossFlat, DataLoaders, L, L
 from fastai.callback.all import MixedPrecision
 
 from fastai_gradstats import GradStats
+from fastai_gradstats.stats import HIST_BINS
 from fastai_gradstats.demo import digits_dls, mlp
 
 LAYER_SCHEMA = ('step', 'epoch', 'layer', 'grad_norm', 'param_norm', 'grad_param_ratio', 'grad_max', 'grad_mean',
@@ -173,6 +174,22 @@ def reference_stats(grad, param, zero_tol: float = 0.0) -> dict:
             mean_abs=float(np.mean(a[np.isfinite(a)])) if np.isfinite(a).any() else 0.0)
         out['grad_param_ratio'] = out['grad_norm'] / out['param_norm'] if out['param_norm'] else float('nan')
     return out
+
+
+def hist_counts(g):
+    "Counts of HIST_BINS for one gradient (zero_tol 0), by comparison with powers of ten in float64."
+    a = np.abs(np.asarray(g, np.float64).ravel())
+    counts = dict.fromkeys(HIST_BINS, 0)
+    counts['nan'] = int(np.isnan(a).sum())
+    counts['inf'] = int(np.isinf(a).sum())
+    counts['zero'] = int((a == 0).sum())
+    rest = a[np.isfinite(a) & (a > 0)]
+    edges = 10.0 ** np.arange(-16, 5)       # 1e-16 ... 1e4
+    idx = np.searchsorted(edges, rest, side='right') - 1
+    counts['tiny'] = int((idx < 0).sum())
+    counts['huge'] = int((idx >= 20).sum())
+    for k in range(20): counts[f'1e{k - 16}'] = int((idx == k).sum())
+    return np.array([counts[b] for b in HIST_BINS])
 
 
 def assert_stats_close(got: dict, ref: dict, label=''):

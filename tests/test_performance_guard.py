@@ -164,3 +164,35 @@ def test_gradstats_keep_last_argument():
     steps = learn.grad_stats.steps
     assert list(steps['step']) == _expected_kept(39, 8, 1)
     with pytest.raises(ValueError, match='keep_last'): GradStats(keep_last=0)
+
+
+# Calls that make a CUDA device wait for the host or the host for the device (besides the one copy).
+SYNCING = {'item', 'tolist', 'nonzero', 'argwhere', 'bincount', 'unique', 'unique_consecutive', 'masked_select',
+           'repeat_interleave', '__bool__', '__int__', '__float__', '__index__', 'equal', 'allclose', 'is_nonzero'}
+
+
+class _CallNames(TorchFunctionMode):
+    def __init__(self): super().__init__(); self.names = []
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, '__name__', str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('kwargs', [{}, {'hist': True, 'zero_tol': 1e-3}])
+def test_recorded_steps_make_no_call_that_would_sync_a_cuda_device(kwargs):
+    """On CUDA every host read waits for the device: the steady-state step must make no such call (no
+    `.item()`, `bincount`, `nonzero`, boolean indexing, ...) other than its one `.cpu()`. Checked on CPU by
+    listing the torch calls the callback makes (the data is the same on any device)."""
+    learn = _learner(n=32 * 4)
+    calls = []
+    original = GradStats.before_step
+    def listed(cb):
+        with _CallNames() as c: original(cb)
+        calls.append(c.names)
+    GradStats.before_step = listed
+    try:
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=GradStats(**kwargs))
+    finally: GradStats.before_step = original
+    for names in calls[1:]:   # the first step also builds the plan (once)
+        assert not SYNCING & set(names), SYNCING & set(names)
+        assert names.count('cpu') == 1 and names.count('numpy') == 1   # .cpu().numpy(): the host copy, then a view of it

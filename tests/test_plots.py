@@ -21,7 +21,7 @@ from torch import nn
 import fastai_gradstats
 from fastai_gradstats import GradientAlert, GradRecord, GradStats, load, plots
 from fastai_gradstats.demo import digits_dls, mlp
-from helpers import Repair, digits
+from helpers import Repair, digits, hist_counts
 from fastai_gradstats.stats import HIST_BINS, METRICS
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -96,22 +96,6 @@ def save_png(fig, tmp_path, name):
     assert data[:8] == PNG_MAGIC and len(data) > 1000
     plt.close(fig)
     return path
-
-
-def hist_counts(g):
-    "Counts of HIST_BINS for one gradient (zero_tol 0), by comparison with powers of ten in float64."
-    a = np.abs(np.asarray(g, np.float64).ravel())
-    counts = dict.fromkeys(HIST_BINS, 0)
-    counts['nan'] = int(np.isnan(a).sum())
-    counts['inf'] = int(np.isinf(a).sum())
-    counts['zero'] = int((a == 0).sum())
-    rest = a[np.isfinite(a) & (a > 0)]
-    edges = 10.0 ** np.arange(-16, 5)       # 1e-16 ... 1e4
-    idx = np.searchsorted(edges, rest, side='right') - 1
-    counts['tiny'] = int((idx < 0).sum())
-    counts['huge'] = int((idx >= 20).sum())
-    for k in range(20): counts[f'1e{k - 16}'] = int((idx == k).sum())
-    return np.array([counts[b] for b in HIST_BINS])
 
 
 def pixel(fig, ax, x, y):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastai_gradstats.stats import METRICS, LayerStats, count_nonfinite
+from fastai_gradstats.stats import HIST_BINS, METRICS, LayerStats, MagnitudeHistogram, count_nonfinite
 
-from helpers import assert_stats_close, reference_stats
+from helpers import assert_stats_close, hist_counts, reference_stats
 
 NAN, INF = float('nan'), float('inf')
 
@@ -197,3 +197,100 @@ def test_non_list_inputs():
     with pytest.raises(TypeError, match='params'): stats([g], [1.0])
     with pytest.raises(TypeError, match='grads'): count_nonfinite(g)
     with pytest.raises(TypeError, match='grads'): count_nonfinite([np.ones(3)])
+
+
+# --- the work buffer: blocks of rows, rows longer than the buffer, dtypes, layouts --------------------
+def assorted_tensors(seed=0):
+    """`mixed_tensors` plus a long vector, wide rows, a tensor with more rows than the others, -0.0 zeros
+    (which count as zero) and NaN/Inf, so that small buffers split tensors over several blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    grads, params = mixed_tensors(seed)
+    long = torch.randn(300, generator=gen) * 1e-2; long[::7] = 0; long[5] = -0.0
+    wide = torch.randn(3, 40, generator=gen); wide[1] = -0.0; wide[2, :3] = NAN; wide[0, 4] = INF
+    tall = torch.randn(50, 2, generator=gen); tall[10:20] = 0
+    extra = [long, wide, tall, torch.randn(6, 5, generator=gen)]  # the last has the same shape as grads[0]
+    return grads + extra, params + [torch.randn(t.shape, generator=gen) for t in extra]
+
+
+@pytest.mark.parametrize('zero_tol', [0.0, 1e-3])
+@pytest.mark.parametrize('chunk_elements', [1, 7, 64, 10**6])
+def test_statistics_do_not_depend_on_the_work_buffer_size(zero_tol, chunk_elements):
+    """Tensors split over several blocks, rows longer than the buffer (reduced where they lie) and one
+    block for everything all give the float64 reference; the buffer never exceeds `chunk_elements`."""
+    grads, params = assorted_tensors()
+    plan = LayerStats([g.shape for g in grads], zero_tol=zero_tol, chunk_elements=chunk_elements)
+    values, counts = plan.refine(plan(grads, params).numpy(), grads, params)
+    for i, (g, p) in enumerate(zip(grads, params)):
+        got = dict(zip(METRICS, values[i].tolist()), n_nan=counts[i, 0], n_inf=counts[i, 1])
+        assert_stats_close(got, reference_stats(g, p, zero_tol), f'tensor {i} {tuple(g.shape)}')
+    chunks = plan._layout(grads)[0]
+    assert all(c.direct or c.n_rows * c.row_length <= max(chunk_elements, 1) for c in chunks)
+    assert sum(c.direct for c in chunks) == sum(g.numel() // (g.shape[0] if g.dim() >= 2 else 1) > chunk_elements
+                                                for g in grads if g.numel())
+
+
+def test_negative_zero_counts_as_zero():
+    g = torch.tensor([[-0.0, 1.0, 0.0], [-0.0, -0.0, 0.0]])
+    s = as_dict(LayerStats([g.shape])([g], [torch.ones_like(g)])[0])
+    assert s['zero_frac'] == pytest.approx(5 / 6, abs=1e-7) and s['dead_frac'] == 0.5
+
+
+def test_half_precision_float64_and_non_contiguous_gradients():
+    gen = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(s, generator=gen)
+    grads = [r(6, 5).half(), r(9).bfloat16(), r(3, 3).double(), r(5, 7).t(), r(4, 3, 2, 2).to(memory_format=torch.channels_last),
+             r(8, 6)[:, ::2]]
+    grads[0][2] = 0; grads[3][1] = 0; grads[4][0] = 0
+    params = [r(*g.shape).to(g.dtype) for g in grads]
+    for chunk_elements in (5, 10**6):
+        out = LayerStats([g.shape for g in grads], chunk_elements=chunk_elements)(grads, params)
+        for i, (g, p) in enumerate(zip(grads, params)):
+            assert_stats_close(as_dict(out[i]), reference_stats(g, p), f'tensor {i} {g.dtype} {chunk_elements}')
+
+
+def test_empty_tensors_have_zero_norms_and_no_other_statistics():
+    grads = [torch.zeros(0, 3), torch.zeros(0), torch.ones(2, 2)]
+    out = LayerStats([g.shape for g in grads])(grads, [g + 1 for g in grads])
+    for row in out[:2]:
+        s = as_dict(row)
+        assert s['grad_norm'] == 0 and s['param_norm'] == 0
+        assert all(math.isnan(s[m]) for m in ('grad_max', 'grad_mean', 'grad_std', 'zero_frac', 'dead_frac'))
+    assert_stats_close(as_dict(out[2]), reference_stats(grads[2], grads[2] + 1))
+
+
+@pytest.mark.parametrize('chunk_elements', [3, 64, 10**6])
+def test_histogram_counted_with_the_statistics(chunk_elements):
+    """`LayerStats(hist=True)` counts the same histogram as `MagnitudeHistogram` on the same sample, and with
+    every element counted (`hist_sample=None`) the independent float64 binning."""
+    grads, params = assorted_tensors(2)
+    grads[0][0, 0] = 3e-20; grads[1][1, 0, 0, 0] = 2e5          # `tiny` and `huge` bins
+    shapes = [g.shape for g in grads]
+    for sample in (None, 16):
+        plan = LayerStats(shapes, hist=True, hist_sample=sample, chunk_elements=chunk_elements)
+        values, hist = plan.assemble(plan.collect(grads, params).numpy())
+        assert hist.shape == (len(grads), len(HIST_BINS)) and hist.dtype == np.int64
+        np.testing.assert_array_equal(hist, MagnitudeHistogram(shapes, sample=sample)(grads).numpy())
+        if sample is None:
+            for i, g in enumerate(grads): np.testing.assert_array_equal(hist[i], hist_counts(g), err_msg=f'tensor {i}')
+        else:
+            assert (hist.sum(1) == [min(g.numel(), 16) for g in grads]).all()
+
+
+def test_collect_appends_extra_values_and_leaves_inputs_unchanged():
+    grads, params = assorted_tensors(3)
+    before = [g.clone() for g in grads], [p.clone() for p in params]
+    plan = LayerStats([g.shape for g in grads], zero_tol=1e-3, hist=True, chunk_elements=16)
+    raw = plan.collect(grads, params, extra=torch.tensor([2.5, -1.0]))
+    assert raw.dtype == torch.float64 and raw[-2:].tolist() == [2.5, -1.0]
+    values, _ = plan.assemble(raw.numpy())
+    np.testing.assert_array_equal(values, plan(grads, params).numpy())
+    same = lambda x, y: (torch.equal(torch.isnan(x), torch.isnan(y)) and torch.equal(torch.signbit(x), torch.signbit(y))
+                         and torch.equal(x.nan_to_num(0.0), y.nan_to_num(0.0)))   # bit for bit, NaN and -0.0 included
+    assert all(same(x, y) for x, y in zip(grads, before[0]))
+    assert all(same(x, y) for x, y in zip(params, before[1]))
+
+
+def test_bad_chunk_elements():
+    for bad in (0, -5, 2.5, True, None):
+        with pytest.raises(ValueError, match='chunk_elements'): LayerStats([(2, 2)], chunk_elements=bad)
+    with pytest.raises(TypeError, match='hist'): LayerStats([(2, 2)], hist='yes')
