@@ -164,8 +164,8 @@ def monitors(tmp):
     "Name -> factory of a fresh callback (or None), with the peers that are not installed marked unavailable."
     found = {'none': lambda: None, 'floor (foreach_norm, 1 copy)': Floor,
              'GradStats() defaults': GradStats,
+             'GradStats(hist=True)': lambda: GradStats(hist=True),
              'GradStats(every metric on)': lambda: GradStats(hist=True, update_ratio=True),
-             'GradStats(hist=False)': lambda: GradStats(hist=False),
              'fastai ActivationStats': lambda: ActivationStats(with_hist=False),
              'naive .item() loop': NaiveItem}
     unavailable = {}
@@ -249,6 +249,16 @@ def kept_memory(workload, factory, n_batches):
     if isinstance(cb, GradStats):
         held = sum(a.data.nbytes for a in _record_arrays(learn.grad_stats))
     return held, peak - before
+
+
+def work_buffer_bytes(workload):
+    "Bytes of the work buffer GradStats holds while fitting this workload (freed after the fit)."
+    from fastai_gradstats import LayerStats
+    model, _ = WORKLOADS[workload]()
+    params = list(model.parameters())
+    plan = LayerStats([p.shape for p in params])
+    with torch.no_grad(): plan.collect([torch.zeros_like(p) for p in params], params)
+    return plan.work_bytes
 
 
 def _record_arrays(record):
@@ -342,6 +352,8 @@ def main(argv=None):
         lines.append(f'- {w}: {ours / floor:.2f}x the floor' if floor > 0.002 else f'- {w}: floor overhead within noise ({floor:+.3f})')
     lines += ['', 'Memory kept after a fit of the MLP (GradStats: its record\'s arrays; others: traced Python/numpy memory):', '']
     for name, (held, peak) in memory.items(): lines.append(f'- {name}: {held / 1e6:.2f} MB kept (traced peak {peak / 1e6:.2f} MB)')
+    lines += ['', 'GradStats\' work buffer while fitting (the gradients copied row-block by row-block; at most 2**22 '
+              'elements, freed after the fit): ' + ', '.join(f'{w} {work_buffer_bytes(w) / 1e6:.2f} MB' for w in workloads) + '.']
     if scaling:
         lines += ['', 'Cost of GradStats() per step (its callback events alone, median), by number of Linear layers:', '',
                   '| layers | parameter tensors | us per step | us per tensor | first half of steps | second half |',

@@ -140,7 +140,7 @@ COMPARISONS = [('lr_reasonable', 'lr_too_high'), ('relu_default_init', 'generalr
 
 
 def run_experiment(exp: Experiment, quick: bool = False, progress: bool = True, **gradstats_kwargs):
-    "Train `exp` with `GradStats` and return the record (`learn.grad_stats`)."
+    "Train `exp` with `GradStats` (histograms on unless `hist=False` is given) and return the record (`learn.grad_stats`)."
     import warnings
     import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
     from fastai.learner import Learner
@@ -152,7 +152,7 @@ def run_experiment(exp: Experiment, quick: bool = False, progress: bool = True, 
     opt = {'Adam': Adam, 'SGD': SGD}[exp.opt]
     learn = Learner(digits_dls(sequence=exp.sequence), exp.model(), loss_func=CrossEntropyLossFlat(),
                     metrics=accuracy, opt_func=opt)
-    cb = GradStats(**gradstats_kwargs)
+    cb = GradStats(**{'hist': True, **gradstats_kwargs})
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', GradientAlert)  # the summary reports them
         if progress: learn.fit(exp.quick_epochs if quick else exp.epochs, exp.lr, cbs=cb)

@@ -105,10 +105,15 @@ class LayerStats:
         self.numel = np.array([s.numel() for s in self.shapes], np.float64)
         self.rows = [_rows(s) for s in self.shapes]
         self.n_units = np.array([s[0] if len(s) >= 2 else math.nan for s in self.shapes], np.float64)
-        self._layouts, self._last = {}, None
+        self._layouts, self._last, self._work_bytes = {}, None, {}
         if not self.shapes: self._last = ([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), None)
 
     def __len__(self): return len(self.shapes)
+
+    @property
+    def work_bytes(self) -> int:
+        "Bytes of work buffer this object holds (at most `chunk_elements` elements per gradient dtype seen)."
+        return sum(self._work_bytes.values())
 
     # --- the plan ---------------------------------------------------------------------------------
     def _layout(self, grads):
@@ -140,6 +145,7 @@ class LayerStats:
         for c in chunks:
             if not c.direct: buffers[c.dtype] = max(buffers.get(c.dtype, 0), c.n_rows * c.row_length)
         buffers = {dtype: torch.empty(size, dtype=dtype, device=device) for dtype, size in buffers.items()}
+        self._work_bytes[(device, dtypes)] = sum(b.numel() * b.element_size() for b in buffers.values())
         for c in chunks:
             if c.direct: continue
             c.block = buffers[c.dtype][:c.n_rows * c.row_length].view(c.n_rows, c.row_length)
@@ -233,23 +239,19 @@ class LayerStats:
         if self._last is None: raise ValueError("`assemble` needs a `collect` of this object first")
         _, owner, starts, row_length, _ = self._last
         n_rows = len(row_length)
-        row_sum, row_norm, row_max, row_zeros = (raw[k * n_rows:(k + 1) * n_rows] for k in range(4))
-        param_norm = raw[4 * n_rows:4 * n_rows + n]
-        total, sumsq, grad_max, zeros, dead = (np.zeros(n) for _ in range(5))
-        grad_max[:] = np.nan
-        if n_rows:
-            with np.errstate(invalid='ignore', over='ignore'):
-                total[owner] = np.add.reduceat(row_sum, starts)
-                sumsq[owner] = np.add.reduceat(row_norm * row_norm, starts)
-                grad_max[owner] = np.maximum.reduceat(row_max, starts)
-                zeros[owner] = np.add.reduceat(row_zeros, starts)
-                dead[owner] = np.add.reduceat((row_zeros == row_length).astype(np.float64), starts)
-        with np.errstate(invalid='ignore', divide='ignore', over='ignore'):
+        row = raw[:4 * n_rows].reshape(4, n_rows)  # per row: sum, L2 norm, max |g|, elements <= zero_tol
+        sums = np.zeros((4, n))                    # per tensor: sum, sum of squares, zeros, dead units
+        grad_max = np.full(n, np.nan)
+        with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
+            if n_rows:
+                sums[:, owner] = np.add.reduceat(np.stack([row[0], row[1] * row[1], row[3], row[3] == row_length]), starts, axis=1)
+                grad_max[owner] = np.maximum.reduceat(row[2], starts)
+            total, sumsq, zeros, dead = sums
             mean = total / self.numel
-            var = np.maximum(sumsq - total * mean, 0) / (self.numel - 1)
-            std = np.where(self.numel < 2, np.nan, np.sqrt(var))
-            for j, column in enumerate((np.sqrt(sumsq), param_norm, grad_max, mean, std, zeros / self.numel, dead / self.n_units)):
-                values[:, j] = column
+            std = np.sqrt(np.maximum(sumsq - total * mean, 0) / (self.numel - 1))
+            std[self.numel < 2] = np.nan
+            values[:] = np.stack([np.sqrt(sumsq), raw[4 * n_rows:4 * n_rows + n], grad_max, mean, std,
+                                  zeros / self.numel, dead / self.n_units], axis=1)
         hist = None
         if self.hist:
             at = 4 * n_rows + n

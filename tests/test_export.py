@@ -18,7 +18,7 @@ from fastai_gradstats.stats import HIST_BINS
 def _fit(*cbs, n_train=256, **gradstats_kwargs):
     torch.manual_seed(0)
     learn = Learner(digits_dls(n_train=n_train, bs=64), mlp(2, 16), loss_func=CrossEntropyLossFlat())
-    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=[GradStats(**gradstats_kwargs), *cbs])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=[GradStats(**{'hist': True, **gradstats_kwargs}), *cbs])
     return learn.grad_stats
 
 

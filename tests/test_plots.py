@@ -51,7 +51,7 @@ def fit(model, dls, lr=1e-3, epochs=1, opt=Adam, loss=None, cbs=(), seed=0, **gr
     cap = Capture()
     with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
         warnings.simplefilter('ignore', GradientAlert)
-        learn.fit(epochs, lr, cbs=[GradStats(**gradstats), cap, *cbs])
+        learn.fit(epochs, lr, cbs=[GradStats(**{'hist': True, **gradstats}), cap, *cbs])   # histograms on: most plots here use them
     return learn, cap
 
 
@@ -760,3 +760,12 @@ def test_plots_draw_on_a_given_ax_and_never_show(run, monkeypatch, tmp_path):
            plots.gradient_flow(record, ax=axes[1, 0]), plots.layer_curves(record, ax=axes[1, 1])]
     assert [g is a for g, a in zip(got, axes.ravel())] == [True] * 4
     save_png(fig, tmp_path, 'grid')
+
+
+def test_histograms_are_opt_in():
+    "`GradStats()` records no histogram (it would cost about as much as every other statistic): a clear error says how."
+    learn, _ = fit(mlp(1, 8, n_in=4, n_out=4), regression_dls(n=32, bs=32), loss=MSELossFlat(), epochs=1, hist=False)
+    record = learn.grad_stats
+    assert GradStats().hist is False and not record.has_hist and record.args['hist'] is False
+    with pytest.raises(ValueError, match=r'hist=True'): record.hist
+    with pytest.raises(ValueError, match=r'hist=True'): record.plot_magnitude_hist()

@@ -28,7 +28,7 @@ def rich_fit():
     """A real fit whose record has NaN/Inf, an overflow-skipped step, zero_tol, update_ratio and histograms."""
     learn = make_learner(dead_unit_mlp(), small_dls(n_train=64, bs=16))
     cap = Capture()
-    learn.fit(1, 0.1, cbs=[CPUMixedPrecision(bf16=False), GradStats(zero_tol=1e-3, update_ratio=True), cap,
+    learn.fit(1, 0.1, cbs=[CPUMixedPrecision(bf16=False), GradStats(zero_tol=1e-3, update_ratio=True, hist=True), cap,
                            InjectNonFinite(at={1})])
     return learn.grad_stats, cap
 

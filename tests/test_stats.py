@@ -224,7 +224,8 @@ def test_statistics_do_not_depend_on_the_work_buffer_size(zero_tol, chunk_elemen
         got = dict(zip(METRICS, values[i].tolist()), n_nan=counts[i, 0], n_inf=counts[i, 1])
         assert_stats_close(got, reference_stats(g, p, zero_tol), f'tensor {i} {tuple(g.shape)}')
     chunks = plan._layout(grads)[0]
-    assert all(c.direct or c.n_rows * c.row_length <= max(chunk_elements, 1) for c in chunks)
+    assert all(c.direct or c.n_rows * c.row_length <= chunk_elements for c in chunks)
+    assert 0 < plan.work_bytes <= 4 * min(chunk_elements, sum(g.numel() for g in grads))   # float32 gradients only
     assert sum(c.direct for c in chunks) == sum(g.numel() // (g.shape[0] if g.dim() >= 2 else 1) > chunk_elements
                                                 for g in grads if g.numel())
 
