@@ -105,6 +105,7 @@ class GradStats(Callback):
                                  keep_last=keep_last, every=int(every))
         self.step_count, self._active, self._params, self._plan, self._recorded_step = 0, False, None, None, False
         self._weights_before, self._weight_buffers, self._alerted, self.stopped_at = None, None, set(), None
+        self._pending_update = None
 
     @property
     def name(self):
@@ -146,15 +147,17 @@ class GradStats(Callback):
 
     def after_step(self):
         if not self._active: return
-        if self._weights_before is not None: self._record_update_norm()
+        if self._weights_before is not None: self._measure_update()
         self.step_count += 1
         self._recorded_step = False
 
     def after_cancel_fit(self):
         # stopped between recording a step and applying it (e.g. stop_on_critical): the optimizer never applied it
         if self._active and self._recorded_step: self.record.mark_skipped()
+        self._flush_update()
 
     def after_fit(self):
+        self._flush_update()
         self._params, self._plan, self._module_of, self._active = None, None, None, False
         self._weights_before, self._weight_buffers = None, None
 
@@ -192,9 +195,14 @@ class GradStats(Callback):
         loss = self.learn.loss
         # fastai's loss is a TensorBase, whose __torch_function__ would wrap every op after it: use a plain tensor
         loss = torch.full((), torch.nan) if loss is None else loss.detach().as_subclass(torch.Tensor).float().mean()
-        host = _to_host(self._plan.collect(grads, params, extra=loss))  # the one copy of this step
+        # the last step's update norms (measured on the device at its after_step) ride along in this step's copy
+        update, self._pending_update = self._pending_update, None
+        extra = loss.reshape(1) if update is None else torch.cat([loss.reshape(1).to(update), update])
+        host = _to_host(self._plan.collect(grads, params, extra=extra))  # the one copy of this step
         values, hist = self._plan.assemble(host)
-        loss, n = float(host[-1]), len(params)
+        n_update = 0 if update is None else len(update)
+        if update is not None: self.record.set_last('update_norm', host[len(host) - n_update:])
+        loss, n = float(host[len(host) - n_update - 1]), len(params)
         values, counts = self._plan.refine(values, grads, params)  # a second copy only on steps that need it
         if self.update_ratio:
             values = np.concatenate([values, np.full((n, 1), np.nan, np.float32)], axis=1)
@@ -205,8 +213,7 @@ class GradStats(Callback):
             with torch.no_grad(): torch._foreach_copy_(self._weight_buffers, params)
             self._weights_before = (self._weight_buffers, params)
         self.record.add_step(self.step_count, self.learn.epoch, self.learn.opt.hypers[-1]['lr'], loss,
-                             self._plan_index, values, counts, skipped,
-                             hist)
+                             self._plan_index, values, counts, skipped, hist, pending=self.update_ratio and not skipped)
         self._recorded_step = True
         if not skipped and (self.alerts or self.stop_on_critical): self._alert(values, counts)
 
@@ -233,12 +240,17 @@ class GradStats(Callback):
             self.stopped_at = self.step_count
             raise CancelFitException()
 
-    def _record_update_norm(self):
-        "||w_after - w_before|| of the step just taken, into the last recorded step (`df` derives `update_ratio`)."
+    def _measure_update(self):
+        """||w_after - w_before|| of the step just taken, left on the device: the next recorded step's copy
+        (or the end of the fit) brings it into the last recorded step (`df` derives `update_ratio`)."""
         before, params = self._weights_before
         self._weights_before = None
         if not params: return self.record.set_last('update_norm', [])
         with torch.no_grad():
             torch._foreach_sub_(before, params)  # in place: the buffers now hold w_before - w_after
-            delta = torch.stack(_norms(before))
-        self.record.set_last('update_norm', _to_host(delta))
+            self._pending_update = torch.stack(_norms(before)).to(torch.float64)
+
+    def _flush_update(self):
+        "At the end of a fit: the last step's update norms, with a copy of their own (once per fit)."
+        update, self._pending_update = self._pending_update, None
+        if update is not None and self.record.pending_last: self.record.set_last('update_norm', _to_host(update))

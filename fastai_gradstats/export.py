@@ -59,17 +59,22 @@ class _Exporter(Callback):
         self._n_sent = 0
         self.open()
 
-    def after_step(self):
+    def after_step(self): self._send_new()
+
+    def _send_new(self):
+        "Send the last complete step if not sent yet (with `update_ratio` on, a step completes one step later)."
         record = getattr(self.learn, 'grad_stats', None)
         if record is None or not len(record): return
-        last = record.last()
-        if last['step'] == self._sent: return
+        last = record.last(complete=True)
+        if last is None or last['step'] == self._sent: return
         self._sent = last['step']
         hist = last['hist'] if last['hist'] is not None and self._n_sent % self.hist_every == 0 else None
         self._n_sent += 1
         self.send(last['step'], step_scalars(last), None if hist is None else dict(zip(last['layers'], hist)))
 
-    def after_fit(self): self.close()
+    def after_fit(self):
+        self._send_new()  # GradStats (earlier in order) has completed the last step by now
+        self.close()
 
 
 def _need(module, extra, who):

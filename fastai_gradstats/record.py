@@ -102,6 +102,8 @@ class GradRecord:
                            'loss': _Growable(np.float32), 'skipped': _Growable(np.bool_), 'n_rows': _Growable(np.int64),
                            'kept_every': _Growable(np.int64), 'rank': _Growable(np.int32)}
         self._cache = {}
+        # True while the last step's extra columns (`update_norm`) are still to come (`set_last` fills them)
+        self.pending_last = False
         self.set_layers(layers)
 
     # --- filling -------------------------------------------------------------------------
@@ -128,13 +130,13 @@ class GradRecord:
             raise ValueError(f"unknown layer {unknown!r}; add it with `set_layers` first")
         return codes.astype(np.int32)
 
-    def add_step(self, step, epoch, lr, loss, layer_index, values, counts=None, skipped=False, hist=None):
+    def add_step(self, step, epoch, lr, loss, layer_index, values, counts=None, skipped=False, hist=None, pending=False):
         """Append one recorded optimizer step.
 
         `layer_index` (from `layer_index`) says which layer each row of `values` belongs to;
         `values` has one column per entry of `value_columns` (NaN for an extra column not known
         yet, see `set_last`); `counts` one per `COUNT_COLUMNS` (zeros when omitted); `hist`, when
-        the record keeps histograms, one per `HIST_BINS`."""
+        the record keeps histograms, one per `HIST_BINS`; `pending`: its extra columns come later (`set_last`)."""
         values = np.asarray(values, np.float32).reshape(-1, len(self.value_columns))
         layer_index = np.asarray(layer_index, np.int32).reshape(-1)
         if len(layer_index) != len(values):
@@ -144,6 +146,7 @@ class GradRecord:
             raise ValueError("`hist` must be given exactly when the record keeps histograms (`hist_dtype` set)")
         self._extend({'step': [step], 'epoch': [epoch], 'lr': [lr], 'loss': [loss], 'skipped': [skipped]},
                      [len(values)], layer_index, values, counts, hist)
+        self.pending_last = bool(pending)
 
     def _extend(self, steps, n_rows, layer_index, values, counts, hist=None):
         "Append several steps at once: `steps` maps step columns to sequences, `n_rows` rows per step."
@@ -199,24 +202,31 @@ class GradRecord:
         values = np.asarray(values, np.float32).reshape(-1)
         if len(values) != n: raise ValueError(f"`values` has {len(values)} entries for the last step's {n} rows")
         if n: self._values.view[-n:, self.value_columns.index(column)] = values
+        self.pending_last = False
         self._cache.clear()
 
     def mark_skipped(self):
         "Flag the last recorded step as one the optimizer did not apply."
         if not len(self._step_cols['step']): raise ValueError("no step recorded yet")
         self._step_cols['skipped'].view[-1] = True
+        self.pending_last = False  # the optimizer did not apply it: no update to measure
         self._cache.clear()
 
-    def last(self) -> dict:
+    def last(self, complete: bool = False) -> dict | None:
         """The last recorded step straight from the record's arrays (no DataFrame, no device access):
         `step`, `epoch`, `lr`, `loss`, `grad_norm` (total), `skipped`, `layers` (names), `values`
-        (rows x `value_columns`), `counts` (rows x `COUNT_COLUMNS`) and `hist` (rows x `HIST_BINS`, or None)."""
+        (rows x `value_columns`), `counts` (rows x `COUNT_COLUMNS`) and `hist` (rows x `HIST_BINS`, or None).
+        With `complete=True`, the last step whose every column is known: the one before while the last
+        one's `update_norm` is still to come (`pending_last`), None if there is none."""
         if not len(self): raise ValueError("no step recorded yet")
-        n = int(self._step_cols['n_rows'].view[-1])
-        rows = slice(len(self._values) - n, len(self._values))
+        back = 1 if complete and self.pending_last else 0
+        if back >= len(self): return None
+        n_rows = self._step_cols['n_rows'].view
+        end = len(self._values) - int(n_rows[len(self) - back:].sum())
+        rows = slice(end - int(n_rows[-1 - back]), end)
         values = self._values.view[rows]
         names = [self._layers[i]['name'] for i in self._row_layer.view[rows]]
-        out = {k: self._step_cols[k].view[-1].item() for k in ('step', 'epoch', 'lr', 'loss', 'skipped')}
+        out = {k: self._step_cols[k].view[-1 - back].item() for k in ('step', 'epoch', 'lr', 'loss', 'skipped')}
         out.update(layers=names, values=values, counts=self._counts.view[rows],
                    hist=None if self._hist is None else self._hist.view[rows],
                    grad_norm=float(np.sqrt(np.sum(values[:, METRICS.index('grad_norm')].astype(np.float64) ** 2))))

@@ -36,7 +36,7 @@ class _Counting:
                 if self.active: self.calls[_m] += 1
                 return _orig(t, *a, **k)
             monkeypatch.setattr(torch.Tensor, m, counted)
-        for event in ('before_step', 'after_step', 'after_cancel_step'):
+        for event in ('before_step', 'after_step', 'after_cancel_step', 'after_fit', 'after_cancel_fit'):
             original = getattr(GradStats, event)
             def wrapped(cb, _orig=original):
                 self.active = True
@@ -53,6 +53,16 @@ def test_one_host_copy_per_recorded_step_and_no_item(monkeypatch):
     assert n_steps == 16
     assert counter.calls['item'] == 0 and counter.calls['tolist'] == 0
     assert counter.calls['cpu'] == n_steps          # exactly one device-to-host copy per recorded step
+
+
+def test_update_ratio_rides_along_in_the_next_steps_copy(monkeypatch):
+    "The update norms, measured on the device after each step, reach the host in the next step's copy (the last at the fit's end)."
+    counter = _Counting(monkeypatch)
+    learn = _learner()
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2, cbs=GradStats(update_ratio=True))
+    record = learn.grad_stats
+    assert counter.calls['cpu'] == len(record) + 1 and counter.calls['item'] == 0
+    assert record.df['update_ratio'].notna().all() and not record.pending_last
 
 
 def test_every_skips_the_work_of_unrecorded_steps(monkeypatch):

@@ -214,3 +214,20 @@ def test_one_step_fit(tmp_path):
     loaded = load(record.save(tmp_path / 'one'))
     assert_same_record(record, loaded)
     assert_record_matches(loaded, cap.captured)
+
+
+def test_last_complete_waits_for_a_pending_update_norm():
+    "`last(complete=True)` is the step before while the last one's update norm is still to come (what exporters send)."
+    layers = [{'name': 'w', 'module': 'Linear', 'shape': (2, 2), 'numel': 4, 'depth': 0}]
+    record = GradRecord(layers, extra_columns=('update_norm',))
+    index = record.layer_index(['w'])
+    row = lambda s: np.r_[np.full(len(METRICS), float(s), np.float32), np.nan][None]
+    record.add_step(0, 0, 0.1, 1.0, index, row(0), pending=True)
+    assert record.pending_last and record.last(complete=True) is None and record.last()['step'] == 0
+    record.set_last('update_norm', [0.5])
+    assert not record.pending_last and record.last(complete=True)['values'][0, -1] == 0.5
+    record.add_step(1, 0, 0.1, 2.0, index, row(1), pending=True)
+    done = record.last(complete=True)
+    assert done['step'] == 0 and done['loss'] == 1.0 and done['values'][0, 0] == 0 and done['values'][0, -1] == 0.5
+    record.mark_skipped()   # a step the optimizer did not apply has no update to wait for
+    assert not record.pending_last and record.last(complete=True)['step'] == 1
