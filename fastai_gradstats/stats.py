@@ -84,10 +84,11 @@ class LayerStats:
 
     How it is fast: the gradients' rows are copied, grouped by row length, into one reusable work
     buffer of at most `chunk_elements` elements (one batched copy per block). Each block then takes
-    five reductions along its rows (sum, L2 norm, and, after an in-place |g|, max and the count of
-    elements <= `zero_tol`) whatever the number of tensors in it, instead of several small reductions
-    per tensor. `collect` leaves those per-row results and the parameters' norms in one flat tensor
-    on the gradients' device: the caller copies it to the host once, and `assemble` turns it into one
+    four reductions along its rows, whatever the number of tensors in it: sum and L2 norm; max after
+    an in-place |g|; and, after an in-place `<= zero_tol`, a sum that counts the zero elements (a
+    unit is dead when all of its row is). That replaces several small reductions per tensor.
+    `collect` leaves those per-row results and the parameters' norms in one flat tensor on the
+    gradients' device: the caller copies it to the host once, and `assemble` turns it into one
     row per tensor with numpy. No `.item()`, no copy per tensor or per metric.
     Sums accumulate in float32 (float64 for float64 gradients); `refine` redoes in float64 the rare
     rows where that is not enough (overflow, NaN/Inf, cancellation in the std). NaN and Inf

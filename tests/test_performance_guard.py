@@ -73,11 +73,25 @@ def test_every_skips_the_work_of_unrecorded_steps(monkeypatch):
     assert counter.calls['cpu'] == 4
 
 
-class _OpCounter(TorchFunctionMode):
-    def __init__(self): super().__init__(); self.n = 0
+class _CallNames(TorchFunctionMode):
+    "The names of the torch calls made inside it."
+    def __init__(self): super().__init__(); self.names = []
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.n += 1
+        self.names.append(getattr(func, '__name__', str(func)))
         return func(*args, **(kwargs or {}))
+
+
+def _calls_per_step(learn, cb):
+    "Names of the torch calls `cb` makes in each `before_step` of a one-epoch fit of `learn`."
+    calls, original = [], GradStats.before_step
+    def listed(self):
+        with _CallNames() as c: original(self)
+        calls.append(c.names)
+    GradStats.before_step = listed
+    try:
+        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=cb)
+    finally: GradStats.before_step = original
+    return calls
 
 
 class _Parallel(nn.Module):
@@ -92,16 +106,7 @@ def _ops_per_step(n_layers, steps=6):
     "Torch calls GradStats makes per recorded step, for each step of a fit."
     learn = _learner(n=32 * steps)
     learn.model = _Parallel(n_layers)
-    counts = []
-    original = GradStats.before_step
-    def counted(cb):
-        with _OpCounter() as c: original(cb)
-        counts.append(c.n)
-    GradStats.before_step = counted
-    try:
-        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=GradStats())
-    finally: GradStats.before_step = original
-    return counts
+    return [len(names) for names in _calls_per_step(learn, GradStats())]
 
 
 def test_work_grows_with_tensors_not_with_steps():
@@ -181,28 +186,12 @@ SYNCING = {'item', 'tolist', 'nonzero', 'argwhere', 'bincount', 'unique', 'uniqu
            'repeat_interleave', '__bool__', '__int__', '__float__', '__index__', 'equal', 'allclose', 'is_nonzero'}
 
 
-class _CallNames(TorchFunctionMode):
-    def __init__(self): super().__init__(); self.names = []
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.append(getattr(func, '__name__', str(func)))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('kwargs', [{}, {'hist': True, 'zero_tol': 1e-3}])
 def test_recorded_steps_make_no_call_that_would_sync_a_cuda_device(kwargs):
     """On CUDA every host read waits for the device: the steady-state step must make no such call (no
     `.item()`, `bincount`, `nonzero`, boolean indexing, ...) other than its one `.cpu()`. Checked on CPU by
     listing the torch calls the callback makes (the data is the same on any device)."""
-    learn = _learner(n=32 * 4)
-    calls = []
-    original = GradStats.before_step
-    def listed(cb):
-        with _CallNames() as c: original(cb)
-        calls.append(c.names)
-    GradStats.before_step = listed
-    try:
-        with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=GradStats(**kwargs))
-    finally: GradStats.before_step = original
+    calls = _calls_per_step(_learner(n=32 * 4), GradStats(**kwargs))
     for names in calls[1:]:   # the first step also builds the plan (once)
         assert not SYNCING & set(names), SYNCING & set(names)
         assert names.count('cpu') == 1 and names.count('numpy') == 1   # .cpu().numpy(): the host copy, then a view of it
