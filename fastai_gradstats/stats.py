@@ -283,11 +283,8 @@ class LayerStats:
             underflow = (grad_norm < 1e-18) & (zero_frac < 1)
         rows = np.flatnonzero(~np.isfinite(grad_norm) | ~np.isfinite(param_norm) | cancelled | underflow)
         if not len(rows): return values, counts
-        with torch.no_grad():
-            exact = torch.stack([torch.stack([g.double().norm(), p.double().norm(), g.double().mean(),
-                                              g.double().std() if g.numel() > 1 else torch.tensor(math.nan, dtype=torch.float64, device=g.device)])
-                                 for g, p in ((grads[i], params[i]) for i in rows)])
-            exact = torch.cat([exact, count_nonfinite([grads[i] for i in rows]).to(exact)], dim=1)
+        # float64 copies of the flagged tensors, a group of at most chunk_elements / 8 elements at a time
+        exact = _exact_stats([grads[i] for i in rows], [params[i] for i in rows], max(1, self.chunk_elements // 8))
         host = exact.cpu().numpy()  # one copy, on these rare steps only
         for j, column in enumerate(('grad_norm', 'param_norm', 'grad_mean', 'grad_std')):
             values[rows, METRICS.index(column)] = host[:, j]
@@ -308,6 +305,39 @@ def _norms(tensors):
         where = [i for i, w in enumerate(wide) if w == keep]
         for i, norm in zip(where, torch._foreach_norm([tensors[i] for i in where], 2, **kwargs)): out[i] = norm
     return out
+
+
+def _exact_stats(grads, params, chunk_elements=CHUNK_ELEMENTS):
+    """Float64 gradient norm, parameter norm, mean, std (as `torch.std`) and NaN and Inf counts of each
+    gradient: a `(len(grads), 6)` float64 tensor on their device. A fixed number of batched ops per group of
+    tensors of at most `chunk_elements` elements together (one per tensor above that), whatever the number
+    of tensors: a deep net whose early gradients underflow every step must not pay a loop per tensor."""
+    out, group, size = [], [], 0
+    for i, g in enumerate(grads):
+        if group and size + g.numel() > chunk_elements:
+            out.append(_exact_group([grads[j] for j in group], [params[j] for j in group])); group, size = [], 0
+        group.append(i); size += g.numel()
+    if group: out.append(_exact_group([grads[j] for j in group], [params[j] for j in group]))
+    return torch.cat(out)
+
+
+def _exact_group(grads, params):
+    device = grads[0].device
+    with torch.no_grad():
+        numel = torch.tensor([g.numel() for g in grads], device=device)
+        owner = torch.repeat_interleave(torch.arange(len(grads), device=device), numel,
+                                        output_size=sum(g.numel() for g in grads))  # output_size: no device sync
+        g = torch.cat([t.reshape(-1) for t in grads]).to(torch.float64)
+        p = torch.cat([t.reshape(-1) for t in params]).to(torch.float64)
+        per_tensor = lambda x: torch.zeros(len(grads), *x.shape[1:], dtype=torch.float64, device=device).index_add_(0, owner, x)
+        n = numel.to(torch.float64)
+        # one segmented sum for five columns: sum, sum of squares, parameter sum of squares, NaN and Inf
+        total, grad_sq, param_sq, nans, infs = per_tensor(torch.stack(
+            [g, g * g, p.square_(), torch.isnan(g).to(torch.float64), torch.isinf(g).to(torch.float64)], dim=1)).unbind(1)
+        mean = total / n
+        centred = (g - mean[owner]).square_()   # two passes: the std of a near-constant gradient stays exact
+        std = (per_tensor(centred) / (n - 1)).sqrt().masked_fill(numel < 2, math.nan)
+        return torch.stack([grad_sq.sqrt(), param_sq.sqrt(), mean, std, nans, infs], dim=1)
 
 
 def count_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -295,3 +295,45 @@ def test_bad_chunk_elements():
     for bad in (0, -5, 2.5, True, None):
         with pytest.raises(ValueError, match='chunk_elements'): LayerStats([(2, 2)], chunk_elements=bad)
     with pytest.raises(TypeError, match='hist'): LayerStats([(2, 2)], hist='yes')
+
+
+def _vanishing_net_gradients(n, seed=0):
+    """`n` gradients of a deep net whose early layers' gradients vanish: elements around 1e-25, whose
+    squares underflow float32, one with a NaN, one with an Inf, one a single element, one constant."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(4 + i % 3, 5, generator=gen) * 1e-25 for i in range(n)]
+    grads[1][0, 0] = NAN
+    grads[2][1, 1] = INF
+    grads[3] = torch.tensor([3e-24])
+    grads[4] = torch.full((6,), 2e-24)
+    return grads, [torch.randn(g.shape, generator=gen) for g in grads]
+
+
+@pytest.mark.parametrize('chunk_elements', [8, 2**22])
+def test_refine_fixes_many_rows_with_batched_ops(chunk_elements):
+    """Every row of a vanishing deep net needs `refine`: its float64 values match numpy's, and it takes the
+    same number of segmented sums for 10 flagged tensors as for 60 (no loop of reductions per tensor)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Calls(TorchFunctionMode):
+        def __init__(self): super().__init__(); self.names = []
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, '__name__', str(func)))
+            return func(*args, **(kwargs or {}))
+
+    reductions = {}
+    for n in (10, 60):
+        grads, params = _vanishing_net_gradients(n)
+        plan = LayerStats([g.shape for g in grads], chunk_elements=chunk_elements)
+        raw = plan(grads, params).numpy()
+        assert (raw[5:, METRICS.index('grad_norm')] == 0).all()   # float32 squares underflow: refine must fix them
+        with Calls() as calls: values, counts = plan.refine(raw, grads, params)
+        for i, (g, p) in enumerate(zip(grads, params)):
+            ref = reference_stats(g, p)
+            got = dict(zip(METRICS, values[i].tolist()), n_nan=counts[i, 0], n_inf=counts[i, 1])
+            for key in ('grad_norm', 'param_norm', 'grad_mean', 'grad_std'):
+                assert got[key] == pytest.approx(ref[key], rel=1e-5, nan_ok=True), (i, key)
+            assert (got['n_nan'], got['n_inf']) == (ref['n_nan'], ref['n_inf'])
+        reductions[n] = sum(name in ('index_add_', 'norm', 'std', 'mean', 'sum') for name in calls.names)
+    if chunk_elements > 1000: assert reductions[10] == reductions[60] == 2
+    else: assert reductions[60] > reductions[10]   # groups of at most chunk_elements / 8 elements
