@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from bs4 import BeautifulSoup
 
-from fastai_gradstats import cli, load
+from fastai_gradstats import Thresholds, cli, load
 from fastai_gradstats.demo import COMPARISONS, EXPERIMENTS
 from fastai_gradstats.health import CHECKS
 
@@ -359,3 +359,14 @@ def test_unreadable_runs_give_a_one_line_error(demo, tmp_path, capsys, how):
         err = capsys.readouterr().err
         assert code == 2, (how, command)
         assert len(err.strip().splitlines()) == 1 and err.startswith(f'gradstats {command}: error:'), err
+
+
+def test_demo_runs_are_reproducible():
+    "`run_experiment` seeds torch, numpy and Python's random (fastai shuffles with it): two runs record the same numbers."
+    from fastai_gradstats.demo import run_experiment
+    exp = next(e for e in EXPERIMENTS if e.name == 'rnn_scale_above_1')
+    a, b = (run_experiment(exp, quick=True, progress=False) for _ in range(2))
+    pd.testing.assert_frame_equal(a.steps, b.steps)
+    pd.testing.assert_frame_equal(a.df, b.df)
+    # the explosion is not borderline: the first step's total norm is far above the critical threshold
+    assert a.steps['grad_norm'].iloc[0] > 10 * Thresholds().total_norm_critical
