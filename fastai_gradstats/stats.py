@@ -58,13 +58,40 @@ def _buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+PAD_ELEMENTS = 2 ** 14
+"""Most zeros `LayerStats` pads into one block to merge narrow rows with wider ones: each block costs a
+fixed handful of calls, about as much as reducing a few times this many elements."""
+
+
+def _merge_narrow(groups: dict, n_rows, limit: int) -> dict:
+    """Regroup `{(row_length, dtype): tensor indices}` so that a row length joins the next wider one of its
+    dtype (its rows padded with zeros up to that width) while the padding added, counted over all the rows
+    carried up, stays at most `PAD_ELEMENTS` and the width at most `limit`. Returns `{(width, dtype): indices}`."""
+    merged = {}
+    for dtype in dict.fromkeys(d for _, d in groups):
+        widths = sorted(length for length, d in groups if d == dtype)
+        carried, padding = [], 0
+        for k, width in enumerate(widths):
+            members = carried + groups[(width, dtype)]
+            if k + 1 < len(widths) and widths[k + 1] <= limit:
+                more = padding + sum(n_rows(i) for i in members) * (widths[k + 1] - width)
+                if more <= PAD_ELEMENTS:
+                    carried, padding = members, more
+                    continue
+            merged[(width, dtype)] = members
+            carried, padding = [], 0
+    return merged
+
+
 class _Chunk:
-    """One pass of `LayerStats`' work: whole rows of tensors with the same row length and dtype, copied side
-    by side into an (n_rows, row_length) block of the work buffer (`pieces`: (tensor, first_row, end_row)),
-    or (`direct`) one tensor whose rows are longer than the buffer, reduced where it lies."""
+    """One pass of `LayerStats`' work: whole rows of tensors of one dtype, copied side by side into an
+    (n_rows, row_length) block of the work buffer (`pieces`: (tensor, first_row, end_row)), shorter rows
+    followed by zeros (`pad_targets`, rewritten by every copy), or (`direct`) one tensor whose rows are
+    longer than the buffer, reduced where it lies."""
     def __init__(self, row_length, dtype, pieces, zero_tol, direct=False):
         self.row_length, self.dtype, self.pieces, self.direct = row_length, dtype, pieces, direct
         self.n_rows = sum(end - start for _, start, end in pieces)
+        self.pad_targets, self.pad_sources = [], []
         self.tol = _tol_below(zero_tol, dtype)  # |g| <= tol in this dtype exactly when |g| <= zero_tol
 
 
@@ -83,7 +110,9 @@ class LayerStats:
     With `hist=True` it also counts each gradient's log10 |g| histogram, as `MagnitudeHistogram` does.
 
     How it is fast: the gradients' rows are copied, grouped by row length, into one reusable work
-    buffer of at most `chunk_elements` elements (one batched copy per block). Each block then takes
+    buffer of at most `chunk_elements` elements (one batched copy per block); narrow rows join a
+    wider group, followed by zeros, when that pads at most `PAD_ELEMENTS` (a block costs a fixed
+    handful of calls; the padding is subtracted from the zero counts). Each block then takes
     four reductions along its rows, whatever the number of tensors in it: sum and L2 norm; max after
     an in-place |g|; and, after an in-place `<= zero_tol`, a sum that counts the zero elements (a
     unit is dead when all of its row is). That replaces several small reductions per tensor.
@@ -105,9 +134,10 @@ class LayerStats:
         self.histogram = MagnitudeHistogram(self.shapes, self.zero_tol, hist_sample) if hist else None
         self.numel = np.array([s.numel() for s in self.shapes], np.float64)
         self.rows = [_rows(s) for s in self.shapes]
+        self.row_length = [s.numel() // r for s, r in zip(self.shapes, self.rows)]
         self.n_units = np.array([s[0] if len(s) >= 2 else math.nan for s in self.shapes], np.float64)
         self._layouts, self._last, self._work_bytes = {}, None, {}
-        if not self.shapes: self._last = ([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), None)
+        if not self.shapes: self._last = ([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), None, np.zeros(0))
 
     def __len__(self): return len(self.shapes)
 
@@ -128,9 +158,9 @@ class LayerStats:
         budget, groups = self.chunk_elements, {}
         for i, (shape, dtype) in enumerate(zip(self.shapes, dtypes)):
             if shape.numel() == 0: continue
-            groups.setdefault((shape.numel() // self.rows[i], _buffer_dtype(dtype)), []).append(i)
+            groups.setdefault((self.row_length[i], _buffer_dtype(dtype)), []).append(i)
         chunks = []
-        for (length, dtype), members in groups.items():
+        for (length, dtype), members in _merge_narrow(groups, self.rows.__getitem__, budget).items():
             if length > budget:  # rows longer than the buffer: reduce those tensors where they lie
                 chunks += [_Chunk(length, dtype, [(i, 0, self.rows[i])], self.zero_tol, direct=True) for i in members]
                 continue
@@ -152,15 +182,21 @@ class LayerStats:
             c.block = buffers[c.dtype][:c.n_rows * c.row_length].view(c.n_rows, c.row_length)
             c.targets, row = [], 0
             for i, start, end in c.pieces:  # views shaped like the (part of the) tensor they receive
-                c.targets.append(c.block[row:row + end - start].view((end - start,) + self.shapes[i][1:]
-                                                                     if len(self.shapes[i]) >= 2 else self.shapes[i]))
+                rows, length = c.block[row:row + end - start], self.row_length[i]
+                c.targets.append(rows[:, :length].view((end - start,) + self.shapes[i][1:]
+                                                       if len(self.shapes[i]) >= 2 else self.shapes[i]))
+                if length < c.row_length:  # zeros after shorter rows: every copy rewrites them
+                    c.pad_targets.append(rows[:, length:])
+                    c.pad_sources.append(torch.zeros(rows[:, length:].shape, dtype=c.dtype, device=device))
                 row += end - start
         row_tensor = np.concatenate([np.repeat(i, end - start) for c in chunks for i, start, end in c.pieces]
                                     or [np.zeros(0, np.int64)])
         starts = np.flatnonzero(np.r_[True, row_tensor[1:] != row_tensor[:-1]]) if len(row_tensor) else np.zeros(0, np.int64)
         row_length = np.concatenate([np.full(c.n_rows, c.row_length, np.float64) for c in chunks] or [np.zeros(0)])
+        row_padding = np.concatenate([np.repeat(c.row_length - self.row_length[i], end - start).astype(np.float64)
+                                      for c in chunks for i, start, end in c.pieces] or [np.zeros(0)])
         hist_offset = self._plan_samples(chunks, device) if self.hist else None
-        return chunks, row_tensor[starts], starts, row_length, hist_offset
+        return chunks, row_tensor[starts], starts, row_length, hist_offset, row_padding
 
     def _plan_samples(self, chunks, device):
         "Where each tensor's histogram sample lies in the work buffer (or in the tensor, for direct chunks)."
@@ -168,10 +204,11 @@ class LayerStats:
         for c in chunks:
             picks, owners, row = [], [], 0
             for i, start, end in c.pieces:
-                n_piece = (end - start) * c.row_length
-                lo = start * c.row_length
+                length = self.row_length[i]
+                n_piece, lo = (end - start) * length, start * length
                 wanted = torch.arange(lo, lo + n_piece) if index[i] is None else index[i][(index[i] >= lo) & (index[i] < lo + n_piece)]
-                picks.append(wanted - lo + row * c.row_length); owners.append(torch.full((len(wanted),), i))
+                at = wanted - lo  # in the block, rows are c.row_length apart (padded after `length`)
+                picks.append((row + at // length) * c.row_length + at % length); owners.append(torch.full((len(wanted),), i))
                 row += end - start
             c.sample_index = torch.cat(picks).to(device)
             c.sample_owner = torch.cat(owners)
@@ -209,8 +246,9 @@ class LayerStats:
             return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
     def _reduce_block(self, c, grads, sums, norms, maxes, zeros, samples):
-        torch._foreach_copy_(c.targets, [grads[i] if end - start == self.rows[i] and start == 0 else grads[i][start:end]
-                                         for i, start, end in c.pieces])
+        torch._foreach_copy_(c.targets + c.pad_targets,
+                             [grads[i] if end - start == self.rows[i] and start == 0 else grads[i][start:end]
+                              for i, start, end in c.pieces] + c.pad_sources)
         block = c.block  # our own copy: free to overwrite in place
         sums.append(block.sum(1)); norms.append(torch.linalg.vector_norm(block, dim=1))
         block.abs_()
@@ -238,14 +276,15 @@ class LayerStats:
         if not n: return values, (np.zeros((0, len(HIST_BINS)), np.int64) if self.hist else None)
         raw = np.asarray(raw, np.float64).reshape(-1)
         if self._last is None: raise ValueError("`assemble` needs a `collect` of this object first")
-        _, owner, starts, row_length, _ = self._last
+        _, owner, starts, row_length, _, row_padding = self._last
         n_rows = len(row_length)
-        row = raw[:4 * n_rows].reshape(4, n_rows)  # per row: sum, L2 norm, max |g|, elements <= zero_tol
+        row = raw[:4 * n_rows].reshape(4, n_rows)  # per row: sum, L2 norm, max |g|, elements <= zero_tol (padding included)
         sums = np.zeros((4, n))                    # per tensor: sum, sum of squares, zeros, dead units
         grad_max = np.full(n, np.nan)
         with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
             if n_rows:
-                sums[:, owner] = np.add.reduceat(np.stack([row[0], row[1] * row[1], row[3], row[3] == row_length]), starts, axis=1)
+                sums[:, owner] = np.add.reduceat(np.stack([row[0], row[1] * row[1], row[3] - row_padding, row[3] == row_length]),
+                                                 starts, axis=1)
                 grad_max[owner] = np.maximum.reduceat(row[2], starts)
             total, sumsq, zeros, dead = sums
             mean = total / self.numel

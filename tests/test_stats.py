@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastai_gradstats.stats import HIST_BINS, METRICS, LayerStats, MagnitudeHistogram, count_nonfinite
+from fastai_gradstats.stats import HIST_BINS, METRICS, PAD_ELEMENTS, LayerStats, MagnitudeHistogram, count_nonfinite
 
 from helpers import assert_stats_close, hist_counts, reference_stats
 
@@ -225,7 +225,8 @@ def test_statistics_do_not_depend_on_the_work_buffer_size(zero_tol, chunk_elemen
         assert_stats_close(got, reference_stats(g, p, zero_tol), f'tensor {i} {tuple(g.shape)}')
     chunks = plan._layout(grads)[0]
     assert all(c.direct or c.n_rows * c.row_length <= chunk_elements for c in chunks)
-    assert 0 < plan.work_bytes <= 4 * min(chunk_elements, sum(g.numel() for g in grads))   # float32 gradients only
+    # float32 gradients only; narrow rows may be padded with at most PAD_ELEMENTS zeros to join wider ones
+    assert 0 < plan.work_bytes <= 4 * min(chunk_elements, sum(g.numel() for g in grads) + PAD_ELEMENTS)
     assert sum(c.direct for c in chunks) == sum(g.numel() // (g.shape[0] if g.dim() >= 2 else 1) > chunk_elements
                                                 for g in grads if g.numel())
 
@@ -337,3 +338,27 @@ def test_refine_fixes_many_rows_with_batched_ops(chunk_elements):
         reductions[n] = sum(name in ('index_add_', 'norm', 'std', 'mean', 'sum') for name in calls.names)
     if chunk_elements > 1000: assert reductions[10] == reductions[60] == 2
     else: assert reductions[60] > reductions[10]   # groups of at most chunk_elements / 8 elements
+
+
+@pytest.mark.parametrize('zero_tol', [0.0, 1e-3])
+def test_narrow_rows_share_a_padded_block_step_after_step(zero_tol):
+    """Rows of 3, 5, 8 and 40 elements (and a bias, a scalar) land in fewer blocks, shorter rows followed by
+    zeros. The in-place |g| and `<= zero_tol` of one step must not leak into the next: three steps with
+    different gradients, NaN and a dead row, all equal the float64 reference, histograms included."""
+    shapes = [torch.Size(s) for s in [(4, 3), (6, 5), (2, 2, 2), (7, 40), (9,), ()]]
+    params = [torch.randn(s) for s in shapes]
+    plan = LayerStats(shapes, zero_tol=zero_tol, hist=True, hist_sample=None)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        grads = [torch.randn(s, generator=gen) * 10.0 ** -step for s in shapes]
+        grads[step][0] = 0                         # a dead unit, a different tensor each step
+        if step == 1: grads[3][2, 7] = NAN
+        values, hist = plan.assemble(plan.collect(grads, params).numpy())
+        values, counts = plan.refine(values, grads, params)
+        for i, (g, p) in enumerate(zip(grads, params)):
+            got = dict(zip(METRICS, values[i].tolist()), n_nan=counts[i, 0], n_inf=counts[i, 1])
+            assert_stats_close(got, reference_stats(g, p, zero_tol), f'step {step} tensor {i}')
+            if zero_tol == 0: np.testing.assert_array_equal(hist[i], hist_counts(g), err_msg=f'step {step} tensor {i}')
+    chunks = plan._layout(grads)[0]
+    assert len(chunks) < len({s.numel() // (s[0] if len(s) >= 2 else 1) for s in shapes})   # fewer blocks than row lengths
+    assert any(c.pad_targets for c in chunks)
