@@ -309,12 +309,13 @@ def versions():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='2 rounds of 20 steps on the MLP only (a smoke test, not a measurement)')
-    parser.add_argument('--rounds', type=int, default=None)
-    parser.add_argument('--steps', type=int, default=None, help='training steps per fit (default 100)')
+    parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds (default 21: the machine drifts '
+                        'from fit to fit, and many short rounds resolve a few percent better than a few long ones)')
+    parser.add_argument('--steps', type=int, default=None, help='training steps per fit (default 50)')
     parser.add_argument('--out', default=str(Path(__file__).parent/'RESULTS.md'))
     args = parser.parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 9)
-    n_batches = args.steps or (20 if args.quick else 100)
+    rounds = args.rounds or (2 if args.quick else 21)
+    n_batches = args.steps or (20 if args.quick else 50)
     workloads = ['mlp 10x256'] if args.quick else list(WORKLOADS)
     tmp = Path(os.environ.get('TMPDIR', '/tmp'))/'gradstats-bench'
     tmp.mkdir(parents=True, exist_ok=True)
@@ -331,7 +332,7 @@ def main(argv=None):
         results[w], step_ms[w] = bench_workload(w, light, rounds, n_batches)
         if heavy:
             peers, _ = bench_workload(w, {'none': factories['none'], **{n: factories[n] for n in heavy}},
-                                      max(3, rounds // 2), n_batches)
+                                      max(3, rounds // 3), n_batches)
             results[w].update({n: peers[n] for n in heavy})
         for name, ratio in results[w].items(): print(f'   {name:38s} {ratio:.3f}x', flush=True)
     memory = {name: kept_memory('mlp 10x256', factories[name], n_batches) for name in factories
