@@ -189,6 +189,7 @@ class LayerStats:
                     c.pad_targets.append(rows[:, length:])
                     c.pad_sources.append(torch.zeros(rows[:, length:].shape, dtype=c.dtype, device=device))
                 row += end - start
+            c.copy_targets = c.targets + c.pad_targets  # what one batched copy writes: the rows, then their padding
         row_tensor = np.concatenate([np.repeat(i, end - start) for c in chunks for i, start, end in c.pieces]
                                     or [np.zeros(0, np.int64)])
         starts = np.flatnonzero(np.r_[True, row_tensor[1:] != row_tensor[:-1]]) if len(row_tensor) else np.zeros(0, np.int64)
@@ -246,7 +247,7 @@ class LayerStats:
             return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
     def _reduce_block(self, c, grads, sums, norms, maxes, zeros, samples):
-        torch._foreach_copy_(c.targets + c.pad_targets,
+        torch._foreach_copy_(c.copy_targets,
                              [grads[i] if end - start == self.rows[i] and start == 0 else grads[i][start:end]
                               for i, start, end in c.pieces] + c.pad_sources)
         block = c.block  # our own copy: free to overwrite in place
@@ -363,9 +364,10 @@ def _exact_stats(grads, params, chunk_elements=CHUNK_ELEMENTS):
 def _exact_group(grads, params):
     device = grads[0].device
     with torch.no_grad():
-        numel = torch.tensor([g.numel() for g in grads], device=device)
+        sizes = [g.numel() for g in grads]
+        numel = torch.tensor(sizes, device=device)
         owner = torch.repeat_interleave(torch.arange(len(grads), device=device), numel,
-                                        output_size=sum(g.numel() for g in grads))  # output_size: no device sync
+                                        output_size=sum(sizes))  # output_size: no device sync
         g = torch.cat([t.reshape(-1) for t in grads]).to(torch.float64)
         p = torch.cat([t.reshape(-1) for t in params]).to(torch.float64)
         per_tensor = lambda x: torch.zeros(len(grads), *x.shape[1:], dtype=torch.float64, device=device).index_add_(0, owner, x)

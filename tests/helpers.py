@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from fastai.basics import SGD, Callback, CrossEntropyLossFlat, DataLoaders, L, Learner, noop
 from fastai.callback.all import MixedPrecision
 
@@ -244,3 +245,11 @@ def assert_record_matches(record, captured, zero_tol: float = 0.0, steps=None, s
         with np.errstate(invalid='ignore', over='ignore'):
             np.testing.assert_allclose(srow['grad_norm'], np.sqrt(np.sum(total ** 2)), rtol=1e-5, equal_nan=True,
                                        err_msg=f'step {s} total grad_norm')
+
+
+class CallNames(TorchFunctionMode):
+    "The names of the torch calls made inside it, in order."
+    def __init__(self): super().__init__(); self.names = []
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, '__name__', str(func)))
+        return func(*args, **(kwargs or {}))

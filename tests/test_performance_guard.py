@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from fastai.basics import CrossEntropyLossFlat, DataLoaders, Learner
 from fastai_gradstats import GradStats, GradRecord, METRICS
+
+from helpers import CallNames
 
 HOST_METHODS = ('cpu', 'item', 'tolist', 'numpy')
 
@@ -73,19 +74,11 @@ def test_every_skips_the_work_of_unrecorded_steps(monkeypatch):
     assert counter.calls['cpu'] == 4
 
 
-class _CallNames(TorchFunctionMode):
-    "The names of the torch calls made inside it."
-    def __init__(self): super().__init__(); self.names = []
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.append(getattr(func, '__name__', str(func)))
-        return func(*args, **(kwargs or {}))
-
-
 def _calls_per_step(learn, cb):
     "Names of the torch calls `cb` makes in each `before_step` of a one-epoch fit of `learn`."
     calls, original = [], GradStats.before_step
     def listed(self):
-        with _CallNames() as c: original(self)
+        with CallNames() as c: original(self)
         calls.append(c.names)
     GradStats.before_step = listed
     try:

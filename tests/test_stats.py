@@ -8,7 +8,7 @@ import torch
 
 from fastai_gradstats.stats import HIST_BINS, METRICS, PAD_ELEMENTS, LayerStats, MagnitudeHistogram, count_nonfinite
 
-from helpers import assert_stats_close, hist_counts, reference_stats
+from helpers import CallNames, assert_stats_close, hist_counts, reference_stats
 
 NAN, INF = float('nan'), float('inf')
 
@@ -314,21 +314,13 @@ def _vanishing_net_gradients(n, seed=0):
 def test_refine_fixes_many_rows_with_batched_ops(chunk_elements):
     """Every row of a vanishing deep net needs `refine`: its float64 values match numpy's, and it takes the
     same number of segmented sums for 10 flagged tensors as for 60 (no loop of reductions per tensor)."""
-    from torch.overrides import TorchFunctionMode
-
-    class Calls(TorchFunctionMode):
-        def __init__(self): super().__init__(); self.names = []
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.names.append(getattr(func, '__name__', str(func)))
-            return func(*args, **(kwargs or {}))
-
     reductions = {}
     for n in (10, 60):
         grads, params = _vanishing_net_gradients(n)
         plan = LayerStats([g.shape for g in grads], chunk_elements=chunk_elements)
         raw = plan(grads, params).numpy()
         assert (raw[5:, METRICS.index('grad_norm')] == 0).all()   # float32 squares underflow: refine must fix them
-        with Calls() as calls: values, counts = plan.refine(raw, grads, params)
+        with CallNames() as calls: values, counts = plan.refine(raw, grads, params)
         for i, (g, p) in enumerate(zip(grads, params)):
             ref = reference_stats(g, p)
             got = dict(zip(METRICS, values[i].tolist()), n_nan=counts[i, 0], n_inf=counts[i, 1])
