@@ -54,6 +54,15 @@ class _Growable:
         self.data[self.n:need] = rows
         self.n = need
 
+    def append(self, value):
+        "Append one row (one value when the array is 1-D): no per-call array conversions, for the per-step path."
+        if self.n == len(self.data):
+            grown = np.empty((2 * len(self.data),) + self.shape_tail, self.data.dtype)
+            grown[:self.n] = self.data
+            self.data = grown
+        self.data[self.n] = value
+        self.n += 1
+
     @property
     def view(self): return self.data[:self.n]
 
@@ -144,9 +153,24 @@ class GradRecord:
         if counts is None: counts = np.zeros((len(values), len(COUNT_COLUMNS)), np.int64)
         if (hist is None) != (self._hist is None):
             raise ValueError("`hist` must be given exactly when the record keeps histograms (`hist_dtype` set)")
-        self._extend({'step': [step], 'epoch': [epoch], 'lr': [lr], 'loss': [loss], 'skipped': [skipped]},
-                     [len(values)], layer_index, values, counts, hist)
+        columns = self._step_cols
+        if len(columns['step']):
+            last = columns['step'].data[columns['step'].n - 1]
+            if step < last or (step == last and not self.multi_rank):  # a merge of ranks holds each step once per rank
+                raise ValueError(f"`step` must increase: got {step} after {last}")
+        self._values.extend(values); self._counts.extend(counts); self._row_layer.extend(layer_index)
+        if self._hist is not None: self._hist.extend(hist)
+        for name, value in (('step', step), ('epoch', epoch), ('lr', lr), ('loss', loss), ('skipped', skipped),
+                            ('n_rows', len(values)), ('kept_every', self.every), ('rank', self.rank or 0)):
+            columns[name].append(value)
+        self._grew(1)
         self.pending_last = bool(pending)
+
+    def _grew(self, n_steps):
+        "After `n_steps` new steps: drop cached DataFrames, and thin when `keep_last` asks for it."
+        self._cache.clear()
+        self._unthinned += n_steps
+        if self.keep_last is not None and self._unthinned >= max(1, self.keep_last // 4): self.thin()
 
     def _extend(self, steps, n_rows, layer_index, values, counts, hist=None):
         "Append several steps at once: `steps` maps step columns to sequences, `n_rows` rows per step."
@@ -163,9 +187,7 @@ class GradRecord:
                                              else np.full(len(new_steps), self.every))
         self._step_cols['rank'].extend(np.asarray(steps['rank']) if 'rank' in steps
                                        else np.full(len(new_steps), self.rank or 0))
-        self._cache.clear()
-        self._unthinned += len(new_steps)
-        if self.keep_last is not None and self._unthinned >= max(1, self.keep_last // 4): self.thin()
+        self._grew(len(new_steps))
 
     # --- bounded memory --------------------------------------------------------------------
     def thin(self):

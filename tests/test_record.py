@@ -231,3 +231,22 @@ def test_last_complete_waits_for_a_pending_update_norm():
     assert done['step'] == 0 and done['loss'] == 1.0 and done['values'][0, 0] == 0 and done['values'][0, -1] == 0.5
     record.mark_skipped()   # a step the optimizer did not apply has no update to wait for
     assert not record.pending_last and record.last(complete=True)['step'] == 1
+
+
+def test_add_step_keeps_every_column_and_rejects_steps_that_do_not_increase():
+    layers = [{'name': n, 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': d} for d, n in enumerate('ab')]
+    record = GradRecord(layers, every=3)
+    record.rank = 2
+    index = record.layer_index(['b', 'a'])
+    values = np.arange(2 * len(METRICS), dtype=np.float32).reshape(2, -1)
+    for k, step in enumerate([0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45, 48]):  # past the first regrowth (16)
+        record.add_step(step, k // 4, 0.5 * k, float(k), index, values + k, np.full((2, 2), k), skipped=k == 5)
+    steps = record.steps
+    assert steps['step'].tolist() == list(range(0, 51, 3)) and steps['epoch'].tolist() == [k // 4 for k in range(17)]
+    assert steps['lr'].tolist() == [0.5 * k for k in range(17)] and steps['loss'].tolist() == list(map(float, range(17)))
+    assert steps['skipped'].tolist() == [k == 5 for k in range(17)] and (steps['kept_every'] == 3).all()
+    last = record.last()
+    assert last['layers'] == ['b', 'a'] and (last['values'] == values + 16).all() and (last['counts'] == 16).all()
+    for bad in (48, 47):
+        with pytest.raises(ValueError, match='step'): record.add_step(bad, 4, 0.1, 1.0, index, values)
+    assert len(record) == 17
