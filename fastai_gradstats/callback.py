@@ -7,6 +7,7 @@ it to a `GradRecord`, which stays at `learn.grad_stats` after the callback is re
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 
 import numpy as np
@@ -68,6 +69,10 @@ def _check_every(every):
     if every < 1: raise ValueError(f"`every` must be >= 1, got {every}")
 
 
+_BOOKKEEPING = frozenset({'step_count', 'stopped_at', '_active', '_params', '_module_of', '_plan', '_plan_key', '_plan_index', '_plan_params',
+                           '_depth_known', '_recorded_step', '_pending_update', '_weights_before', '_weight_buffers', '_alerted'})
+
+
 class GradStats(Callback):
     "Record per-layer gradient statistics of every `every`-th optimizer step into `learn.grad_stats`"
     # Gradients are final between MixedPrecision (order 10), which unscales them in its
@@ -107,6 +112,12 @@ class GradStats(Callback):
         self._weights_before, self._weight_buffers, self._alerted, self.stopped_at = None, None, set(), None
         self._pending_update = None
 
+    def __setattr__(self, name, value):
+        # fastai's Callback.__setattr__ looks every name up on the Learner to warn about shadowing, a chain of
+        # failing __getattr__ calls (about 10 us): the per-step bookkeeping below, which shadows nothing, skips it
+        if name in _BOOKKEEPING: object.__setattr__(self, name, value)
+        else: super().__setattr__(name, value)
+
     @property
     def name(self):
         # `learn.grad_stats` is the record, which outlives the callback; the callback is `learn.grad_stats_cb`.
@@ -135,7 +146,7 @@ class GradStats(Callback):
             for p_name, _ in module.named_parameters(recurse=False):
                 self._module_of[f'{mod_name}.{p_name}' if mod_name else p_name] = module
         self._describe_layers(order=None)
-        self._plan, self._plan_key, self._depth_known = None, None, False
+        self._plan, self._plan_key, self._plan_params, self._depth_known = None, None, None, False
 
     def before_step(self):
         if self._active: self._record(skipped=False)
@@ -175,7 +186,7 @@ class GradStats(Callback):
         self.record.set_layers([{'name': n, 'module': type(self._module_of[n]).__name__, 'shape': tuple(p.shape),
                                  'numel': p.numel(), 'depth': d, 'group': group_of.get(id(p), -1)}
                                 for d, (n, p) in enumerate(by_depth)])
-        self._plan_key = None
+        self._plan_key, self._plan_params = None, None
 
     def _record(self, skipped):
         if self.step_count % self.every: return
@@ -184,20 +195,22 @@ class GradStats(Callback):
             loss = getattr(self.learn, 'loss_grad', None)
             if isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
                 self._describe_layers(input_to_output(loss, [p for _, p in self._params]))
-        chosen = [(n, p) for n, p in self._params
-                  if p.requires_grad and p.grad is not None and not p.grad.is_sparse]
-        key = tuple(n for n, _ in chosen)
-        if key != self._plan_key:
-            self._plan = LayerStats([p.shape for _, p in chosen], self.zero_tol, self.hist, self.hist_sample)
-            self._plan_index, self._plan_key = self.record.layer_index(key), key
-        params = [p for _, p in chosen]
-        grads = [p.grad for p in params]
+        # the parameters with a gradient this step (frozen ones may keep a stale one); read each .grad once
+        chosen = [(n, p, g) for n, p in self._params if (g := p.grad) is not None and p.requires_grad and not g.is_sparse]
+        params, grads = [p for _, p, _ in chosen], [g for _, _, g in chosen]
+        if self._plan is None or len(params) != len(self._plan_params) or not all(map(operator.is_, params, self._plan_params)):
+            key = tuple(n for n, _, _ in chosen)
+            if key != self._plan_key:
+                self._plan = LayerStats([p.shape for p in params], self.zero_tol, self.hist, self.hist_sample)
+                self._plan_index, self._plan_key = self.record.layer_index(key), key
+            self._plan_params = params
         loss = self.learn.loss
         # fastai's loss is a TensorBase, whose __torch_function__ would wrap every op after it: use a plain tensor
-        loss = torch.full((), torch.nan) if loss is None else loss.detach().as_subclass(torch.Tensor).float().mean()
+        loss = torch.full((), torch.nan) if loss is None else loss.as_subclass(torch.Tensor)
+        if loss.numel() != 1: loss = loss.detach().float().mean()
         # the last step's update norms (measured on the device at its after_step) ride along in this step's copy
         update, self._pending_update = self._pending_update, None
-        extra = loss.reshape(1) if update is None else torch.cat([loss.reshape(1).to(update), update])
+        extra = [loss] if update is None else [loss, update]
         host = _to_host(self._plan.collect(grads, params, extra=extra))  # the one copy of this step
         values, hist = self._plan.assemble(host)
         n_update = 0 if update is None else len(update)
@@ -248,7 +261,7 @@ class GradStats(Callback):
         if not params: return self.record.set_last('update_norm', [])
         with torch.no_grad():
             torch._foreach_sub_(before, params)  # in place: the buffers now hold w_before - w_after
-            self._pending_update = torch.stack(_norms(before)).to(torch.float64)
+            self._pending_update = torch.stack(_norms(before))
 
     def _flush_update(self):
         "At the end of a fit: the last step's update norms, with a copy of their own (once per fit)."

@@ -1,10 +1,11 @@
 """Per-tensor gradient statistics, computed in batched form with plain torch.
 
 Nothing here knows fastai or pandas. Given the gradients and parameters of a model,
-`LayerStats` returns one tensor of shape `(n_tensors, len(METRICS))` on the gradients'
-device. The work is a handful of batched `torch._foreach_*` calls and small loops of
-reductions that never leave the device: no `.item()` and no host copy per tensor or
-per metric. The caller decides when to move the one result tensor to the host.
+`LayerStats.collect` leaves one step's reductions in one tensor on the gradients' device,
+and `LayerStats.assemble` turns its host copy into one row of `METRICS` per tensor. The work
+is a handful of batched `torch._foreach_*` calls and reductions over blocks of rows that
+never leave the device: no `.item()` and no host copy per tensor or per metric. The caller
+decides when to move the one result tensor to the host.
 """
 from __future__ import annotations
 
@@ -95,6 +96,34 @@ class _Chunk:
         self.tol = _tol_below(zero_tol, dtype)  # |g| <= tol in this dtype exactly when |g| <= zero_tol
 
 
+_INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+class _Layout:
+    """Where one step's results go: `collect` writes every reduction straight into its slice of one result
+    tensor, kept from step to step (no concatenation), laid out as `LayerStats.assemble` reads it:
+    per row of the blocks, 4 x `n_rows` (sums, L2 norms, max |g|, elements <= zero_tol); the parameters'
+    norms; the histogram counts (integers, stored in the result's bits); then room for `extra` values."""
+    def __init__(self, stats, chunks, device, dtypes, owner, starts, row_length, hist_offset, row_padding):
+        self.chunks, self.owner, self.starts, self.row_length = chunks, owner, starts, row_length
+        self.hist_offset, self.row_padding = hist_offset, row_padding
+        n, n_rows = len(stats.shapes), len(row_length)
+        # float64 gradients reduce in float64; everything else in float32
+        self.dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        self.param_dtypes_match = all(_buffer_dtype(d) == self.dtype for d in dtypes)
+        self.hist_at = 4 * n_rows + n
+        self.extra_at = self.hist_at + (n * len(HIST_BINS) if stats.hist else 0)
+        self.result = torch.empty(self.extra_at + 1 + n, dtype=self.dtype, device=device)  # extra: room for 1 + n values
+        at = 0
+        for c in chunks:
+            c.out = [self.result[k * n_rows + at:k * n_rows + at + c.n_rows] for k in range(4)]
+            c.out_fits = c.dtype == self.dtype
+            at += c.n_rows
+        self.param_out = self.result[4 * n_rows:self.hist_at]
+        self.hist_out = self.result[self.hist_at:self.extra_at].view(_INT_OF[self.dtype]) if stats.hist else None
+        self.ones = torch.ones(1, dtype=_INT_OF[self.dtype], device=device)
+
+
 class LayerStats:
     """Batched statistics of a fixed list of gradient tensors and their parameters.
 
@@ -116,9 +145,10 @@ class LayerStats:
     four reductions along its rows, whatever the number of tensors in it: sum and L2 norm; max after
     an in-place |g|; and, after an in-place `<= zero_tol`, a sum that counts the zero elements (a
     unit is dead when all of its row is). That replaces several small reductions per tensor.
-    `collect` leaves those per-row results and the parameters' norms in one flat tensor on the
-    gradients' device: the caller copies it to the host once, and `assemble` turns it into one
-    row per tensor with numpy. No `.item()`, no copy per tensor or per metric.
+    Every reduction writes straight into its place in one result tensor that the object keeps on
+    the gradients' device (no concatenation at the end), with the parameters' norms and the
+    caller's `extra` values: the caller copies it to the host once, and `assemble` turns it into
+    one row per tensor with numpy. No `.item()`, no copy per tensor or per metric.
     Sums accumulate in float32 (float64 for float64 gradients); `refine` redoes in float64 the rare
     rows where that is not enough (overflow, NaN/Inf, cancellation in the std). NaN and Inf
     propagate into the norms, the max, the mean and the std as they are; `refine` counts them.
@@ -137,7 +167,6 @@ class LayerStats:
         self.row_length = [s.numel() // r for s, r in zip(self.shapes, self.rows)]
         self.n_units = np.array([s[0] if len(s) >= 2 else math.nan for s in self.shapes], np.float64)
         self._layouts, self._last, self._work_bytes = {}, None, {}
-        if not self.shapes: self._last = ([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), None, np.zeros(0))
 
     def __len__(self): return len(self.shapes)
 
@@ -197,7 +226,7 @@ class LayerStats:
         row_padding = np.concatenate([np.repeat(c.row_length - self.row_length[i], end - start).astype(np.float64)
                                       for c in chunks for i, start, end in c.pieces] or [np.zeros(0)])
         hist_offset = self._plan_samples(chunks, device) if self.hist else None
-        return chunks, row_tensor[starts], starts, row_length, hist_offset, row_padding
+        return _Layout(self, chunks, device, dtypes, row_tensor[starts], starts, row_length, hist_offset, row_padding)
 
     def _plan_samples(self, chunks, device):
         "Where each tensor's histogram sample lies in the work buffer (or in the tensor, for direct chunks)."
@@ -225,47 +254,69 @@ class LayerStats:
         for g, s in zip(grads, self.shapes):
             if g.shape != s: raise ValueError(f"a gradient has shape {tuple(g.shape)} where {tuple(s)} was planned")
 
-    def collect(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], extra: torch.Tensor | None = None) -> torch.Tensor:
-        """The raw reductions of one step, as one flat float64 tensor on the gradients' device (then `extra`,
-        flattened, if given): copy it to the host once and pass it to `assemble`. Reads `grads` and `params`
-        without changing them."""
+    def collect(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], extra=None) -> torch.Tensor:
+        """The raw reductions of one step as one flat tensor on the gradients' device, followed by the values of
+        `extra` (a tensor, or a list of tensors, flattened): copy it to the host once and pass it to `assemble`.
+        The tensor is float32 (float64 when a gradient is) and is reused: the next `collect` overwrites it,
+        so copy it (`.cpu()` from a GPU, `.clone()` on the CPU) to keep it. Reads `grads` and `params` without
+        changing them."""
         self._check(grads, params)
-        device = grads[0].device if grads else torch.device('cpu')
-        parts = []
+        extra = [] if extra is None else [extra] if isinstance(extra, torch.Tensor) else list(extra)
+        _check_tensors(extra, 'extra')
+        if not grads:
+            flat = [e.detach().reshape(-1).to(torch.float64) for e in extra]
+            return torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
         with torch.no_grad():
-            if grads:
-                chunks = self._layout(grads)[0]
-                sums, norms, maxes, zeros, samples = [], [], [], [], []
-                for c in chunks:
-                    if c.direct: self._reduce_direct(c, grads, sums, norms, maxes, zeros, samples)
-                    else: self._reduce_block(c, grads, sums, norms, maxes, zeros, samples)
-                # one dtype per cat (a mixed-dtype cat takes a slow path, one copy per input)
-                parts = [torch.cat(sums + norms + maxes + zeros + [torch.stack(_norms(list(params)))]).to(torch.float64)]
-                if self.hist: parts.append(_bin_counts(torch.cat(samples), self._last[4], len(grads),
-                                                       self.histogram.tol_bits).reshape(-1).to(torch.float64))
-            if extra is not None: parts.append(extra.detach().reshape(-1).to(device, torch.float64))
-            return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+            layout = self._layout(grads)
+            samples = []
+            for c in layout.chunks:
+                if c.direct: self._reduce_direct(c, grads, samples)
+                else: self._reduce_block(c, grads, samples)
+            norms = _norms(list(params))
+            if layout.param_dtypes_match: torch.stack(norms, out=layout.param_out)
+            else: layout.param_out.copy_(torch.stack([t.to(layout.dtype) for t in norms]))
+            if self.hist:
+                _bin_counts(samples[0] if len(samples) == 1 else torch.cat(samples), layout.hist_offset, len(grads),
+                            self.histogram.tol_bits, out=layout.hist_out, ones=layout.ones)
+            return self._write_extra(layout, extra)
 
-    def _reduce_block(self, c, grads, sums, norms, maxes, zeros, samples):
+    def _write_extra(self, layout, extra):
+        "`extra`'s values after the results: in the room the result keeps for them when they fit, else appended."
+        at, sizes = layout.extra_at, [e.numel() for e in extra]
+        if sum(sizes) > len(layout.result) - at:
+            flat = [e.detach().reshape(-1).to(layout.result) for e in extra]
+            return torch.cat([layout.result[:at]] + flat)
+        for e, size in zip(extra, sizes):
+            layout.result[at:at + size].copy_(e.detach().reshape(-1))
+            at += size
+        return layout.result[:at]
+
+    def _reduce_block(self, c, grads, samples):
         torch._foreach_copy_(c.copy_targets,
                              [grads[i] if end - start == self.rows[i] and start == 0 else grads[i][start:end]
                               for i, start, end in c.pieces] + c.pad_sources)
         block = c.block  # our own copy: free to overwrite in place
-        sums.append(block.sum(1)); norms.append(torch.linalg.vector_norm(block, dim=1))
-        block.abs_()
-        maxes.append(block.amax(1))
-        if self.hist: samples.append(block.view(-1).index_select(0, c.sample_index))
-        zeros.append(block.le_(c.tol).sum(1))
+        if c.out_fits:
+            total, norm, high, zeros = c.out
+            torch.sum(block, 1, out=total); torch.linalg.vector_norm(block, dim=1, out=norm)
+            torch.amax(block.abs_(), 1, out=high)
+            if self.hist: samples.append(block.view(-1).index_select(0, c.sample_index))
+            torch.sum(block.le_(c.tol), 1, out=zeros)
+        else:
+            results = [block.sum(1), torch.linalg.vector_norm(block, dim=1), block.abs_().amax(1)]
+            if self.hist: samples.append(block.view(-1).index_select(0, c.sample_index))
+            for out, value in zip(c.out, results + [block.le_(c.tol).sum(1)]): out.copy_(value)
 
-    def _reduce_direct(self, c, grads, sums, norms, maxes, zeros, samples):
+    def _reduce_direct(self, c, grads, samples):
         (i, _, _), = c.pieces
         g = grads[i]
         rows = g.reshape(self.rows[i], -1)
         wide = dict(dtype=torch.float32) if g.dtype not in _WIDE else {}
-        sums.append(rows.sum(1, **wide)); norms.append(torch.linalg.vector_norm(rows, dim=1, **wide))
-        maxes.append(torch.maximum(rows.amax(1), rows.amin(1).neg()).to(c.dtype))
-        if self.zero_tol == 0: zeros.append((c.row_length - torch.count_nonzero(rows, dim=1)).to(c.dtype))
-        else: zeros.append((rows.abs() <= _tol_below(self.zero_tol, g.dtype)).sum(1).to(c.dtype))
+        total, norm, high, zeros = c.out
+        total.copy_(rows.sum(1, **wide)); norm.copy_(torch.linalg.vector_norm(rows, dim=1, **wide))
+        high.copy_(torch.maximum(rows.amax(1), rows.amin(1).neg()))
+        if self.zero_tol == 0: zeros.copy_(c.row_length - torch.count_nonzero(rows, dim=1))
+        else: zeros.copy_((rows.abs() <= _tol_below(self.zero_tol, g.dtype)).sum(1))
         if self.hist: samples.append(g.reshape(-1).index_select(0, c.sample_index).to(c.dtype).abs())
 
     def assemble(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -275,11 +326,15 @@ class LayerStats:
         n = len(self.shapes)
         values = np.full((n, len(METRICS)), np.nan, np.float32)
         if not n: return values, (np.zeros((0, len(HIST_BINS)), np.int64) if self.hist else None)
-        raw = np.asarray(raw, np.float64).reshape(-1)
         if self._last is None: raise ValueError("`assemble` needs a `collect` of this object first")
-        _, owner, starts, row_length, _, row_padding = self._last
+        layout = self._last
+        owner, starts, row_length, row_padding = layout.owner, layout.starts, layout.row_length, layout.row_padding
         n_rows = len(row_length)
-        row = raw[:4 * n_rows].reshape(4, n_rows)  # per row: sum, L2 norm, max |g|, elements <= zero_tol (padding included)
+        raw = np.asarray(raw).reshape(-1)
+        expected = np.float64 if layout.dtype == torch.float64 else np.float32
+        if raw.dtype != expected: raise TypeError(f"`raw` must be the {np.dtype(expected)} array `collect` returned, got {raw.dtype}")
+        if len(raw) < layout.extra_at: raise ValueError(f"`raw` has {len(raw)} values where `collect` returns at least {layout.extra_at}")
+        row = raw[:4 * n_rows].astype(np.float64).reshape(4, n_rows)  # per row: sum, L2 norm, max |g|, elements <= zero_tol (padding included)
         sums = np.zeros((4, n))                    # per tensor: sum, sum of squares, zeros, dead units
         grad_max = np.full(n, np.nan)
         with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
@@ -296,7 +351,8 @@ class LayerStats:
         hist = None
         if self.hist:
             at = 4 * n_rows + n
-            hist = np.rint(raw[at:at + n * len(HIST_BINS)]).astype(np.int64).reshape(n, len(HIST_BINS))
+            hist = raw[at:at + n * len(HIST_BINS)].view(np.int64 if raw.dtype == np.float64 else np.int32)
+            hist = hist.astype(np.int64).reshape(n, len(HIST_BINS))
         return values, hist
 
     def __call__(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -449,9 +505,11 @@ class MagnitudeHistogram:
 _DECADE_TABLES = {}
 
 
-def _bin_counts(picked: torch.Tensor, owner_offset: torch.Tensor, n_tensors: int, tol_bits: int | None) -> torch.Tensor:
+def _bin_counts(picked: torch.Tensor, owner_offset: torch.Tensor, n_tensors: int, tol_bits: int | None,
+                out: torch.Tensor | None = None, ones: torch.Tensor | None = None) -> torch.Tensor:
     """Histogram counts `(n_tensors, len(HIST_BINS))` of the values `picked` (signed or not), value k belonging
-    to tensor `owner_offset[k] // len(HIST_BINS)`; elements with float32 bits <= `tol_bits` go to `zero`."""
+    to tensor `owner_offset[k] // len(HIST_BINS)`; elements with float32 bits <= `tol_bits` go to `zero`.
+    Counted into `out` (flat, integer) when given, with `ones` (a one of its dtype) as the increment."""
     device = picked.device
     if device not in _DECADE_TABLES:
         low, step = _decade_tables()
@@ -464,8 +522,9 @@ def _bin_counts(picked: torch.Tensor, owner_offset: torch.Tensor, n_tensors: int
     bins = bin_low.index_select(0, exponent).add_(bits >= bin_step.index_select(0, exponent))
     if tol_bits is not None: bins.masked_fill_(bits <= tol_bits, 0)
     # scatter_add_, not bincount: bincount reads its input's max back to the host (a sync on CUDA)
-    counts = torch.zeros(n_tensors * len(HIST_BINS), dtype=torch.int64, device=device)
-    counts.scatter_add_(0, bins.add_(owner_offset), torch.ones(1, dtype=torch.int64, device=device).expand(len(bins)))
+    counts = torch.zeros(n_tensors * len(HIST_BINS), dtype=torch.int64, device=device) if out is None else out.zero_()
+    if ones is None: ones = torch.ones(1, dtype=counts.dtype, device=device)
+    counts.scatter_add_(0, bins.add_(owner_offset), ones.expand(len(bins)))
     return counts.view(n_tensors, len(HIST_BINS))
 
 

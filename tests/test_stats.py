@@ -223,7 +223,7 @@ def test_statistics_do_not_depend_on_the_work_buffer_size(zero_tol, chunk_elemen
     for i, (g, p) in enumerate(zip(grads, params)):
         got = dict(zip(METRICS, values[i].tolist()), n_nan=counts[i, 0], n_inf=counts[i, 1])
         assert_stats_close(got, reference_stats(g, p, zero_tol), f'tensor {i} {tuple(g.shape)}')
-    chunks = plan._layout(grads)[0]
+    chunks = plan._layout(grads).chunks
     assert all(c.direct or c.n_rows * c.row_length <= chunk_elements for c in chunks)
     # float32 gradients only; narrow rows may be padded with at most PAD_ELEMENTS zeros to join wider ones
     assert 0 < plan.work_bytes <= 4 * min(chunk_elements, sum(g.numel() for g in grads) + PAD_ELEMENTS)
@@ -283,9 +283,19 @@ def test_collect_appends_extra_values_and_leaves_inputs_unchanged():
     before = [g.clone() for g in grads], [p.clone() for p in params]
     plan = LayerStats([g.shape for g in grads], zero_tol=1e-3, hist=True, chunk_elements=16)
     raw = plan.collect(grads, params, extra=torch.tensor([2.5, -1.0]))
-    assert raw.dtype == torch.float64 and raw[-2:].tolist() == [2.5, -1.0]
-    values, _ = plan.assemble(raw.numpy())
+    assert raw.dtype == torch.float32 and raw[-2:].tolist() == [2.5, -1.0]
+    values, _ = plan.assemble(raw.numpy().copy())
     np.testing.assert_array_equal(values, plan(grads, params).numpy())
+    # a list of tensors, in order (a 0-d loss, then a vector), and more values than the room kept for them
+    for extra in ([torch.tensor(0.5), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)],
+                  [torch.arange(10, dtype=torch.float32), torch.tensor([[7.0]])]):
+        flat = torch.cat([e.reshape(-1).float() for e in extra])
+        raw = plan.collect(grads, params, extra=extra)
+        assert raw[len(raw) - len(flat):].tolist() == flat.tolist()
+        np.testing.assert_array_equal(plan.assemble(raw.numpy())[0], values)
+    with pytest.raises(TypeError, match='raw'): plan.assemble(raw.numpy().astype(np.float64))
+    with pytest.raises(ValueError, match='raw'): plan.assemble(raw.numpy()[:5])
+    with pytest.raises(TypeError, match='extra'): plan.collect(grads, params, extra=[1.0])
     same = lambda x, y: (torch.equal(torch.isnan(x), torch.isnan(y)) and torch.equal(torch.signbit(x), torch.signbit(y))
                          and torch.equal(x.nan_to_num(0.0), y.nan_to_num(0.0)))   # bit for bit, NaN and -0.0 included
     assert all(same(x, y) for x, y in zip(grads, before[0]))
@@ -351,6 +361,6 @@ def test_narrow_rows_share_a_padded_block_step_after_step(zero_tol):
             got = dict(zip(METRICS, values[i].tolist()), n_nan=counts[i, 0], n_inf=counts[i, 1])
             assert_stats_close(got, reference_stats(g, p, zero_tol), f'step {step} tensor {i}')
             if zero_tol == 0: np.testing.assert_array_equal(hist[i], hist_counts(g), err_msg=f'step {step} tensor {i}')
-    chunks = plan._layout(grads)[0]
+    chunks = plan._layout(grads).chunks
     assert len(chunks) < len({s.numel() // (s[0] if len(s) >= 2 else 1) for s in shapes})   # fewer blocks than row lengths
     assert any(c.pad_targets for c in chunks)
