@@ -234,13 +234,13 @@ class GradStats(Callback):
         "Warn once per kind when a critical condition first appears; stop before the optimizer step if asked."
         names = self._plan_key
         problems = []
-        bad_rows = np.flatnonzero(counts.sum(1) > 0)
-        if len(bad_rows):
+        if counts.any():
+            bad_rows = np.flatnonzero(counts.sum(1) > 0)
             problems.append(('nonfinite', f"NaN/Inf gradients at step {self.step_count}, nearest the output in "
                              f"{names[bad_rows[-1]]} ({int(counts[:, 0].sum())} NaN, {int(counts[:, 1].sum())} Inf)"))
-        norms = values[:, METRICS.index('grad_norm')].astype(np.float64)
-        total = float(np.sqrt(np.sum(norms ** 2))) if len(norms) else 0.0
-        if np.isfinite(total) and total > self.thresholds.total_norm_critical:
+        norms = values[:, METRICS.index('grad_norm')]
+        total = math.sqrt(np.square(norms, dtype=np.float64).sum())  # float64: squares of large float32 norms overflow
+        if math.isfinite(total) and total > self.thresholds.total_norm_critical:
             problems.append(('exploding', f"total gradient norm {total:.3g} > {self.thresholds.total_norm_critical:g} at "
                              f"step {self.step_count}, largest in {names[int(np.argmax(norms))]}"))
         if not problems: return

@@ -45,7 +45,9 @@ class _Growable:
         self.n = 0
 
     def extend(self, rows):
-        rows = np.asarray(rows, self.data.dtype).reshape((-1,) + self.shape_tail)
+        if not (type(rows) is np.ndarray and rows.dtype == self.data.dtype and rows.ndim == len(self.shape_tail) + 1
+                and rows.shape[1:] == self.shape_tail):
+            rows = np.asarray(rows, self.data.dtype).reshape((-1,) + self.shape_tail)
         need = self.n + len(rows)
         if need > len(self.data):
             grown = np.empty((max(need, 2 * len(self.data), 16),) + self.shape_tail, self.data.dtype)

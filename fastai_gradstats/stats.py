@@ -102,7 +102,7 @@ _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 class _Layout:
     """Where one step's results go: `collect` writes every reduction straight into its slice of one result
     tensor, kept from step to step (no concatenation), laid out as `LayerStats.assemble` reads it:
-    per row of the blocks, 4 x `n_rows` (sums, L2 norms, max |g|, elements <= zero_tol); the parameters'
+    per row of the blocks, 4 x `n_rows` (sums, L2 norms, elements <= zero_tol, max |g|); the parameters'
     norms; the histogram counts (integers, stored in the result's bits); then room for `extra` values."""
     def __init__(self, stats, chunks, device, dtypes, owner, starts, row_length, hist_offset, row_padding):
         self.chunks, self.owner, self.starts, self.row_length = chunks, owner, starts, row_length
@@ -122,6 +122,20 @@ class _Layout:
         self.param_out = self.result[4 * n_rows:self.hist_at]
         self.hist_out = self.result[self.hist_at:self.extra_at].view(_INT_OF[self.dtype]) if stats.hist else None
         self.ones = torch.ones(1, dtype=_INT_OF[self.dtype], device=device)
+        # for `assemble`: scratch arrays and, per tensor in the order of `owner`, the constants that turn sums into values
+        self.host_dtype = np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
+        self.rows = np.empty((4, n_rows))
+        self.per_tensor = np.empty((len(METRICS), len(owner)))
+        numel = stats.numel[owner]
+        padding = np.add.reduceat(row_padding, starts) if n_rows else np.zeros(0)
+        # sums per tensor (sum, sum of squares, zeros, dead units) -> mean, - (the std, computed apart), zero_frac, dead_frac
+        none = np.zeros_like(numel)
+        self.scale = np.stack([1 / numel, none, 1 / numel, 1 / stats.n_units[owner]])
+        self.shift = np.stack([none, none, padding / numel, none])
+        with np.errstate(divide='ignore'):
+            self.inv_dof = np.where(numel > 1, 1 / (numel - 1), np.nan)
+        self.empty_values = np.full((n, len(METRICS)), np.nan, np.float32)
+        self.empty_values[:, :2] = 0  # an empty tensor (not in `owner`) has norms 0 and no other statistic
 
 
 class LayerStats:
@@ -166,6 +180,8 @@ class LayerStats:
         self.rows = [_rows(s) for s in self.shapes]
         self.row_length = [s.numel() // r for s, r in zip(self.shapes, self.rows)]
         self.n_units = np.array([s[0] if len(s) >= 2 else math.nan for s in self.shapes], np.float64)
+        # `refine`'s cancellation test as std < grad_norm * this (0: never for one element, whose std is NaN)
+        self._cancel_scale = np.sqrt(1e-3 / np.maximum(self.numel - 1, 1)) * (self.numel > 1)
         self._layouts, self._last, self._work_bytes = {}, None, {}
 
     def __len__(self): return len(self.shapes)
@@ -275,7 +291,8 @@ class LayerStats:
             norms = _norms(list(params))
             if layout.param_dtypes_match: torch.stack(norms, out=layout.param_out)
             else: layout.param_out.copy_(torch.stack([t.to(layout.dtype) for t in norms]))
-            if self.hist:
+            if self.hist and not samples: layout.hist_out.zero_()  # only empty tensors: nothing to count
+            elif self.hist:
                 _bin_counts(samples[0] if len(samples) == 1 else torch.cat(samples), layout.hist_offset, len(grads),
                             self.histogram.tol_bits, out=layout.hist_out, ones=layout.ones)
             return self._write_extra(layout, extra)
@@ -296,23 +313,23 @@ class LayerStats:
                              [grads[i] if end - start == self.rows[i] and start == 0 else grads[i][start:end]
                               for i, start, end in c.pieces] + c.pad_sources)
         block = c.block  # our own copy: free to overwrite in place
+        total, norm, zeros, high = c.out
         if c.out_fits:
-            total, norm, high, zeros = c.out
             torch.sum(block, 1, out=total); torch.linalg.vector_norm(block, dim=1, out=norm)
             torch.amax(block.abs_(), 1, out=high)
             if self.hist: samples.append(block.view(-1).index_select(0, c.sample_index))
             torch.sum(block.le_(c.tol), 1, out=zeros)
-        else:
-            results = [block.sum(1), torch.linalg.vector_norm(block, dim=1), block.abs_().amax(1)]
+        else:  # float32 rows while a float64 gradient makes the result float64
+            total.copy_(block.sum(1)); norm.copy_(torch.linalg.vector_norm(block, dim=1)); high.copy_(block.abs_().amax(1))
             if self.hist: samples.append(block.view(-1).index_select(0, c.sample_index))
-            for out, value in zip(c.out, results + [block.le_(c.tol).sum(1)]): out.copy_(value)
+            zeros.copy_(block.le_(c.tol).sum(1))
 
     def _reduce_direct(self, c, grads, samples):
         (i, _, _), = c.pieces
         g = grads[i]
         rows = g.reshape(self.rows[i], -1)
         wide = dict(dtype=torch.float32) if g.dtype not in _WIDE else {}
-        total, norm, high, zeros = c.out
+        total, norm, zeros, high = c.out
         total.copy_(rows.sum(1, **wide)); norm.copy_(torch.linalg.vector_norm(rows, dim=1, **wide))
         high.copy_(torch.maximum(rows.amax(1), rows.amin(1).neg()))
         if self.zero_tol == 0: zeros.copy_(c.row_length - torch.count_nonzero(rows, dim=1))
@@ -324,34 +341,37 @@ class LayerStats:
         `(len(self), len(METRICS))`, `hist` int64 of shape `(len(self), len(HIST_BINS))` (None without `hist`).
         Values of `extra` after them are ignored. Reads the layout of the last `collect`."""
         n = len(self.shapes)
-        values = np.full((n, len(METRICS)), np.nan, np.float32)
-        if not n: return values, (np.zeros((0, len(HIST_BINS)), np.int64) if self.hist else None)
+        if not n: return np.zeros((0, len(METRICS)), np.float32), (np.zeros((0, len(HIST_BINS)), np.int64) if self.hist else None)
         if self._last is None: raise ValueError("`assemble` needs a `collect` of this object first")
         layout = self._last
-        owner, starts, row_length, row_padding = layout.owner, layout.starts, layout.row_length, layout.row_padding
-        n_rows = len(row_length)
-        raw = np.asarray(raw).reshape(-1)
-        expected = np.float64 if layout.dtype == torch.float64 else np.float32
-        if raw.dtype != expected: raise TypeError(f"`raw` must be the {np.dtype(expected)} array `collect` returned, got {raw.dtype}")
-        if len(raw) < layout.extra_at: raise ValueError(f"`raw` has {len(raw)} values where `collect` returns at least {layout.extra_at}")
-        row = raw[:4 * n_rows].astype(np.float64).reshape(4, n_rows)  # per row: sum, L2 norm, max |g|, elements <= zero_tol (padding included)
-        sums = np.zeros((4, n))                    # per tensor: sum, sum of squares, zeros, dead units
-        grad_max = np.full(n, np.nan)
-        with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
-            if n_rows:
-                sums[:, owner] = np.add.reduceat(np.stack([row[0], row[1] * row[1], row[3] - row_padding, row[3] == row_length]),
-                                                 starts, axis=1)
-                grad_max[owner] = np.maximum.reduceat(row[2], starts)
-            total, sumsq, zeros, dead = sums
-            mean = total / self.numel
-            std = np.sqrt(np.maximum(sumsq - total * mean, 0) / (self.numel - 1))
-            std[self.numel < 2] = np.nan
-            values[:] = np.stack([np.sqrt(sumsq), raw[4 * n_rows:4 * n_rows + n], grad_max, mean, std,
-                                  zeros / self.numel, dead / self.n_units], axis=1)
+        raw = np.asarray(raw)
+        if raw.dtype != layout.host_dtype:
+            raise TypeError(f"`raw` must be the {layout.host_dtype} array `collect` returned, got {raw.dtype}")
+        if raw.ndim != 1 or len(raw) < layout.extra_at:
+            raise ValueError(f"`raw` must be 1-D with at least {layout.extra_at} values, as `collect` returns, got shape {raw.shape}")
+        # Few numpy calls on purpose: between two training steps every call runs with cold caches (~5 us each).
+        n_rows, rows, out = len(layout.row_length), layout.rows, layout.per_tensor
+        # per row: sum, L2 norm, elements <= zero_tol (padding included), max |g| (then whether the row is dead)
+        rows[:] = raw[:4 * n_rows].reshape(4, n_rows)
+        np.square(rows[1], out=rows[1])
+        with np.errstate(invalid='ignore', over='ignore'):
+            np.maximum.reduceat(rows[3], layout.starts, out=out[2])
+            np.equal(rows[2], layout.row_length, out=rows[3])  # dead: every element (padding included) <= zero_tol
+            sums = np.add.reduceat(rows, layout.starts, axis=1)  # per tensor: sum, sum of squares, zeros, dead units
+            # out, in the order of METRICS: grad_norm, param_norm, grad_max, then mean, -, zero_frac, dead_frac as sums * scale - shift
+            np.multiply(sums, layout.scale, out=out[3:])
+            out[3:] -= layout.shift
+            np.sqrt(sums[1], out=out[0])
+            out[1] = raw[4 * n_rows:layout.hist_at][layout.owner]
+            # std with Bessel's correction from the sums: (sum of squares - sum * mean) / (numel - 1), NaN for one element
+            spread = out[4]
+            np.multiply(sums[0], out[3], out=spread); np.subtract(sums[1], spread, out=spread)
+            np.maximum(spread, 0, out=spread); spread *= layout.inv_dof; np.sqrt(spread, out=spread)
+        values = layout.empty_values.copy()
+        values[layout.owner] = out.T
         hist = None
         if self.hist:
-            at = 4 * n_rows + n
-            hist = raw[at:at + n * len(HIST_BINS)].view(np.int64 if raw.dtype == np.float64 else np.int32)
+            hist = raw[layout.hist_at:layout.extra_at].view(np.int64 if raw.dtype == np.float64 else np.int32)
             hist = hist.astype(np.int64).reshape(n, len(HIST_BINS))
         return values, hist
 
@@ -366,19 +386,21 @@ class LayerStats:
         float32 above about 1.8e19), norms of tiny non-zero gradients whose squares underflow, and
         standard deviations lost to cancellation (a mean much larger than the std). Returns `(values, counts)`, `counts` the NaN and Inf elements per row.
 
-        Healthy rows cost nothing: the extra work and the one extra host copy happen only on
-        steps that have such rows."""
-        values = np.array(values, dtype=np.float32, copy=True).reshape(len(self.shapes), len(METRICS))
-        counts = np.zeros((len(self.shapes), 2), np.int64)
-        grad_norm, param_norm, grad_std = (values[:, METRICS.index(c)].astype(np.float64) for c in ('grad_norm', 'param_norm', 'grad_std'))
-        numel = self.numel
-        zero_frac = values[:, METRICS.index('zero_frac')]
+        Healthy rows cost nothing: the extra work, the one extra host copy and the copy of `values` (returned
+        as it is when no row needs fixing) happen only on steps that have such rows."""
+        n = len(self.shapes)
+        values = np.asarray(values, np.float32).reshape(n, len(METRICS))
+        counts = np.zeros((n, 2), np.int64)
         with np.errstate(invalid='ignore', over='ignore'):
-            cancelled = (numel > 1) & (grad_norm > 0) & (grad_std ** 2 * (numel - 1) < 1e-3 * grad_norm ** 2)
-            # squares below ~1e-45 vanish in float32: a norm under 1e-18 may have lost (some of) them
-            underflow = (grad_norm < 1e-18) & (zero_frac < 1)
-        rows = np.flatnonzero(~np.isfinite(grad_norm) | ~np.isfinite(param_norm) | cancelled | underflow)
-        if not len(rows): return values, counts
+            # flagged: a non-finite norm; a std lost to cancellation, std^2 (numel - 1) < 1e-3 grad_norm^2; a norm under
+            # 1e-18 of a gradient that is not all zeros (squares below ~1e-45 vanish in float32: some may be lost)
+            grad_norm = values[:, _GRAD_NORM]
+            suspect = ~np.isfinite(grad_norm + values[:, _PARAM_NORM])  # both are >= 0: the sum is finite when both are
+            suspect |= values[:, _STD] < grad_norm * self._cancel_scale
+            suspect |= (grad_norm < 1e-18) & (values[:, _ZERO_FRAC] < 1)
+        if not suspect.any(): return values, counts
+        rows = np.flatnonzero(suspect)
+        values = values.copy()
         # float64 copies of the flagged tensors, a group of at most chunk_elements / 8 elements at a time
         exact = _exact_stats([grads[i] for i in rows], [params[i] for i in rows], max(1, self.chunk_elements // 8))
         host = exact.cpu().numpy()  # one copy, on these rare steps only
@@ -389,6 +411,7 @@ class LayerStats:
 
 
 _WIDE = (torch.float32, torch.float64)
+_GRAD_NORM, _PARAM_NORM, _STD, _ZERO_FRAC = (METRICS.index(c) for c in ('grad_norm', 'param_norm', 'grad_std', 'zero_frac'))
 
 
 def _norms(tensors):

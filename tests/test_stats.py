@@ -258,6 +258,13 @@ def test_empty_tensors_have_zero_norms_and_no_other_statistics():
         assert s['grad_norm'] == 0 and s['param_norm'] == 0
         assert all(math.isnan(s[m]) for m in ('grad_max', 'grad_mean', 'grad_std', 'zero_frac', 'dead_frac'))
     assert_stats_close(as_dict(out[2]), reference_stats(grads[2], grads[2] + 1))
+    # only empty tensors, with and without the histogram: nothing to reduce, nothing counted
+    for hist in (False, True):
+        empty = [torch.zeros(0, 3), torch.zeros(3, 0)]
+        plan = LayerStats([g.shape for g in empty], hist=hist)
+        values, counts = plan.assemble(plan.collect(empty, empty).numpy())
+        assert (values[:, :2] == 0).all() and np.isnan(values[:, 2:]).all()
+        assert (counts is None) if not hist else (counts == 0).all()
 
 
 @pytest.mark.parametrize('chunk_elements', [3, 64, 10**6])
