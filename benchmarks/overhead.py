@@ -186,19 +186,48 @@ def monitors(tmp):
 
 # --- timing ------------------------------------------------------------------------------------
 class BatchTimer(Callback):
-    """Wall time of each training batch (before_batch to after_batch), validation excluded. A fit's time is
-    `n` times the median batch: robust to the odd slow batch (garbage collection, the data loader, another
-    process) that makes sums noisy on a small machine; every monitor here does the same work every step."""
+    """Wall time of each training batch, validation excluded: from the start of before_batch (this callback
+    runs first) to the end of after_batch (its `BatchEnd` runs last, so a monitor's own after_batch counts).
+    A fit's time is `n` times the median batch: robust to the odd slow batch (garbage collection, the data
+    loader, another process) that makes sums noisy on a small machine; every monitor here does the same work
+    every step. `own` collects, per training batch, the time spent inside the monitor's own code (`watch`)."""
     order = -100
-    def before_fit(self): self.times = []
+    def __init__(self): self.times, self.own, self.clock = [], [], [0.0]
+    def before_fit(self): self.times, self.own = [], []
     def before_batch(self):
-        if self.training: self.t0 = time.perf_counter()
-    def after_batch(self):
-        if self.training: self.times.append(time.perf_counter() - self.t0)
+        if self.training: self.clock[0], self.t0 = 0.0, time.perf_counter()
+    def end(self):
+        if self.training: self.times.append(time.perf_counter() - self.t0); self.own.append(self.clock[0])
     @property
     def n(self): return len(self.times)
     @property
     def total(self): return float(np.median(self.times)) * len(self.times) if self.times else 0.0
+
+
+class BatchEnd(Callback):
+    "Stops its `BatchTimer` after every other callback's after_batch."
+    order = 10_000
+    def __init__(self, timer): self.timer = timer
+    def after_batch(self): self.timer.end()
+
+
+TRAIN_EVENTS = ('before_batch', 'after_pred', 'after_loss', 'before_backward', 'after_backward', 'before_step',
+                'after_step', 'after_batch', 'hook')
+"Per-batch fastai events (and `hook`, the forward hook of fastai's HookCallbacks) whose time counts as a monitor's own."
+
+
+def watch(cb, clock):
+    """Time `cb`'s own per-batch code into `clock[0]`: its methods for `TRAIN_EVENTS` are wrapped on the instance
+    (fastai looks events up with getattr, and HookCallback registers `self.hook` at before_fit). Code a monitor
+    runs elsewhere (wandb's own autograd hooks, background writer threads) is not seen: those rows say so."""
+    for event in TRAIN_EVENTS:
+        if not callable(getattr(type(cb), event, None)): continue
+        def timed(*args, _method=getattr(cb, event), **kwargs):
+            start = time.perf_counter()
+            try: return _method(*args, **kwargs)
+            finally: clock[0] += time.perf_counter() - start
+        object.__setattr__(cb, event, timed)  # not Callback.__setattr__, which looks the name up on the Learner
+    return cb
 
 
 def make_learner(workload, n_batches):
@@ -211,29 +240,35 @@ def make_learner(workload, n_batches):
 
 
 def timed_fit(learn, state, cb, seed=0):
+    "One fit: (its time, its number of training steps, the median time per step inside `cb`'s own code)."
     learn.model.load_state_dict(state)
     learn.opt = None  # a fresh optimizer each fit: same starting point for every monitor
     timer = BatchTimer()
+    if cb is not None: watch(cb, timer.clock)
     torch.manual_seed(seed)
     with learn.no_logging(), contextlib.redirect_stdout(io.StringIO()):
-        learn.fit(1, cbs=[timer] + ([cb] if cb is not None else []))
+        learn.fit(1, cbs=[timer, BatchEnd(timer)] + ([cb] if cb is not None else []))
         learn.dls.valid  # validation runs but is not timed
-    return timer.total, timer.n
+    return timer.total, timer.n, float(np.median(timer.own)) if timer.own else 0.0
 
 
 def bench_workload(workload, factories, rounds, n_batches):
+    """Per monitor: the median over rounds of time(with) / time(without), and of its own time per step (seconds);
+    and the median step time without a monitor."""
     learn, state = make_learner(workload, n_batches)
     names = list(factories)
     for name in names: timed_fit(learn, state, factories[name]())  # warm-up: allocations, first-call costs
-    times = {n: [] for n in names + ['none (again)']}
+    times, own = {n: [] for n in names + ['none (again)']}, {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
-        for name in order: times[name].append(timed_fit(learn, state, factories[name]())[0])
+        for name in order:
+            total, _, own_time = timed_fit(learn, state, factories[name]())
+            times[name].append(total); own[name].append(own_time)
         times['none (again)'].append(timed_fit(learn, state, None)[0])
     base = np.array(times['none'])
     ratios = {n: float(np.median(np.array(t) / base)) for n, t in times.items()}
     steps = timed_fit(learn, state, None)[1]
-    return ratios, float(np.median(base)) / steps
+    return ratios, {n: float(np.median(t)) for n, t in own.items()}, float(np.median(base)) / steps
 
 
 def kept_memory(workload, factory, n_batches):
@@ -322,19 +357,20 @@ def main(argv=None):
     factories, unavailable = monitors(str(tmp))
     if args.quick: factories = {k: v for k, v in factories.items() if k in ('none', 'floor (foreach_norm, 1 copy)', 'GradStats() defaults', 'naive .item() loop')}
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    results, step_ms = {}, {}
+    results, own, step_ms = {}, {}, {}
     # The heavy peers write large files from background threads and processes (TensorBoard's writer,
     # wandb's service), which would slow whatever fit runs next: they get rounds of their own.
     heavy = [n for n in factories if n.startswith(('TensorBoard', 'wandb'))]
     light = {n: f for n, f in factories.items() if n not in heavy}
     for w in workloads:
         print(f'== {w}', flush=True)
-        results[w], step_ms[w] = bench_workload(w, light, rounds, n_batches)
+        results[w], own[w], step_ms[w] = bench_workload(w, light, rounds, n_batches)
         if heavy:
-            peers, _ = bench_workload(w, {'none': factories['none'], **{n: factories[n] for n in heavy}},
-                                      max(3, rounds // 3), n_batches)
-            results[w].update({n: peers[n] for n in heavy})
-        for name, ratio in results[w].items(): print(f'   {name:38s} {ratio:.3f}x', flush=True)
+            peers, peers_own, _ = bench_workload(w, {'none': factories['none'], **{n: factories[n] for n in heavy}},
+                                                 max(3, rounds // 3), n_batches)
+            results[w].update({n: peers[n] for n in heavy}); own[w].update({n: peers_own[n] for n in heavy})
+        for name, ratio in results[w].items():
+            print(f'   {name:38s} {ratio:.3f}x' + (f'  own {own[w][name] * 1e6:7.0f} us/step' if name in own[w] else ''), flush=True)
     memory = {name: kept_memory('mlp 10x256', factories[name], n_batches) for name in factories
               if name not in ('none',) and not name.startswith('wandb') and not name.startswith('TensorBoard')}
     scaling = [] if args.quick else [per_step_cost(n) for n in (10, 100, 1000)]
@@ -356,6 +392,21 @@ def main(argv=None):
     for w in workloads:
         floor, ours = results[w]['floor (foreach_norm, 1 copy)'] - 1, results[w]['GradStats() defaults'] - 1
         lines.append(f'- {w}: {ours / floor:.2f}x the floor' if floor > 0.002 else f'- {w}: floor overhead within noise ({floor:+.3f})')
+    floor_name, ours_name = 'floor (foreach_norm, 1 copy)', 'GradStats() defaults'
+    lines += ['', 'Time inside each monitor\'s own code per training step (median over steps, then over rounds; its '
+              'callback events, and for ActivationStats its forward hooks), and as a multiple of the floor\'s. This '
+              'resolves far finer than the ratios above, which carry the drift of the whole step; it misses what a '
+              'monitor costs the rest of the step (caches it evicts). W&B works in autograd hooks of its own and a '
+              'background process, and TensorBoard writes from a background thread: their rows show only their '
+              'callback events.', '',
+              '| monitor | ' + ' | '.join(workloads) + ' |', '|' + ' --- |' * (len(workloads) + 1)]
+    for name in factories:
+        if name == 'none': continue
+        cells = []
+        for w in workloads:
+            us, floor_us = own[w][name] * 1e6, own[w][floor_name] * 1e6
+            cells.append(f'{us:.0f} us ({us / floor_us:.2f}x floor)' if floor_us > 0 else f'{us:.0f} us')
+        lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     lines += ['', 'Memory kept after a fit of the MLP (GradStats: its record\'s arrays; others: traced Python/numpy memory):', '']
     for name, (held, peak) in memory.items(): lines.append(f'- {name}: {held / 1e6:.2f} MB kept (traced peak {peak / 1e6:.2f} MB)')
     lines += ['', 'GradStats\' work buffer while fitting (the gradients copied row-block by row-block; at most 2**22 '
