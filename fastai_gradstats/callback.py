@@ -109,6 +109,7 @@ class GradStats(Callback):
                                  extra_columns=('update_norm',) if update_ratio else (), hist_dtype=hist_dtype,
                                  keep_last=keep_last, every=int(every))
         self.step_count, self._active, self._params, self._plan, self._recorded_step = 0, False, None, None, False
+        self._plan_params = None
         self._weights_before, self._weight_buffers, self._alerted, self.stopped_at = None, None, set(), None
         self._pending_update = None
 
@@ -169,7 +170,7 @@ class GradStats(Callback):
 
     def after_fit(self):
         self._flush_update()
-        self._params, self._plan, self._module_of, self._active = None, None, None, False
+        self._params, self._plan, self._plan_params, self._module_of, self._active = None, None, None, None, False
         self._weights_before, self._weight_buffers = None, None
 
     # --- helpers -------------------------------------------------------------------------
@@ -198,7 +199,7 @@ class GradStats(Callback):
         # the parameters with a gradient this step (frozen ones may keep a stale one); read each .grad once
         chosen = [(n, p, g) for n, p in self._params if (g := p.grad) is not None and p.requires_grad and not g.is_sparse]
         params, grads = [p for _, p, _ in chosen], [g for _, _, g in chosen]
-        if self._plan is None or len(params) != len(self._plan_params) or not all(map(operator.is_, params, self._plan_params)):
+        if self._plan_params is None or len(params) != len(self._plan_params) or not all(map(operator.is_, params, self._plan_params)):
             key = tuple(n for n, _, _ in chosen)
             if key != self._plan_key:
                 self._plan = LayerStats([p.shape for p in params], self.zero_tol, self.hist, self.hist_sample)

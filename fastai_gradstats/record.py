@@ -155,6 +155,8 @@ class GradRecord:
         if counts is None: counts = np.zeros((len(values), len(COUNT_COLUMNS)), np.int64)
         if (hist is None) != (self._hist is None):
             raise ValueError("`hist` must be given exactly when the record keeps histograms (`hist_dtype` set)")
+        # scalars first: a bad one must fail before any column grows
+        step, epoch, lr, loss, skipped = int(step), int(epoch), float(lr), float(loss), bool(skipped)
         columns = self._step_cols
         if len(columns['step']):
             last = columns['step'].data[columns['step'].n - 1]

@@ -46,7 +46,7 @@ def _check_tensors(tensors, argname):
 
 
 CHUNK_ELEMENTS = 2 ** 22
-"Default size, in elements, of `LayerStats`' work buffer (16 MB in float32): the most extra memory it holds."
+"Default size, in elements, of `LayerStats`' work buffer (16 MB in float32), the bulk of the extra memory it holds."
 
 
 def _rows(shape: torch.Size) -> int:
@@ -127,11 +127,9 @@ class _Layout:
         self.rows = np.empty((4, n_rows))
         self.per_tensor = np.empty((len(METRICS), len(owner)))
         numel = stats.numel[owner]
-        padding = np.add.reduceat(row_padding, starts) if n_rows else np.zeros(0)
-        # sums per tensor (sum, sum of squares, zeros, dead units) -> mean, - (the std, computed apart), zero_frac, dead_frac
-        none = np.zeros_like(numel)
-        self.scale = np.stack([1 / numel, none, 1 / numel, 1 / stats.n_units[owner]])
-        self.shift = np.stack([none, none, padding / numel, none])
+        self.padding = np.add.reduceat(row_padding, starts) if n_rows else np.zeros(0)
+        # sums per tensor (sum, sum of squares, zeros, dead units) / this -> mean, - (the std, computed apart), zero_frac, dead_frac
+        self.divisor = np.stack([numel, np.ones_like(numel), numel, stats.n_units[owner]])
         with np.errstate(divide='ignore'):
             self.inv_dof = np.where(numel > 1, 1 / (numel - 1), np.nan)
         self.empty_values = np.full((n, len(METRICS)), np.nan, np.float32)
@@ -150,6 +148,7 @@ class LayerStats:
     - `zero_frac`: fraction of elements with |g| <= `zero_tol`;
     - `dead_frac`: fraction of units (slices along dim 0 of a tensor with 2+ dims: output
       neurons or channels) whose whole gradient is <= `zero_tol`; NaN for 0-D and 1-D tensors.
+    An empty tensor has norms 0 and NaN for every other statistic.
     With `hist=True` it also counts each gradient's log10 |g| histogram, as `MagnitudeHistogram` does.
 
     How it is fast: the gradients' rows are copied, grouped by row length, into one reusable work
@@ -188,7 +187,8 @@ class LayerStats:
 
     @property
     def work_bytes(self) -> int:
-        "Bytes of work buffer this object holds (at most `chunk_elements` elements per gradient dtype seen)."
+        """Bytes of work buffer this object holds (at most `chunk_elements` elements per gradient dtype seen; besides it,
+        a result of a few values per row and the zeros that pad narrow rows, at most `PAD_ELEMENTS` per block)."""
         return sum(self._work_bytes.values())
 
     # --- the plan ---------------------------------------------------------------------------------
@@ -273,9 +273,10 @@ class LayerStats:
     def collect(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], extra=None) -> torch.Tensor:
         """The raw reductions of one step as one flat tensor on the gradients' device, followed by the values of
         `extra` (a tensor, or a list of tensors, flattened): copy it to the host once and pass it to `assemble`.
-        The tensor is float32 (float64 when a gradient is) and is reused: the next `collect` overwrites it,
-        so copy it (`.cpu()` from a GPU, `.clone()` on the CPU) to keep it. Reads `grads` and `params` without
-        changing them."""
+        The tensor is float32 (float64 when a gradient is, or when there are no gradients), so `extra` values
+        are rounded to that precision, and it is reused: the next `collect` overwrites it, so copy it (`.cpu()`
+        from a GPU, `.clone()` on the CPU) to keep it, and do not pass a view of it as `extra`. Reads `grads`
+        and `params` without changing them."""
         self._check(grads, params)
         extra = [] if extra is None else [extra] if isinstance(extra, torch.Tensor) else list(extra)
         _check_tensors(extra, 'extra')
@@ -358,9 +359,9 @@ class LayerStats:
             np.maximum.reduceat(rows[3], layout.starts, out=out[2])
             np.equal(rows[2], layout.row_length, out=rows[3])  # dead: every element (padding included) <= zero_tol
             sums = np.add.reduceat(rows, layout.starts, axis=1)  # per tensor: sum, sum of squares, zeros, dead units
-            # out, in the order of METRICS: grad_norm, param_norm, grad_max, then mean, -, zero_frac, dead_frac as sums * scale - shift
-            np.multiply(sums, layout.scale, out=out[3:])
-            out[3:] -= layout.shift
+            sums[2] -= layout.padding  # zeros counted in the padding (exact integers: a tensor without zeros reads 0)
+            # out, in the order of METRICS: grad_norm, param_norm, grad_max, then mean, -, zero_frac, dead_frac as sums / divisor
+            np.divide(sums, layout.divisor, out=out[3:])
             np.sqrt(sums[1], out=out[0])
             out[1] = raw[4 * n_rows:layout.hist_at][layout.owner]
             # std with Bessel's correction from the sums: (sum of squares - sum * mean) / (numel - 1), NaN for one element

@@ -236,7 +236,6 @@ def test_last_complete_waits_for_a_pending_update_norm():
 def test_add_step_keeps_every_column_and_rejects_steps_that_do_not_increase():
     layers = [{'name': n, 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': d} for d, n in enumerate('ab')]
     record = GradRecord(layers, every=3)
-    record.rank = 2
     index = record.layer_index(['b', 'a'])
     values = np.arange(2 * len(METRICS), dtype=np.float32).reshape(2, -1)
     for k, step in enumerate([0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45, 48]):  # past the first regrowth (16)
@@ -249,4 +248,7 @@ def test_add_step_keeps_every_column_and_rejects_steps_that_do_not_increase():
     assert last['layers'] == ['b', 'a'] and (last['values'] == values + 16).all() and (last['counts'] == 16).all()
     for bad in (48, 47):
         with pytest.raises(ValueError, match='step'): record.add_step(bad, 4, 0.1, 1.0, index, values)
-    assert len(record) == 17
+    with pytest.raises((TypeError, ValueError)): record.add_step(51, 4, 'fast', 1.0, index, values)  # a bad lr
+    assert len(record) == 17 and len(record.df) == 2 * 17   # nothing half-written
+    record.add_step(51, 4, 0.1, 1.0, index, values)
+    assert len(record) == 18 and len(record.df) == 2 * 18

@@ -251,16 +251,16 @@ def test_half_precision_float64_and_non_contiguous_gradients():
 
 
 def test_empty_tensors_have_zero_norms_and_no_other_statistics():
-    grads = [torch.zeros(0, 3), torch.zeros(0), torch.ones(2, 2)]
+    grads = [torch.zeros(0, 3), torch.zeros(0), torch.zeros(5, 0), torch.ones(2, 2)]
     out = LayerStats([g.shape for g in grads])(grads, [g + 1 for g in grads])
-    for row in out[:2]:
+    for row in out[:3]:
         s = as_dict(row)
         assert s['grad_norm'] == 0 and s['param_norm'] == 0
         assert all(math.isnan(s[m]) for m in ('grad_max', 'grad_mean', 'grad_std', 'zero_frac', 'dead_frac'))
-    assert_stats_close(as_dict(out[2]), reference_stats(grads[2], grads[2] + 1))
+    assert_stats_close(as_dict(out[3]), reference_stats(grads[3], grads[3] + 1))
     # only empty tensors, with and without the histogram: nothing to reduce, nothing counted
     for hist in (False, True):
-        empty = [torch.zeros(0, 3), torch.zeros(3, 0)]
+        empty = [torch.zeros(0, 3), torch.zeros(5, 0)]
         plan = LayerStats([g.shape for g in empty], hist=hist)
         values, counts = plan.assemble(plan.collect(empty, empty).numpy())
         assert (values[:, :2] == 0).all() and np.isnan(values[:, 2:]).all()
@@ -294,11 +294,13 @@ def test_collect_appends_extra_values_and_leaves_inputs_unchanged():
     values, _ = plan.assemble(raw.numpy().copy())
     np.testing.assert_array_equal(values, plan(grads, params).numpy())
     # a list of tensors, in order (a 0-d loss, then a vector), and more values than the room kept for them
+    room = len(grads) + 1   # the result keeps room for the loss and one value per tensor; more are appended
     for extra in ([torch.tensor(0.5), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)],
-                  [torch.arange(10, dtype=torch.float32), torch.tensor([[7.0]])]):
+                  [torch.arange(room, dtype=torch.float32), torch.tensor([[7.0]])]):
         flat = torch.cat([e.reshape(-1).float() for e in extra])
         raw = plan.collect(grads, params, extra=extra)
         assert raw[len(raw) - len(flat):].tolist() == flat.tolist()
+        assert (raw.data_ptr() == plan._last.result.data_ptr()) == (len(flat) <= room)
         np.testing.assert_array_equal(plan.assemble(raw.numpy())[0], values)
     with pytest.raises(TypeError, match='raw'): plan.assemble(raw.numpy().astype(np.float64))
     with pytest.raises(ValueError, match='raw'): plan.assemble(raw.numpy()[:5])
@@ -371,3 +373,34 @@ def test_narrow_rows_share_a_padded_block_step_after_step(zero_tol):
     chunks = plan._layout(grads).chunks
     assert len(chunks) < len({s.numel() // (s[0] if len(s) >= 2 else 1) for s in shapes})   # fewer blocks than row lengths
     assert any(c.pad_targets for c in chunks)
+
+
+@pytest.mark.parametrize('zero_tol', [0.0, 0.5])
+def test_zero_and_dead_fractions_are_exact_ratios_in_padded_blocks(zero_tol):
+    """Narrow rows padded into a wider block: the zeros of the padding are subtracted as whole numbers, so a
+    tensor without zero elements reads exactly 0 and one with k of n reads float32(k / n), not 1e-16 off."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 16, generator=gen) + 5, torch.randn(10, generator=gen) + 5, torch.randn(7, generator=gen) + 5,
+             torch.randn(3, 9, generator=gen) + 5, torch.randn(13, generator=gen) + 5]
+    grads[3][1] = 0; grads[3][0, :2] = 0; grads[4][[2, 5, 11]] = 0
+    plan = LayerStats([g.shape for g in grads], zero_tol=zero_tol)
+    assert any(c.pad_targets for c in plan._layout(grads).chunks)   # the narrow rows are padded
+    values = plan(grads, grads).numpy()
+    for i, g in enumerate(grads):
+        zeros = int((g.abs() <= zero_tol).sum())
+        assert values[i, METRICS.index('zero_frac')] == np.float32(zeros / g.numel()), f'tensor {i}'
+        if g.dim() == 2:
+            dead = int((g.abs() <= zero_tol).all(1).sum())
+            assert values[i, METRICS.index('dead_frac')] == np.float32(dead / g.shape[0]), f'tensor {i}'
+
+
+def test_histogram_with_a_float64_gradient():
+    "A float64 gradient makes the result float64: histogram counts travel as int64 bits and stay exact."
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(6, 5, generator=gen).double() * 1e-3, torch.randn(40, generator=gen) * 1e3]
+    grads[0][0, 0] = 0; grads[1][3] = float('inf')
+    plan = LayerStats([g.shape for g in grads], hist=True, hist_sample=None)
+    raw = plan.collect(grads, grads)
+    assert raw.dtype == torch.float64
+    _, hist = plan.assemble(raw.numpy())
+    for i, g in enumerate(grads): np.testing.assert_array_equal(hist[i], hist_counts(g), err_msg=f'tensor {i}')
