@@ -106,7 +106,7 @@ class _Layout:
     norms; the histogram counts (integers, stored in the result's bits); then room for `extra` values."""
     def __init__(self, stats, chunks, device, dtypes, owner, starts, row_length, hist_offset, row_padding):
         self.chunks, self.owner, self.starts, self.row_length = chunks, owner, starts, row_length
-        self.hist_offset, self.row_padding = hist_offset, row_padding
+        self.hist_offset = hist_offset
         n, n_rows = len(stats.shapes), len(row_length)
         # float64 gradients reduce in float64; everything else in float32
         self.dtype = torch.float64 if torch.float64 in dtypes else torch.float32
@@ -116,8 +116,10 @@ class _Layout:
         self.result = torch.empty(self.extra_at + 1 + n, dtype=self.dtype, device=device)  # extra: room for 1 + n values
         at = 0
         for c in chunks:
-            c.out = [self.result[k * n_rows + at:k * n_rows + at + c.n_rows] for k in range(4)]
-            c.out_fits = c.dtype == self.dtype
+            slots = [self.result[k * n_rows + at:k * n_rows + at + c.n_rows] for k in range(4)]
+            # a float32 chunk of a float64 result reduces into float32 staging slots, copied over after
+            c.staged = None if c.dtype == self.dtype else slots
+            c.out = slots if c.staged is None else [torch.empty(c.n_rows, dtype=c.dtype, device=device) for _ in slots]
             at += c.n_rows
         self.param_out = self.result[4 * n_rows:self.hist_at]
         self.hist_out = self.result[self.hist_at:self.extra_at].view(_INT_OF[self.dtype]) if stats.hist else None
@@ -289,6 +291,7 @@ class LayerStats:
             for c in layout.chunks:
                 if c.direct: self._reduce_direct(c, grads, samples)
                 else: self._reduce_block(c, grads, samples)
+                if c.staged is not None: torch._foreach_copy_(c.staged, c.out)
             norms = _norms(list(params))
             if layout.param_dtypes_match: torch.stack(norms, out=layout.param_out)
             else: layout.param_out.copy_(torch.stack([t.to(layout.dtype) for t in norms]))
@@ -315,15 +318,10 @@ class LayerStats:
                               for i, start, end in c.pieces] + c.pad_sources)
         block = c.block  # our own copy: free to overwrite in place
         total, norm, zeros, high = c.out
-        if c.out_fits:
-            torch.sum(block, 1, out=total); torch.linalg.vector_norm(block, dim=1, out=norm)
-            torch.amax(block.abs_(), 1, out=high)
-            if self.hist: samples.append(block.view(-1).index_select(0, c.sample_index))
-            torch.sum(block.le_(c.tol), 1, out=zeros)
-        else:  # float32 rows while a float64 gradient makes the result float64
-            total.copy_(block.sum(1)); norm.copy_(torch.linalg.vector_norm(block, dim=1)); high.copy_(block.abs_().amax(1))
-            if self.hist: samples.append(block.view(-1).index_select(0, c.sample_index))
-            zeros.copy_(block.le_(c.tol).sum(1))
+        torch.sum(block, 1, out=total); torch.linalg.vector_norm(block, dim=1, out=norm)
+        torch.amax(block.abs_(), 1, out=high)
+        if self.hist: samples.append(block.view(-1).index_select(0, c.sample_index))
+        torch.sum(block.le_(c.tol), 1, out=zeros)
 
     def _reduce_direct(self, c, grads, samples):
         (i, _, _), = c.pieces
