@@ -49,21 +49,22 @@ class _Growable:
                 and rows.shape[1:] == self.shape_tail):
             rows = np.asarray(rows, self.data.dtype).reshape((-1,) + self.shape_tail)
         need = self.n + len(rows)
-        if need > len(self.data):
-            grown = np.empty((max(need, 2 * len(self.data), 16),) + self.shape_tail, self.data.dtype)
-            grown[:self.n] = self.data[:self.n]
-            self.data = grown
+        self._reserve(need)
         self.data[self.n:need] = rows
         self.n = need
 
     def append(self, value):
         "Append one row (one value when the array is 1-D): no per-call array conversions, for the per-step path."
-        if self.n == len(self.data):
-            grown = np.empty((2 * len(self.data),) + self.shape_tail, self.data.dtype)
-            grown[:self.n] = self.data
-            self.data = grown
+        self._reserve(self.n + 1)
         self.data[self.n] = value
         self.n += 1
+
+    def _reserve(self, need):
+        "Room for `need` rows, doubling the buffer when it is full."
+        if need > len(self.data):
+            grown = np.empty((max(need, 2 * len(self.data), 16),) + self.shape_tail, self.data.dtype)
+            grown[:self.n] = self.data[:self.n]
+            self.data = grown
 
     @property
     def view(self): return self.data[:self.n]
@@ -162,13 +163,17 @@ class GradRecord:
             last = columns['step'].data[columns['step'].n - 1]
             if step < last or (step == last and not self.multi_rank):  # a merge of ranks holds each step once per rank
                 raise ValueError(f"`step` must increase: got {step} after {last}")
-        self._values.extend(values); self._counts.extend(counts); self._row_layer.extend(layer_index)
-        if self._hist is not None: self._hist.extend(hist)
+        self._extend_rows(layer_index, values, counts, hist)
         for name, value in (('step', step), ('epoch', epoch), ('lr', lr), ('loss', loss), ('skipped', skipped),
                             ('n_rows', len(values)), ('kept_every', self.every), ('rank', self.rank or 0)):
             columns[name].append(value)
         self._grew(1)
         self.pending_last = bool(pending)
+
+    def _extend_rows(self, layer_index, values, counts, hist):
+        "Append per-layer rows: their layers, values, NaN/Inf counts and histograms (when the record keeps them)."
+        self._values.extend(values); self._counts.extend(counts); self._row_layer.extend(layer_index)
+        if self._hist is not None: self._hist.extend(hist)
 
     def _grew(self, n_steps):
         "After `n_steps` new steps: drop cached DataFrames, and thin when `keep_last` asks for it."
@@ -183,8 +188,7 @@ class GradRecord:
         # a merge of ranks holds each step once per rank, ordered by (step, rank)
         if len(new_steps) and np.any(np.diff(np.concatenate([last, new_steps])) < (0 if self.multi_rank else 1)):
             raise ValueError(f"`step` must increase: got {new_steps.tolist()[:5]} after {last.tolist()}")
-        self._values.extend(values); self._counts.extend(counts); self._row_layer.extend(layer_index)
-        if self._hist is not None: self._hist.extend(hist)
+        self._extend_rows(layer_index, values, counts, hist)
         for name in ('step', 'epoch', 'lr', 'loss', 'skipped'): self._step_cols[name].extend(np.asarray(steps[name]))
         self._step_cols['n_rows'].extend(n_rows)
         self._step_cols['kept_every'].extend(np.asarray(steps['kept_every']) if 'kept_every' in steps
