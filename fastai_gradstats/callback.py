@@ -212,7 +212,7 @@ class GradStats(Callback):
         # the last step's update norms (measured on the device at its after_step) ride along in this step's copy
         update, self._pending_update = self._pending_update, None
         extra = [loss] if update is None else [loss, update]
-        host = _to_host(self._plan.collect(grads, params, extra=extra))  # the one copy of this step
+        host = _to_host(self._plan._collect(grads, params, extra))  # the one copy of this step (lists we built: no argument checks)
         values, hist = self._plan.assemble(host)
         n_update = 0 if update is None else len(update)
         if update is not None: self.record.set_last('update_norm', host[len(host) - n_update:])

@@ -10,6 +10,7 @@ decides when to move the one result tensor to the host.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import numpy as np
@@ -114,6 +115,7 @@ class _Layout:
         self.hist_at = 4 * n_rows + n
         self.extra_at = self.hist_at + (n * len(HIST_BINS) if stats.hist else 0)
         self.result = torch.empty(self.extra_at + 1 + n, dtype=self.dtype, device=device)  # extra: room for 1 + n values
+        self.extra_slots = {}  # sizes of the `extra` tensors -> (their views of `result`, the result up to them)
         at = 0
         for c in chunks:
             slots = [self.result[k * n_rows + at:k * n_rows + at + c.n_rows] for k in range(4)]
@@ -183,7 +185,7 @@ class LayerStats:
         self.n_units = np.array([s[0] if len(s) >= 2 else math.nan for s in self.shapes], np.float64)
         # `refine`'s cancellation test as std < grad_norm * this (0: never for one element, whose std is NaN)
         self._cancel_scale = np.sqrt(1e-3 / np.maximum(self.numel - 1, 1)) * (self.numel > 1)
-        self._layouts, self._last, self._work_bytes = {}, None, {}
+        self._layouts, self._last, self._last_grads, self._work_bytes = {}, None, None, {}
 
     def __len__(self): return len(self.shapes)
 
@@ -282,17 +284,31 @@ class LayerStats:
         self._check(grads, params)
         extra = [] if extra is None else [extra] if isinstance(extra, torch.Tensor) else list(extra)
         _check_tensors(extra, 'extra')
+        return self._collect(grads, params, extra)
+
+    def _collect(self, grads, params, extra):
+        """`collect` for a caller that passes lists of tensors, `params` as many as `grads`, and `extra` a list.
+        Gradients are checked against the planned shapes, unless they are the very tensors of the last call
+        with the same shapes: then the layout is the last one too (a step costs no lookup)."""
         if not grads:
             flat = [e.detach().reshape(-1).to(torch.float64) for e in extra]
             return torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
-        with torch.no_grad():
-            layout = self._layout(grads)
+        last = self._last_grads
+        if not (last is not None and len(last) == len(grads) and all(map(operator.is_, grads, last))
+                and list(map(_SHAPE, grads)) == self.shapes):
+            self._check(grads, params)
+            self._layout(grads)
+            self._last_grads = list(grads)
+        layout = self._last
+        grad_mode = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)  # the parameters require grad: read them without recording (cheaper than `with no_grad`)
+        try:
             samples = []
             for c in layout.chunks:
                 if c.direct: self._reduce_direct(c, grads, samples)
                 else: self._reduce_block(c, grads, samples)
                 if c.staged is not None: torch._foreach_copy_(c.staged, c.out)
-            norms = _norms(list(params))
+            norms = _norms(params if isinstance(params, list) else list(params))
             if layout.param_dtypes_match: torch.stack(norms, out=layout.param_out)
             else: layout.param_out.copy_(torch.stack([t.to(layout.dtype) for t in norms]))
             if self.hist and not samples: layout.hist_out.zero_()  # only empty tensors: nothing to count
@@ -300,17 +316,22 @@ class LayerStats:
                 _bin_counts(samples[0] if len(samples) == 1 else torch.cat(samples), layout.hist_offset, len(grads),
                             self.histogram.tol_bits, out=layout.hist_out, ones=layout.ones)
             return self._write_extra(layout, extra)
+        finally:
+            torch.set_grad_enabled(grad_mode)
 
     def _write_extra(self, layout, extra):
         "`extra`'s values after the results: in the room the result keeps for them when they fit, else appended."
-        at, sizes = layout.extra_at, [e.numel() for e in extra]
-        if sum(sizes) > len(layout.result) - at:
-            flat = [e.detach().reshape(-1).to(layout.result) for e in extra]
-            return torch.cat([layout.result[:at]] + flat)
-        for e, size in zip(extra, sizes):
-            layout.result[at:at + size].copy_(e.detach().reshape(-1))
-            at += size
-        return layout.result[:at]
+        sizes = tuple(e.numel() for e in extra)
+        slots = layout.extra_slots.get(sizes)
+        if slots is None:
+            if sum(sizes) > len(layout.result) - layout.extra_at:
+                flat = [e.detach().reshape(-1).to(layout.result) for e in extra]
+                return torch.cat([layout.result[:layout.extra_at]] + flat)
+            at, slots = layout.extra_at, []
+            for size in sizes: slots.append(layout.result[at:at + size]); at += size
+            slots = layout.extra_slots[sizes] = (slots, layout.result[:at])
+        for slot, e in zip(slots[0], extra): slot.copy_(e if e.dim() == 1 else e.reshape(-1))
+        return slots[1]
 
     def _reduce_block(self, c, grads, samples):
         torch._foreach_copy_(c.copy_targets,
@@ -410,6 +431,7 @@ class LayerStats:
 
 
 _WIDE = (torch.float32, torch.float64)
+_SHAPE = operator.attrgetter('shape')
 _GRAD_NORM, _PARAM_NORM, _STD, _ZERO_FRAC = (METRICS.index(c) for c in ('grad_norm', 'param_norm', 'grad_std', 'zero_frac'))
 
 

@@ -404,3 +404,45 @@ def test_histogram_with_a_float64_gradient():
     assert raw.dtype == torch.float64
     _, hist = plan.assemble(raw.numpy())
     for i, g in enumerate(grads): np.testing.assert_array_equal(hist[i], hist_counts(g), err_msg=f'tensor {i}')
+
+
+def test_same_gradient_tensors_updated_in_place_step_after_step():
+    # the training loop hands the same .grad tensors every step (fastai zeroes them in place): each step's
+    # statistics are those of the current values, and a tensor given a new shape is refused, not misread
+    grads, params = mixed_tensors(4)
+    plan = LayerStats([g.shape for g in grads], zero_tol=1e-3)
+    gen = torch.Generator().manual_seed(5)
+    for step in range(3):
+        for g, p in zip(grads, params):
+            g.copy_(torch.randn(g.shape, generator=gen) * (step + 1)); p.add_(0.1)
+        grads[0][2] = 0  # a dead unit, in place
+        out = plan(grads, params)
+        for i, (g, p) in enumerate(zip(grads, params)):
+            assert_stats_close(as_dict(out[i]), reference_stats(g, p, zero_tol=1e-3), f'step {step}, tensor {i}')
+    grads[1].data = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match=r'shape \(2, 2\)'): plan(grads, params)
+    with pytest.raises(ValueError, match=r'shape \(2, 2\)'): plan._collect(grads, params, [])
+
+
+def test_collect_reads_parameters_without_recording_and_keeps_the_grad_mode():
+    grads, params = mixed_tensors(6)
+    params = [p.requires_grad_() for p in params]
+    plan = LayerStats([g.shape for g in grads])
+    assert not plan.collect(grads, params).requires_grad and torch.is_grad_enabled()
+    with torch.no_grad():
+        plan.collect(grads, params)
+        assert not torch.is_grad_enabled()
+    with pytest.raises(ValueError): plan.collect(grads[:1] + grads[:-1], params)  # a failed call leaves it as it was
+    assert torch.is_grad_enabled()
+
+
+def test_extra_values_of_changing_sizes_land_after_the_results():
+    grads, params = mixed_tensors(7)
+    plan = LayerStats([g.shape for g in grads])
+    expected = plan(grads, params).numpy()
+    for extra in ([torch.tensor(1.5)], [torch.tensor(2.5), torch.arange(4.0)], [torch.tensor(3.5)],
+                  [torch.tensor([[1.0, 2.0], [3.0, 4.0]])], [torch.tensor(4.5), torch.arange(4.0) + 10]):
+        flat = torch.cat([e.reshape(-1) for e in extra])
+        raw = plan.collect(grads, params, extra=extra)
+        assert raw[len(raw) - len(flat):].tolist() == flat.tolist() and len(raw) == plan._last.extra_at + len(flat)
+        np.testing.assert_array_equal(plan.assemble(raw.numpy())[0], expected)
