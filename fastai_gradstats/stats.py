@@ -245,11 +245,14 @@ class LayerStats:
         row_length = np.concatenate([np.full(c.n_rows, c.row_length, np.float64) for c in chunks] or [np.zeros(0)])
         row_padding = np.concatenate([np.repeat(c.row_length - self.row_length[i], end - start).astype(np.float64)
                                       for c in chunks for i, start, end in c.pieces] or [np.zeros(0)])
-        hist_offset = self._plan_samples(chunks, device) if self.hist else None
-        return _Layout(self, chunks, device, dtypes, row_tensor[starts], starts, row_length, hist_offset, row_padding)
+        hist_offset, samples = self._plan_samples(chunks, device) if self.hist else (None, None)
+        layout = _Layout(self, chunks, device, dtypes, row_tensor[starts], starts, row_length, hist_offset, row_padding)
+        layout.samples = samples
+        return layout
 
     def _plan_samples(self, chunks, device):
-        "Where each tensor's histogram sample lies in the work buffer (or in the tensor, for direct chunks)."
+        """Where each tensor's histogram sample lies in the work buffer (or in the tensor, for direct chunks), and
+        where each chunk's |g| samples go: `(owner offsets, the float32 buffer the chunks' `sample_out` views share)`."""
         index = self.histogram.index
         for c in chunks:
             picks, owners, row = [], [], 0
@@ -263,7 +266,11 @@ class LayerStats:
             c.sample_index = torch.cat(picks).to(device)
             c.sample_owner = torch.cat(owners)
         owner = torch.cat([c.sample_owner for c in chunks] or [torch.zeros(0, dtype=torch.long)])
-        return (owner * len(HIST_BINS)).to(device)
+        samples, at = torch.empty(len(owner), dtype=torch.float32, device=device), 0
+        for c in chunks:  # the histogram reads float32 bits: float64 samples are rounded as they are stored
+            c.sample_out = samples[at:at + len(c.sample_owner)]
+            at += len(c.sample_owner)
+        return (owner * len(HIST_BINS)).to(device), samples
 
     # --- every step --------------------------------------------------------------------------------
     def _check(self, grads, params):
@@ -303,18 +310,16 @@ class LayerStats:
         grad_mode = torch.is_grad_enabled()
         torch.set_grad_enabled(False)  # the parameters require grad: read them without recording (cheaper than `with no_grad`)
         try:
-            samples = []
             for c in layout.chunks:
-                if c.direct: self._reduce_direct(c, grads, samples)
-                else: self._reduce_block(c, grads, samples)
+                if c.direct: self._reduce_direct(c, grads)
+                else: self._reduce_block(c, grads)
                 if c.staged is not None: torch._foreach_copy_(c.staged, c.out)
             norms = _norms(params if isinstance(params, list) else list(params))
             if layout.param_dtypes_match: torch.stack(norms, out=layout.param_out)
             else: layout.param_out.copy_(torch.stack([t.to(layout.dtype) for t in norms]))
-            if self.hist and not samples: layout.hist_out.zero_()  # only empty tensors: nothing to count
-            elif self.hist:
-                _bin_counts(samples[0] if len(samples) == 1 else torch.cat(samples), layout.hist_offset, len(grads),
-                            self.histogram.tol_bits, out=layout.hist_out, ones=layout.ones)
+            if self.hist:  # the chunks left every tensor's |g| sample in `layout.samples`
+                _bin_counts(layout.samples, layout.hist_offset, len(grads), self.histogram.tol_bits,
+                            out=layout.hist_out, ones=layout.ones, nonnegative=True)
             return self._write_extra(layout, extra)
         finally:
             torch.set_grad_enabled(grad_mode)
@@ -333,7 +338,7 @@ class LayerStats:
         for slot, e in zip(slots[0], extra): slot.copy_(e if e.dim() == 1 else e.reshape(-1))
         return slots[1]
 
-    def _reduce_block(self, c, grads, samples):
+    def _reduce_block(self, c, grads):
         torch._foreach_copy_(c.copy_targets,
                              [grads[i] if end - start == self.rows[i] and start == 0 else grads[i][start:end]
                               for i, start, end in c.pieces] + c.pad_sources)
@@ -341,10 +346,12 @@ class LayerStats:
         total, norm, zeros, high = c.out
         torch.sum(block, 1, out=total); torch.linalg.vector_norm(block, dim=1, out=norm)
         torch.amax(block.abs_(), 1, out=high)
-        if self.hist: samples.append(block.view(-1).index_select(0, c.sample_index))
+        if self.hist:
+            if c.dtype == torch.float32: torch.index_select(block.view(-1), 0, c.sample_index, out=c.sample_out)
+            else: c.sample_out.copy_(block.view(-1).index_select(0, c.sample_index))
         torch.sum(block.le_(c.tol), 1, out=zeros)
 
-    def _reduce_direct(self, c, grads, samples):
+    def _reduce_direct(self, c, grads):
         (i, _, _), = c.pieces
         g = grads[i]
         rows = g.reshape(self.rows[i], -1)
@@ -354,7 +361,7 @@ class LayerStats:
         high.copy_(torch.maximum(rows.amax(1), rows.amin(1).neg()))
         if self.zero_tol == 0: zeros.copy_(c.row_length - torch.count_nonzero(rows, dim=1))
         else: zeros.copy_((rows.abs() <= _tol_below(self.zero_tol, g.dtype)).sum(1))
-        if self.hist: samples.append(g.reshape(-1).index_select(0, c.sample_index).to(c.dtype).abs())
+        if self.hist: c.sample_out.copy_(g.reshape(-1).index_select(0, c.sample_index)).abs_()
 
     def assemble(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Turn a host copy of `collect`'s result into `(values, hist)`: `values` float32 of shape
@@ -550,10 +557,11 @@ _DECADE_TABLES = {}
 
 
 def _bin_counts(picked: torch.Tensor, owner_offset: torch.Tensor, n_tensors: int, tol_bits: int | None,
-                out: torch.Tensor | None = None, ones: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, ones: torch.Tensor | None = None, nonnegative: bool = False) -> torch.Tensor:
     """Histogram counts `(n_tensors, len(HIST_BINS))` of the values `picked` (signed or not), value k belonging
     to tensor `owner_offset[k] // len(HIST_BINS)`; elements with float32 bits <= `tol_bits` go to `zero`.
-    Counted into `out` (flat, integer) when given, with `ones` (a one of its dtype) as the increment."""
+    Counted into `out` (flat, integer) when given, with `ones` (a one of its dtype) as the increment.
+    `nonnegative`: `picked` holds |g| already (float32), so its bits need no clearing of the sign."""
     device = picked.device
     if device not in _DECADE_TABLES:
         low, step = _decade_tables()
@@ -561,7 +569,8 @@ def _bin_counts(picked: torch.Tensor, owner_offset: torch.Tensor, n_tensors: int
     bin_low, bin_step = _DECADE_TABLES[device]
     # |g| as float32 bits: for non-negative floats, integer order is float order, and the exponent
     # field picks a row of two small tables (see `_decade_tables`): exact, and integer ops only
-    bits = picked.float().view(torch.int32).bitwise_and(0x7FFFFFFF)
+    bits = picked.float().view(torch.int32)
+    if not nonnegative: bits = bits.bitwise_and(0x7FFFFFFF)
     exponent = bits.bitwise_right_shift(23)
     bins = bin_low.index_select(0, exponent).add_(bits >= bin_step.index_select(0, exponent))
     if tol_bits is not None: bins.masked_fill_(bits <= tol_bits, 0)

@@ -446,3 +446,19 @@ def test_extra_values_of_changing_sizes_land_after_the_results():
         raw = plan.collect(grads, params, extra=extra)
         assert raw[len(raw) - len(flat):].tolist() == flat.tolist() and len(raw) == plan._last.extra_at + len(flat)
         np.testing.assert_array_equal(plan.assemble(raw.numpy())[0], expected)
+
+
+@pytest.mark.parametrize('chunk_elements', [4, 10**6])
+def test_histogram_of_negative_nan_inf_and_zero_in_every_dtype(chunk_elements):
+    "Signs never reach the bins: -NaN, -Inf and -0.0 count as NaN, Inf and zero, in float16/32/64 blocks and direct chunks."
+    gen = torch.Generator().manual_seed(8)
+    grads = [torch.randn(5, 6, generator=gen) * 1e-3, torch.randn(12, generator=gen).double() * 1e2,
+             torch.randn(4, 3, generator=gen).half()]
+    for g in grads:
+        flat = g.view(-1)
+        flat[0], flat[1], flat[2], flat[3] = -float('nan'), -float('inf'), -0.0, float('nan')
+    assert torch.signbit(grads[0].view(-1)[0])  # a NaN with its sign bit set
+    plan = LayerStats([g.shape for g in grads], hist=True, hist_sample=None, chunk_elements=chunk_elements)
+    for _ in range(2):  # the sample buffer is reused: the second step counts the same
+        _, hist = plan.assemble(plan.collect(grads, [g.float() for g in grads]).numpy())
+        for i, g in enumerate(grads): np.testing.assert_array_equal(hist[i], hist_counts(g.double()), err_msg=f'tensor {i}')
