@@ -262,9 +262,11 @@ class GradStats(Callback):
         if not params: return self.record.set_last('update_norm', [])
         with torch.no_grad():
             torch._foreach_sub_(before, params)  # in place: the buffers now hold w_before - w_after
-            self._pending_update = torch.stack(_norms(before))
+            self._pending_update = update = torch.stack(_norms(before))
+        # fetched only if the record is read before the next recorded step brings them (an interrupted fit)
+        self.record.set_last_later('update_norm', lambda: _to_host(update))
 
     def _flush_update(self):
         "At the end of a fit: the last step's update norms, with a copy of their own (once per fit)."
-        update, self._pending_update = self._pending_update, None
-        if update is not None and self.record.pending_last: self.record.set_last('update_norm', _to_host(update))
+        self._pending_update = None
+        self.record.fetch_pending()

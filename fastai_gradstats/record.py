@@ -116,6 +116,7 @@ class GradRecord:
         self._cache = {}
         # True while the last step's extra columns (`update_norm`) are still to come (`set_last` fills them)
         self.pending_last = False
+        self._deferred = None  # (column, fetch): where the pending values are, fetched when something reads them
         self.set_layers(layers)
 
     # --- filling -------------------------------------------------------------------------
@@ -158,6 +159,7 @@ class GradRecord:
             raise ValueError("`hist` must be given exactly when the record keeps histograms (`hist_dtype` set)")
         # scalars first: a bad one must fail before any column grows
         step, epoch, lr, loss, skipped = int(step), int(epoch), float(lr), float(loss), bool(skipped)
+        if self._deferred is not None: self.fetch_pending()  # they belong to the step before this one
         columns = self._step_cols
         if len(columns['step']):
             last = columns['step'].data[columns['step'].n - 1]
@@ -232,14 +234,37 @@ class GradRecord:
         values = np.asarray(values, np.float32).reshape(-1)
         if len(values) != n: raise ValueError(f"`values` has {len(values)} entries for the last step's {n} rows")
         if n: self._values.view[-n:, self.value_columns.index(column)] = values
-        self.pending_last = False
+        self.pending_last, self._deferred = False, None
         self._cache.clear()
+
+    def set_last_later(self, column, fetch):
+        """The extra column `column` of the last recorded step is known but not on the host yet: `fetch()`
+        returns its values (as `set_last` takes them), and is called only if the record is read (`df`,
+        `hist`, `save`, `merge`, `fetch_pending`) or a step is added before `set_last` fills the column.
+        So a fit that ends without its last event (an interrupted one) loses nothing, and one that goes on
+        pays no extra copy: the next step's `set_last` makes `fetch` unneeded."""
+        if column not in self.value_columns[len(METRICS):]:
+            raise ValueError(f"`column` must be one of the record's extra columns {self.value_columns[len(METRICS):]}, got {column!r}")
+        if not callable(fetch): raise TypeError(f"`fetch` must be callable, got {type(fetch).__name__}")
+        if not len(self): raise ValueError("no step recorded yet")
+        self._deferred = (column, fetch)
+
+    def __getstate__(self):
+        "Pickling (`learn.export`, `copy.deepcopy`) takes the values left to fetch with it, fetched first."
+        self.fetch_pending()
+        return self.__dict__
+
+    def fetch_pending(self):
+        "Fill the last step's column that `set_last_later` left to fetch, if any (one host copy)."
+        if self._deferred is None: return
+        column, fetch = self._deferred
+        self.set_last(column, fetch())
 
     def mark_skipped(self):
         "Flag the last recorded step as one the optimizer did not apply."
         if not len(self._step_cols['step']): raise ValueError("no step recorded yet")
         self._step_cols['skipped'].view[-1] = True
-        self.pending_last = False  # the optimizer did not apply it: no update to measure
+        self.pending_last, self._deferred = False, None  # the optimizer did not apply it: no update to measure
         self._cache.clear()
 
     def last(self, complete: bool = False) -> dict | None:
@@ -284,6 +309,7 @@ class GradRecord:
     @property
     def df(self) -> pd.DataFrame:
         "Tidy DataFrame, one row per (recorded step, parameter tensor); see the class docstring."
+        if self._deferred is not None: self.fetch_pending()
         if self._unthinned and self.keep_last is not None: self.thin()
         if 'df' not in self._cache:
             row_step = self._row_step()
@@ -440,6 +466,7 @@ def merge(records) -> GradRecord:
     records = [load(r) if isinstance(r, (str, Path)) else r for r in records]
     if not records or not all(isinstance(r, GradRecord) for r in records):
         raise TypeError("`records` must be a non-empty list of GradRecords or paths of saved runs")
+    for r in records: r.fetch_pending()
     first = records[0]
     for r in records[1:]:
         if r.value_columns != first.value_columns or (r._hist is None) != (first._hist is None):

@@ -1,6 +1,7 @@
 """`GradStats` on real fastai `Learner` fits: every recorded column against a float64 computation from
 gradients captured at the same step, and each behaviour of issue 3, item 3, as its own test."""
 import copy
+import pickle
 import warnings
 
 import numpy as np
@@ -327,6 +328,31 @@ def test_keyboard_interrupt_keeps_the_record():
     assert learn.grad_stats.steps['step'].tolist() == [0, 1, 2, 3, 4]
     assert_record_matches(learn.grad_stats, cap.captured)
 
+
+
+def test_keyboard_interrupt_keeps_the_last_steps_update_norm():
+    "Ctrl-C between steps: the last applied step's update norm, still on the device, is fetched when the record is read."
+    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16))
+    cap, cb = Capture(), GradStats(update_ratio=True)
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(2, 0.1, cbs=[cb, cap, RaiseAt(KeyboardInterrupt, at=5)])
+    record = learn.grad_stats
+    after = {n: p.detach().double() for n, p in learn.model.named_parameters()}
+    weights = [c['params'] for c in cap.captured] + [after]   # before each step, then after the last one
+    assert record.pending_last
+    copied = pickle.loads(pickle.dumps(record))  # what `learn.export` would pickle: the values go with it
+    df = record.df
+    assert df['step'].max() == 4 and not record.pending_last and copied.df.equals(df)
+    for step in range(5):
+        for name in weights[step]:
+            expected = float((weights[step + 1][name] - weights[step][name]).norm())
+            got = df.loc[(df['step'] == step) & (df['layer'].astype(str) == name), 'update_norm'].item()
+            np.testing.assert_allclose(got, expected, rtol=1e-4, err_msg=f'{name} step {step}')
+    last = df.loc[df['step'] == 4, 'update_norm'].to_numpy()
+    learn.fit(1, 0.1, cbs=cb)  # the same callback fits on: the norms it still holds change nothing
+    df = learn.grad_stats.df
+    np.testing.assert_array_equal(df.loc[df['step'] == 4, 'update_norm'].to_numpy(), last)
+    assert df['update_norm'].notna().all() and df['step'].max() == 8
 
 def test_cancel_fit_keeps_the_record():
     learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16))

@@ -233,6 +233,39 @@ def test_last_complete_waits_for_a_pending_update_norm():
     assert not record.pending_last and record.last(complete=True)['step'] == 1
 
 
+
+def test_set_last_later_fetches_only_when_the_record_is_read():
+    "Values left to fetch are fetched once, when read, into the step they belong to; never when `set_last` comes first."
+    layers = [{'name': n, 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': d} for d, n in enumerate('ab')]
+    record = GradRecord(layers, extra_columns=('update_norm',))
+    index = record.layer_index(['a', 'b'])
+    row = lambda s: np.c_[np.full((2, len(METRICS)), float(s), np.float32), np.full(2, np.nan, np.float32)]
+    fetched = []
+    def fetch(values):
+        def get(): fetched.append(values); return np.array(values)
+        return get
+    with pytest.raises(ValueError, match='no step'): record.set_last_later('update_norm', fetch([1, 2]))
+    record.add_step(0, 0, 0.1, 1.0, index, row(0), pending=True)
+    with pytest.raises(ValueError, match='column'): record.set_last_later('grad_norm', fetch([1, 2]))
+    with pytest.raises(TypeError, match='fetch'): record.set_last_later('update_norm', [1, 2])
+    record.set_last_later('update_norm', fetch([0.5, 0.25]))
+    record.set_last('update_norm', [0.5, 0.25])          # the usual way: the next step's copy brought them
+    assert record.df['update_norm'].tolist() == [0.5, 0.25] and fetched == []
+    record.add_step(1, 0, 0.1, 1.0, index, row(1), pending=True)
+    record.set_last_later('update_norm', fetch([3.0, 4.0]))
+    assert record.pending_last and fetched == []
+    assert record.df['update_norm'].tolist() == [0.5, 0.25, 3.0, 4.0]  # an interrupted fit: read, so fetched
+    assert fetched == [[3.0, 4.0]] and not record.pending_last
+    record.df; record.fetch_pending()
+    assert len(fetched) == 1                             # once
+    record.add_step(2, 0, 0.1, 1.0, index, row(2), pending=True)
+    record.set_last_later('update_norm', fetch([5.0, 6.0]))
+    record.add_step(3, 0, 0.1, 1.0, index, row(3), pending=True)  # a step added first: the values go to step 2
+    assert record.df['update_norm'].tolist()[4:6] == [5.0, 6.0] and np.isnan(record.df['update_norm'].iloc[6:]).all()
+    record.set_last_later('update_norm', fetch([7.0, 8.0]))
+    record.mark_skipped()                                # not applied: nothing to fetch
+    assert np.isnan(record.df['update_norm'].iloc[6:]).all() and len(fetched) == 2
+
 def test_add_step_keeps_every_column_and_rejects_steps_that_do_not_increase():
     layers = [{'name': n, 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': d} for d, n in enumerate('ab')]
     record = GradRecord(layers, every=3)
