@@ -138,6 +138,8 @@ class GradStats(Callback):
         if self._recorded_step:  # the last fit stopped inside a recorded step: that step is over
             self.step_count += 1
             self._recorded_step = False
+            # whether the optimizer applied it is unknown: its update norm stays NaN rather than take the next step's
+            self._weights_before = None
         self.learn.grad_stats = self.record
         model = self.learn.model
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module  # names as in one process
@@ -256,7 +258,8 @@ class GradStats(Callback):
 
     def _measure_update(self):
         """||w_after - w_before|| of the step just taken, left on the device: the next recorded step's copy
-        (or the end of the fit) brings it into the last recorded step (`df` derives `update_ratio`)."""
+        brings it into the last recorded step (`df` derives `update_ratio`); when none follows (the end of the
+        fit, or one that stops without its last event), the record fetches it when it is read."""
         before, params = self._weights_before
         self._weights_before = None
         if not params: return self.record.set_last('update_norm', [])

@@ -91,6 +91,8 @@ class GradRecord:
       over all recorded parameters), `skipped` (the optimizer did not apply this step);
     - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`.
     """
+    _deferred = None  # records pickled before `set_last_later` existed have no such attribute of their own
+
     def __init__(self, layers=(), args=None, extra_columns=(), hist_dtype=None, keep_last=None, every=1):
         if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, (int, np.integer)) or keep_last < 1):
             raise ValueError(f"`keep_last` must be a positive int or None, got {keep_last!r}")
@@ -239,10 +241,11 @@ class GradRecord:
 
     def set_last_later(self, column, fetch):
         """The extra column `column` of the last recorded step is known but not on the host yet: `fetch()`
-        returns its values (as `set_last` takes them), and is called only if the record is read (`df`,
-        `hist`, `save`, `merge`, `fetch_pending`) or a step is added before `set_last` fills the column.
-        So a fit that ends without its last event (an interrupted one) loses nothing, and one that goes on
-        pays no extra copy: the next step's `set_last` makes `fetch` unneeded."""
+        returns its values (as `set_last` takes them). It is called only when the record is read (`df`,
+        `hist`, `save`, `merge`, `fetch_pending`), pickled or copied, or given a step before `set_last`
+        fills the column; `GradStats` calls `fetch_pending` at the end of every fit. So a fit that ends
+        without its last event (an interrupted one) loses nothing, and one that goes on pays no extra
+        copy: the next step's `set_last` makes `fetch` unneeded. `set_last` and `mark_skipped` drop it."""
         if column not in self.value_columns[len(METRICS):]:
             raise ValueError(f"`column` must be one of the record's extra columns {self.value_columns[len(METRICS):]}, got {column!r}")
         if not callable(fetch): raise TypeError(f"`fetch` must be callable, got {type(fetch).__name__}")
@@ -264,7 +267,7 @@ class GradRecord:
         "Flag the last recorded step as one the optimizer did not apply."
         if not len(self._step_cols['step']): raise ValueError("no step recorded yet")
         self._step_cols['skipped'].view[-1] = True
-        self.pending_last, self._deferred = False, None  # the optimizer did not apply it: no update to measure
+        self.pending_last, self._deferred = False, None  # the optimizer did not apply it: its update is 0, not pending
         self._cache.clear()
 
     def last(self, complete: bool = False) -> dict | None:

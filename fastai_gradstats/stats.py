@@ -185,7 +185,7 @@ class LayerStats:
         self.n_units = np.array([s[0] if len(s) >= 2 else math.nan for s in self.shapes], np.float64)
         # `refine`'s cancellation test as std < grad_norm * this (0: never for one element, whose std is NaN)
         self._cancel_scale = np.sqrt(1e-3 / np.maximum(self.numel - 1, 1)) * (self.numel > 1)
-        self._layouts, self._last, self._last_grads, self._work_bytes = {}, None, None, {}
+        self._layouts, self._last, self._work_bytes = {}, None, {}
 
     def __len__(self): return len(self.shapes)
 
@@ -294,19 +294,15 @@ class LayerStats:
         return self._collect(grads, params, extra)
 
     def _collect(self, grads, params, extra):
-        """`collect` for a caller that passes lists of tensors, `params` as many as `grads`, and `extra` a list.
-        Gradients are checked against the planned shapes, unless they are the very tensors of the last call
-        with the same shapes: then the layout is the last one too (a step costs no lookup)."""
+        """`collect` for a caller that passes lists of tensors, `params` as many as `grads`, and `extra` a list:
+        only the gradients' shapes are checked (the full check runs when they differ from the plan's, to say how).
+        The layout is looked up by the gradients' dtypes and device on every call: the same tensor objects can
+        change both (`Module.double()`, `.to(device)` swap their `.data`)."""
         if not grads:
             flat = [e.detach().reshape(-1).to(torch.float64) for e in extra]
             return torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
-        last = self._last_grads
-        if not (last is not None and len(last) == len(grads) and all(map(operator.is_, grads, last))
-                and list(map(_SHAPE, grads)) == self.shapes):
-            self._check(grads, params)
-            self._layout(grads)
-            self._last_grads = list(grads)
-        layout = self._last
+        if list(map(_SHAPE, grads)) != self.shapes: self._check(grads, params)
+        layout = self._layout(grads)
         grad_mode = torch.is_grad_enabled()
         torch.set_grad_enabled(False)  # the parameters require grad: read them without recording (cheaper than `with no_grad`)
         try:

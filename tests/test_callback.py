@@ -175,6 +175,22 @@ def test_overflow_skipped_step_is_recorded_and_flagged():
     assert len(record) == 4 and 'skipped' in repr(record)
 
 
+
+@pytest.mark.parametrize('at', [1, 3])
+def test_a_skipped_step_has_a_zero_update_norm_also_as_the_last_step(at):
+    "The weights did not move at a skipped step: its update_norm is 0 (EXTRA_COLUMNS), in the middle of a fit or at its end."
+    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16))
+    overflow = OverflowAt(at=at)
+    learn.fit(1, 0.1, cbs=[CPUMixedPrecision(init_scale=2. ** 10, bf16=False), GradStats(update_ratio=True), overflow])
+    df = learn.grad_stats.df
+    assert learn.grad_stats.steps['skipped'].tolist() == [step == at for step in range(4)]
+    for step in range(4):
+        rows = df[df['step'] == step].set_index(df[df['step'] == step]['layer'].astype(str))['update_norm']
+        for name, before in overflow.before[step].items():
+            expected = float((overflow.after[step][name].double() - before.double()).norm())
+            np.testing.assert_allclose(rows[name], expected, rtol=1e-4, err_msg=f'{name} step {step}')
+    assert (df.loc[df['step'] == at, 'update_norm'] == 0).all()
+
 # --- which parameters ----------------------------------------------------------------------------
 class WithUnused(nn.Module):
     def __init__(self):
@@ -415,6 +431,27 @@ def test_interrupt_during_optimizer_step_then_fit_again():
     assert steps[:len(kept)] == kept and len(steps) == len(kept) + 4
     assert np.all(np.diff(steps) > 0)
 
+
+
+def test_interrupt_during_an_optimizer_step_leaves_its_update_norm_unknown():
+    "Ctrl-C inside the optimizer step of recorded step 4 (every=2): whether it applied is unknown, so NaN, not step 5's update."
+    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16), cbs=GradStats(every=2, update_ratio=True))
+    learn.create_opt()
+    real_step, calls = learn.opt.step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5: raise KeyboardInterrupt()
+        return real_step(*args, **kwargs)
+    learn.opt.step = step
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(2, 0.1)
+    learn.opt.step = real_step
+    learn.fit(1, 0.1)
+    df = learn.grad_stats.df
+    assert sorted(set(df['step'])) == [0, 2, 4, 6, 8]
+    assert df.loc[df['step'] == 4, 'update_norm'].isna().all()
+    assert df.loc[df['step'] != 4, 'update_norm'].notna().all()
 
 class CancelFitInStep(Callback):
     "Raises CancelFitException at `before_step` of step `at`: after GradStats recorded it, before the optimizer."

@@ -1,6 +1,7 @@
 """The record: save/load round trips (parquet + JSON), the layer table, clear errors on bad
 directories, and the record of an empty and of a one-step fit."""
 import json
+import pickle
 
 import numpy as np
 import pandas as pd
@@ -265,6 +266,21 @@ def test_set_last_later_fetches_only_when_the_record_is_read():
     record.set_last_later('update_norm', fetch([7.0, 8.0]))
     record.mark_skipped()                                # not applied: nothing to fetch
     assert np.isnan(record.df['update_norm'].iloc[6:]).all() and len(fetched) == 2
+
+
+def test_a_record_pickled_by_an_earlier_version_still_works():
+    "Records pickled (`learn.export`) before `set_last_later` existed lack its attribute: reading, adding and pickling work."
+    learn = make_learner(tiny_mlp(), small_dls(n_train=32, bs=16))
+    learn.fit(1, 0.1, cbs=GradStats(update_ratio=True))
+    record = learn.grad_stats
+    state = pickle.loads(pickle.dumps(record.__getstate__()))  # its own arrays
+    del state['_deferred']  # what an earlier version's pickle holds
+    old = GradRecord.__new__(GradRecord)
+    old.__dict__.update(state)  # what unpickling does
+    pd.testing.assert_frame_equal(old.df, record.df)
+    index = old.layer_index(list(record.layers['name']))
+    old.add_step(99, 1, 0.1, 1.0, index, np.ones((len(index), len(old.value_columns)), np.float32))
+    assert len(pickle.loads(pickle.dumps(old))) == len(record) + 1
 
 def test_add_step_keeps_every_column_and_rejects_steps_that_do_not_increase():
     layers = [{'name': n, 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': d} for d, n in enumerate('ab')]

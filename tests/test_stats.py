@@ -432,19 +432,44 @@ def test_collect_reads_parameters_without_recording_and_keeps_the_grad_mode():
     with torch.no_grad():
         plan.collect(grads, params)
         assert not torch.is_grad_enabled()
-    with pytest.raises(ValueError): plan.collect(grads[:1] + grads[:-1], params)  # a failed call leaves it as it was
+    with pytest.raises(ValueError): plan.collect(grads[:1] + grads[:-1], params)  # refused before any work
     assert torch.is_grad_enabled()
+    # a call that fails in the middle of the work (a meta tensor holds no values to copy) restores it too
+    with pytest.raises((NotImplementedError, RuntimeError)): plan.collect(grads, params, extra=[torch.empty(1, device='meta')])
+    assert torch.is_grad_enabled()
+    np.testing.assert_array_equal(plan(grads, params).numpy(), LayerStats([g.shape for g in grads])(grads, params).numpy())
+
+
+def test_gradients_whose_dtype_changes_in_place_get_a_layout_of_their_dtype():
+    "`Module.double()` swaps the `.data` of the same .grad objects: the next step is reduced in float64, not float32."
+    layer = torch.nn.Linear(4, 3)
+    grads, params = [torch.full(p.shape, 1e-50, dtype=torch.float64).float() for p in layer.parameters()], list(layer.parameters())
+    plan = LayerStats([g.shape for g in grads])
+    before = plan(grads, params).numpy()
+    assert (before[:, METRICS.index('zero_frac')] == 1).all()  # 1e-50 is 0 in float32
+    for g in grads: g.data = torch.full(g.shape, 1e-50, dtype=torch.float64)
+    for p in params: p.data = p.data.double()
+    raw = plan.collect(grads, params)
+    assert raw.dtype == torch.float64
+    after = plan.assemble(raw.numpy())[0]  # float32 values: norms of 1e-50 elements round to 0 there, fractions do not
+    for i, (g, p) in enumerate(zip(grads, params)):
+        ref = reference_stats(g, p)
+        assert after[i, METRICS.index('zero_frac')] == ref['zero_frac'] == 0
+        np.testing.assert_equal(after[i, METRICS.index('dead_frac')], ref['dead_frac'])  # 0 for the weight, NaN for the bias
 
 
 def test_extra_values_of_changing_sizes_land_after_the_results():
     grads, params = mixed_tensors(7)
     plan = LayerStats([g.shape for g in grads])
     expected = plan(grads, params).numpy()
+    room = len(grads) + 1  # more values than that are appended to a copy of the result
     for extra in ([torch.tensor(1.5)], [torch.tensor(2.5), torch.arange(4.0)], [torch.tensor(3.5)],
-                  [torch.tensor([[1.0, 2.0], [3.0, 4.0]])], [torch.tensor(4.5), torch.arange(4.0) + 10]):
+                  [torch.tensor([[1.0, 2.0], [3.0, 4.0]])], [torch.arange(room + 2.0)], [torch.tensor(4.5), torch.arange(4.0) + 10],
+                  [torch.arange(room + 2.0) - 1], [torch.tensor(5.5)]):
         flat = torch.cat([e.reshape(-1) for e in extra])
         raw = plan.collect(grads, params, extra=extra)
         assert raw[len(raw) - len(flat):].tolist() == flat.tolist() and len(raw) == plan._last.extra_at + len(flat)
+        assert (raw.data_ptr() == plan._last.result.data_ptr()) == (len(flat) <= room)
         np.testing.assert_array_equal(plan.assemble(raw.numpy())[0], expected)
 
 
