@@ -410,43 +410,37 @@ def test_exception_in_first_forward_leaves_no_hooks_on_the_model():
     assert not leftover, f'GradStats left forward pre-hooks on the model after the failed fit: {leftover}'
 
 
-def test_interrupt_during_optimizer_step_then_fit_again():
-    "Ctrl-C while the optimizer applies step 2, then the user fits again with the same Learner(cbs=GradStats())."
-    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16), cbs=GradStats())
+def interrupt_in_optimizer_step(learn, at, n_epoch=1):
+    "Fit `learn` until Ctrl-C arrives while the optimizer applies step `at` (counted from 0), as a user's would."
     learn.create_opt()
     real_step, calls = learn.opt.step, []
 
     def step(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3: raise KeyboardInterrupt()
+        if len(calls) == at + 1: raise KeyboardInterrupt()
         return real_step(*args, **kwargs)
     learn.opt.step = step
-    with pytest.raises(KeyboardInterrupt):
-        learn.fit(1, 0.1)
+    try:
+        with pytest.raises(KeyboardInterrupt): learn.fit(n_epoch, 0.1)
+    finally: learn.opt.step = real_step
+
+
+def test_interrupt_during_optimizer_step_then_fit_again():
+    "Ctrl-C while the optimizer applies step 2, then the user fits again with the same Learner(cbs=GradStats())."
+    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16), cbs=GradStats())
+    interrupt_in_optimizer_step(learn, at=2)
     kept = learn.grad_stats.steps['step'].tolist()
     assert kept[:2] == [0, 1]
-    learn.opt.step = real_step
     learn.fit(1, 0.1)  # must not fail
     steps = learn.grad_stats.steps['step'].tolist()
     assert steps[:len(kept)] == kept and len(steps) == len(kept) + 4
     assert np.all(np.diff(steps) > 0)
 
 
-
 def test_interrupt_during_an_optimizer_step_leaves_its_update_norm_unknown():
     "Ctrl-C inside the optimizer step of recorded step 4 (every=2): whether it applied is unknown, so NaN, not step 5's update."
     learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16), cbs=GradStats(every=2, update_ratio=True))
-    learn.create_opt()
-    real_step, calls = learn.opt.step, []
-
-    def step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5: raise KeyboardInterrupt()
-        return real_step(*args, **kwargs)
-    learn.opt.step = step
-    with pytest.raises(KeyboardInterrupt):
-        learn.fit(2, 0.1)
-    learn.opt.step = real_step
+    interrupt_in_optimizer_step(learn, at=4, n_epoch=2)
     learn.fit(1, 0.1)
     df = learn.grad_stats.df
     assert sorted(set(df['step'])) == [0, 2, 4, 6, 8]
