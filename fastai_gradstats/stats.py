@@ -344,7 +344,7 @@ class LayerStats:
         torch.amax(block.abs_(), 1, out=high)
         if self.hist:
             if c.dtype == torch.float32: torch.index_select(block.view(-1), 0, c.sample_index, out=c.sample_out)
-            else: c.sample_out.copy_(block.view(-1).index_select(0, c.sample_index))
+            else: c.sample_out.copy_(_float32_magnitudes(block.view(-1).index_select(0, c.sample_index), self.zero_tol))
         torch.sum(block.le_(c.tol), 1, out=zeros)
 
     def _reduce_direct(self, c, grads):
@@ -357,7 +357,9 @@ class LayerStats:
         high.copy_(torch.maximum(rows.amax(1), rows.amin(1).neg()))
         if self.zero_tol == 0: zeros.copy_(c.row_length - torch.count_nonzero(rows, dim=1))
         else: zeros.copy_((rows.abs() <= _tol_below(self.zero_tol, g.dtype)).sum(1))
-        if self.hist: c.sample_out.copy_(g.reshape(-1).index_select(0, c.sample_index)).abs_()
+        if self.hist:
+            picked = g.reshape(-1).index_select(0, c.sample_index)
+            c.sample_out.copy_(_float32_magnitudes(picked, self.zero_tol) if picked.dtype == torch.float64 else picked).abs_()
 
     def assemble(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Turn a host copy of `collect`'s result into `(values, hist)`: `values` float32 of shape
@@ -517,6 +519,9 @@ class MagnitudeHistogram:
     model's size; `sample=None` counts every element. The sample is an evenly spread set of indices
     (a multiplicative hash of 0..sample-1, offset by `seed`), so it follows no row or column pattern
     of the weights. Exact NaN/Inf counts of whole tensors are `LayerStats.refine`'s job.
+    The bins read float32 bits: float64 values are rounded to float32 first (magnitudes beyond float32's
+    range keep their `huge` or `tiny` bin, and `zero_tol` is applied before rounding), so a float64 value
+    within float32 rounding (about 6e-8 relative) of a power of ten may count in the bin next to it.
     """
     def __init__(self, shapes: Sequence[torch.Size], zero_tol: float = 0.0, sample: int | None = 2048, seed: int = 0):
         if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
@@ -546,10 +551,21 @@ class MagnitudeHistogram:
         with torch.no_grad():
             flat = [g.reshape(-1) for g in grads]
             picked = torch.cat([f if i is None else f.index_select(0, i) for f, i in zip(flat, index)])
+            if picked.dtype == torch.float64: picked = _float32_magnitudes(picked, self.zero_tol)
             return _bin_counts(picked, owner_offset, len(grads), self.tol_bits)
 
 
 _DECADE_TABLES = {}
+_FLOAT32_MAX, _FLOAT32_TINIEST = torch.finfo(torch.float32).max, 2.0 ** -149
+
+
+def _float32_magnitudes(x: torch.Tensor, zero_tol: float) -> torch.Tensor:
+    """|x| of float64 values as float32 in the same histogram bins (the bins read float32 bits): magnitudes
+    <= `zero_tol` become 0, finite ones above float32's range its largest finite value (`huge`, not `inf`),
+    and nonzero ones below it its smallest subnormal (`tiny`, not `zero`); Inf and NaN stay as they are."""
+    x = x.abs()
+    x = torch.where(x <= zero_tol, 0.0, torch.where(torch.isfinite(x) & (x > _FLOAT32_MAX), _FLOAT32_MAX, x))
+    return torch.where((x > 0) & (x < _FLOAT32_TINIEST), _FLOAT32_TINIEST, x).float()
 
 
 def _bin_counts(picked: torch.Tensor, owner_offset: torch.Tensor, n_tensors: int, tol_bits: int | None,

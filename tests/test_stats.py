@@ -487,3 +487,26 @@ def test_histogram_of_negative_nan_inf_and_zero_in_every_dtype(chunk_elements):
     for _ in range(2):  # the sample buffer is reused: the second step counts the same
         _, hist = plan.assemble(plan.collect(grads, [g.float() for g in grads]).numpy())
         for i, g in enumerate(grads): np.testing.assert_array_equal(hist[i], hist_counts(g.double()), err_msg=f'tensor {i}')
+
+
+@pytest.mark.parametrize('chunk_elements', [4, 10**6])
+def test_float64_magnitudes_beyond_float32_keep_their_bins(chunk_elements):
+    "A float64 gradient of 1e300 is `huge`, not `inf`, and one of 1e-310 is `tiny`, not `zero` (the bins read float32 bits)."
+    g = torch.tensor([[1e300, -1e300, 1e-310, -1e-310], [0.0, float('inf'), float('nan'), 1e-3],
+                      [3.5e38, -1e-46, 1e-20, 2.0]], dtype=torch.float64)
+    expected = hist_counts(g)
+    assert expected[HIST_BINS.index('huge')] == 3 and expected[HIST_BINS.index('tiny')] == 4
+    plan = LayerStats([g.shape, (3,)], hist=True, hist_sample=None, chunk_elements=chunk_elements)
+    _, hist = plan.assemble(plan.collect([g, g[0, :3].float()], [g, g[0, :3].float()]).numpy())
+    np.testing.assert_array_equal(hist[0], expected)
+    np.testing.assert_array_equal(hist[1], hist_counts(g[0, :3].float()))  # float32: 1e300 is already Inf there
+    np.testing.assert_array_equal(MagnitudeHistogram([g.shape], sample=None)([g])[0].numpy(), expected)
+    # a zero_tol below float32's range still decides what is zero, as zero_frac does
+    small = torch.tensor([1e-310, 1e-290, 0.5], dtype=torch.float64)
+    want = np.zeros(len(HIST_BINS), np.int64)
+    for b in ('zero', 'tiny', '1e-1'): want[HIST_BINS.index(b)] = 1
+    plan = LayerStats([small.shape], zero_tol=1e-300, hist=True, hist_sample=None, chunk_elements=chunk_elements)
+    values, hist = plan.assemble(plan.collect([small], [small]).numpy())
+    np.testing.assert_array_equal(hist[0], want)
+    assert values[0, METRICS.index('zero_frac')] == np.float32(1 / 3)
+    np.testing.assert_array_equal(MagnitudeHistogram([small.shape], zero_tol=1e-300, sample=None)([small])[0].numpy(), want)
