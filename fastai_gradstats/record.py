@@ -230,14 +230,17 @@ class GradRecord:
 
     def set_last(self, column, values):
         "Fill the extra column `column` (one of `value_columns`) of the rows of the last recorded step."
-        if column not in self.value_columns[len(METRICS):]:
-            raise ValueError(f"`column` must be one of the record's extra columns {self.value_columns[len(METRICS):]}, got {column!r}")
+        self._check_extra_column(column)
         n = self._step_cols['n_rows'].view[-1] if len(self) else 0
         values = np.asarray(values, np.float32).reshape(-1)
         if len(values) != n: raise ValueError(f"`values` has {len(values)} entries for the last step's {n} rows")
         if n: self._values.view[-n:, self.value_columns.index(column)] = values
         self.pending_last, self._deferred = False, None
         self._cache.clear()
+
+    def _check_extra_column(self, column):
+        if column not in self.value_columns[len(METRICS):]:
+            raise ValueError(f"`column` must be one of the record's extra columns {self.value_columns[len(METRICS):]}, got {column!r}")
 
     def set_last_later(self, column, fetch):
         """The extra column `column` of the last recorded step is known but not on the host yet: `fetch()`
@@ -246,8 +249,7 @@ class GradRecord:
         fills the column; `GradStats` calls `fetch_pending` at the end of every fit. So a fit that ends
         without its last event (an interrupted one) loses nothing, and one that goes on pays no extra
         copy: the next step's `set_last` makes `fetch` unneeded. `set_last` and `mark_skipped` drop it."""
-        if column not in self.value_columns[len(METRICS):]:
-            raise ValueError(f"`column` must be one of the record's extra columns {self.value_columns[len(METRICS):]}, got {column!r}")
+        self._check_extra_column(column)
         if not callable(fetch): raise TypeError(f"`fetch` must be callable, got {type(fetch).__name__}")
         if not len(self): raise ValueError("no step recorded yet")
         self._deferred = (column, fetch)
@@ -312,7 +314,7 @@ class GradRecord:
     @property
     def df(self) -> pd.DataFrame:
         "Tidy DataFrame, one row per (recorded step, parameter tensor); see the class docstring."
-        if self._deferred is not None: self.fetch_pending()
+        self.fetch_pending()
         if self._unthinned and self.keep_last is not None: self.thin()
         if 'df' not in self._cache:
             row_step = self._row_step()

@@ -105,9 +105,9 @@ class _Layout:
     tensor, kept from step to step (no concatenation), laid out as `LayerStats.assemble` reads it:
     per row of the blocks, 4 x `n_rows` (sums, L2 norms, elements <= zero_tol, max |g|); the parameters'
     norms; the histogram counts (integers, stored in the result's bits); then room for `extra` values."""
-    def __init__(self, stats, chunks, device, dtypes, owner, starts, row_length, hist_offset, row_padding):
+    def __init__(self, stats, chunks, device, dtypes, owner, starts, row_length, row_padding, hist_offset, samples):
         self.chunks, self.owner, self.starts, self.row_length = chunks, owner, starts, row_length
-        self.hist_offset = hist_offset
+        self.hist_offset, self.samples = hist_offset, samples  # with `hist`: where counts go, the chunks' |g| samples
         n, n_rows = len(stats.shapes), len(row_length)
         # float64 gradients reduce in float64; everything else in float32
         self.dtype = torch.float64 if torch.float64 in dtypes else torch.float32
@@ -246,9 +246,7 @@ class LayerStats:
         row_padding = np.concatenate([np.repeat(c.row_length - self.row_length[i], end - start).astype(np.float64)
                                       for c in chunks for i, start, end in c.pieces] or [np.zeros(0)])
         hist_offset, samples = self._plan_samples(chunks, device) if self.hist else (None, None)
-        layout = _Layout(self, chunks, device, dtypes, row_tensor[starts], starts, row_length, hist_offset, row_padding)
-        layout.samples = samples
-        return layout
+        return _Layout(self, chunks, device, dtypes, row_tensor[starts], starts, row_length, row_padding, hist_offset, samples)
 
     def _plan_samples(self, chunks, device):
         """Where each tensor's histogram sample lies in the work buffer (or in the tensor, for direct chunks), and
@@ -359,7 +357,8 @@ class LayerStats:
         else: zeros.copy_((rows.abs() <= _tol_below(self.zero_tol, g.dtype)).sum(1))
         if self.hist:
             picked = g.reshape(-1).index_select(0, c.sample_index)
-            c.sample_out.copy_(_float32_magnitudes(picked, self.zero_tol) if picked.dtype == torch.float64 else picked).abs_()
+            if picked.dtype == torch.float64: c.sample_out.copy_(_float32_magnitudes(picked, self.zero_tol))
+            else: c.sample_out.copy_(picked).abs_()
 
     def assemble(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Turn a host copy of `collect`'s result into `(values, hist)`: `values` float32 of shape
@@ -551,8 +550,9 @@ class MagnitudeHistogram:
         with torch.no_grad():
             flat = [g.reshape(-1) for g in grads]
             picked = torch.cat([f if i is None else f.index_select(0, i) for f, i in zip(flat, index)])
-            if picked.dtype == torch.float64: picked = _float32_magnitudes(picked, self.zero_tol)
-            return _bin_counts(picked, owner_offset, len(grads), self.tol_bits)
+            wide = picked.dtype == torch.float64
+            if wide: picked = _float32_magnitudes(picked, self.zero_tol)
+            return _bin_counts(picked, owner_offset, len(grads), self.tol_bits, nonnegative=wide)
 
 
 _DECADE_TABLES = {}
