@@ -23,6 +23,11 @@ SCALARS = ('grad_norm', 'grad_param_ratio', 'dead_frac', 'n_nan', 'n_inf', 'upda
 "Per-layer columns sent every recorded step, as `<column>/<layer>`; plus `grad_norm/total`, `loss`, `lr`."
 
 
+def _ratio(a, b) -> float:
+    "`a / b` as `GradRecord.df` divides (numpy's float division): inf over zero, NaN for 0 / 0 or a NaN."
+    with np.errstate(divide='ignore', invalid='ignore'): return float(np.float64(a) / np.float64(b))
+
+
 def step_scalars(last: dict, columns=SCALARS) -> dict:
     "The scalars of one recorded step (`GradRecord.last()`): `{'grad_norm/total': ..., 'grad_norm/<layer>': ...}`."
     values, counts = last['values'], last['counts']
@@ -31,9 +36,9 @@ def step_scalars(last: dict, columns=SCALARS) -> dict:
     for i, layer in enumerate(last['layers']):
         row = dict(zip(METRICS, values[i, :len(METRICS)].tolist()))
         norm, pnorm = row['grad_norm'], row['param_norm']
-        row['grad_param_ratio'] = norm / pnorm if pnorm else math.inf if norm else math.nan
+        row['grad_param_ratio'] = _ratio(norm, pnorm)
         row['n_nan'], row['n_inf'] = int(counts[i, 0]), int(counts[i, 1])
-        if width > len(METRICS): row['update_ratio'] = float(values[i, len(METRICS)]) / pnorm if pnorm else math.nan
+        if width > len(METRICS): row['update_ratio'] = _ratio(values[i, len(METRICS)], pnorm)
         for column in columns:
             if column in row and not (column == 'dead_frac' and math.isnan(row[column])):
                 out[f'{column}/{layer}'] = row[column]

@@ -82,7 +82,7 @@ def make_learner(model, dls=None, opt_func=SGD, cbs=None, **kwargs) -> Learner:
 
 # --- callbacks of the tests ------------------------------------------------------------------
 class Capture(Callback):
-    """Deep-copies, in float64, every parameter's gradient and value at each optimizer step, with the
+    """Deep-copies to the CPU, in float64, every parameter's gradient and value at each optimizer step, with the
     step's epoch, loss and learning rate. Runs right after `GradStats` (same gradients), counts
     optimizer steps itself, and also captures steps that an earlier callback cancelled."""
     run_valid = False
@@ -95,8 +95,8 @@ class Capture(Callback):
         self.captured.append(dict(
             step=self.count, epoch=self.learn.epoch, loss=float(self.learn.loss.detach()), skipped=skipped,
             lr=self.learn.opt.hypers[-1]['lr'], lrs=[h['lr'] for h in self.learn.opt.hypers],
-            grads={n: None if p.grad is None else p.grad.detach().clone().double() for n, p in named},
-            params={n: p.detach().clone().double() for n, p in named},
+            grads={n: None if p.grad is None else p.grad.detach().to('cpu', torch.float64, copy=True) for n, p in named},
+            params={n: p.detach().to('cpu', torch.float64, copy=True) for n, p in named},
             requires_grad={n: p.requires_grad for n, p in named}))
         self._done = True
 
@@ -125,6 +125,22 @@ class CPUMixedPrecision(MixedPrecision):
         self.autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.bf16)
         self.learn.scaler = torch.amp.GradScaler('cpu', init_scale=self.init_scale)
         self.scales = L()
+
+
+class OverflowAt(Callback):
+    "Writes +Inf into one scaled gradient element at step `at`, and keeps the weights before/after each step."
+    order = MixedPrecision.order - 0.5  # before the scaler unscales: the overflow is in the scaled gradients
+    run_valid = False
+
+    def __init__(self, at): self.at, self.count, self.before, self.after = at, 0, [], []
+
+    def before_step(self):
+        self.before.append({n: p.detach().clone() for n, p in self.learn.model.named_parameters()})
+        if self.count == self.at: dict(self.learn.model.named_parameters())['2.weight'].grad[1, 2] = float('inf')
+
+    def after_step(self):
+        self.after.append({n: p.detach().clone() for n, p in self.learn.model.named_parameters()})
+        self.count += 1
 
 
 class InjectNonFinite(Callback):
@@ -173,7 +189,7 @@ def reference_stats(grad, param, zero_tol: float = 0.0) -> dict:
                        if g.ndim >= 2 else float('nan')),
             n_nan=int(np.isnan(g).sum()), n_inf=int(np.isinf(g).sum()),
             mean_abs=float(np.mean(a[np.isfinite(a)])) if np.isfinite(a).any() else 0.0)
-        out['grad_param_ratio'] = out['grad_norm'] / out['param_norm'] if out['param_norm'] else float('nan')
+        out['grad_param_ratio'] = float(np.divide(grad_norm, param_norm))  # as documented: inf over a zero parameter, NaN for 0 / 0
     return out
 
 

@@ -13,7 +13,7 @@ from fastai.callback.all import GradientAccumulation, GradientClip  # also adds 
 
 from fastai_gradstats import GradientAlert, GradRecord, GradStats
 
-from helpers import (CPUMixedPrecision, Capture, InjectNonFinite, Repair, assert_record_matches, dead_channel_cnn,
+from helpers import (CPUMixedPrecision, Capture, InjectNonFinite, OverflowAt, Repair, assert_record_matches, dead_channel_cnn,
                      dead_unit_mlp, expected_layers, make_learner, quiet, reference_stats, small_dls, tiny_mlp)
 
 
@@ -137,22 +137,6 @@ def test_gradient_accumulation_records_one_accumulated_gradient_per_step():
 
 
 # --- overflow-skipped steps --------------------------------------------------------------------------
-class OverflowAt(Callback):
-    "Writes +Inf into one scaled gradient element at step `at`, and keeps the weights before/after each step."
-    order = CPUMixedPrecision.order - 0.5
-    run_valid = False
-
-    def __init__(self, at): self.at, self.count, self.before, self.after = at, 0, [], []
-
-    def before_step(self):
-        self.before.append({n: p.detach().clone() for n, p in self.learn.model.named_parameters()})
-        if self.count == self.at: dict(self.learn.model.named_parameters())['2.weight'].grad[1, 2] = float('inf')
-
-    def after_step(self):
-        self.after.append({n: p.detach().clone() for n, p in self.learn.model.named_parameters()})
-        self.count += 1
-
-
 def test_overflow_skipped_step_is_recorded_and_flagged():
     learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16))
     scaled = Capture(order=CPUMixedPrecision.order - 0.1)

@@ -110,3 +110,21 @@ def test_missing_extras_give_a_clear_error(monkeypatch):
 def test_exporter_arguments():
     pytest.importorskip('tensorboard')
     with pytest.raises(ValueError, match='hist_every'): TensorBoardGradStats(hist_every=0)
+
+
+def test_step_scalars_divide_by_a_zero_parameter_as_the_record_does():
+    """A zero parameter (a freshly zeroed bias): grad_param_ratio and update_ratio are inf over it, as in `.df`
+    (README: NaN only for 0 / 0), in the scalars exporters send."""
+    from fastai_gradstats import step_scalars
+    torch.manual_seed(0)
+    model = mlp(2, 16)
+    with torch.no_grad(): model[0].bias.zero_()
+    learn = Learner(digits_dls(n_train=64, bs=64), model, loss_func=CrossEntropyLossFlat())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-2, cbs=GradStats(update_ratio=True))
+    record = learn.grad_stats
+    scalars, row = step_scalars(record.last()), record.df.set_index('layer').loc['0.bias']
+    assert row['param_norm'] == 0 and row['grad_norm'] > 0 and row['update_norm'] > 0
+    assert scalars['grad_param_ratio/0.bias'] == math.inf == row['grad_param_ratio']
+    assert scalars['update_ratio/0.bias'] == math.inf == row['update_ratio']
+    for layer, r in record.df.set_index('layer').iterrows():   # the other layers: the plain ratio
+        np.testing.assert_allclose(scalars[f'grad_param_ratio/{layer}'], r['grad_norm'] / r['param_norm'], rtol=1e-6)
