@@ -18,7 +18,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastcore.basics import store_attr
 
 from .record import GradRecord
-from .stats import METRICS, LayerStats, _norms, check_zero_tol
+from .stats import METRICS, LayerStats, _PerDevice, _norms, check_zero_tol
 from .thresholds import Thresholds
 
 __all__ = ['GradStats', 'GradientAlert', 'input_to_output']
@@ -69,7 +69,7 @@ def _check_every(every):
     if every < 1: raise ValueError(f"`every` must be >= 1, got {every}")
 
 
-_BOOKKEEPING = frozenset({'step_count', 'stopped_at', '_active', '_params', '_module_of', '_plan', '_plan_key', '_plan_index', '_plan_params',
+_BOOKKEEPING = frozenset({'step_count', 'stopped_at', '_active', '_params', '_module_of', '_plan', '_plan_key', '_plan_devices', '_plan_index', '_plan_params',
                            '_depth_known', '_recorded_step', '_pending_update', '_weights_before', '_weight_buffers', '_alerted'})
 
 
@@ -109,7 +109,7 @@ class GradStats(Callback):
                                  extra_columns=('update_norm',) if update_ratio else (), hist_dtype=hist_dtype,
                                  keep_last=keep_last, every=int(every))
         self.step_count, self._active, self._params, self._plan, self._recorded_step = 0, False, None, None, False
-        self._plan_params = None
+        self._plan_params, self._plan_devices = None, None
         self._weights_before, self._weight_buffers, self._alerted, self.stopped_at = None, None, set(), None
         self._pending_update = None
 
@@ -203,9 +203,12 @@ class GradStats(Callback):
         params, grads = [p for _, p, _ in chosen], [g for _, _, g in chosen]
         if self._plan_params is None or len(params) != len(self._plan_params) or not all(map(operator.is_, params, self._plan_params)):
             key = tuple(n for n, _, _ in chosen)
-            if key != self._plan_key:
-                self._plan = LayerStats([p.shape for p in params], self.zero_tol, self.hist, self.hist_sample)
-                self._plan_index, self._plan_key = self.record.layer_index(key), key
+            devices = [p.device for p in params]
+            if key != self._plan_key or devices != self._plan_devices:
+                shapes, settings = [p.shape for p in params], (self.zero_tol, self.hist, self.hist_sample)
+                # a model split between devices: one LayerStats (and one host copy) per device
+                self._plan = LayerStats(shapes, *settings) if len(set(devices)) <= 1 else _PerDevice(devices, shapes, *settings)
+                self._plan_index, self._plan_key, self._plan_devices = self.record.layer_index(key), key, devices
             self._plan_params = params
         loss = self.learn.loss
         # fastai's loss is a TensorBase, whose __torch_function__ would wrap every op after it: use a plain tensor
@@ -214,11 +217,10 @@ class GradStats(Callback):
         # the last step's update norms (measured on the device at its after_step) ride along in this step's copy
         update, self._pending_update = self._pending_update, None
         extra = [loss] if update is None else [loss, update]
-        host = _to_host(self._plan._collect(grads, params, extra))  # the one copy of this step (lists we built: no argument checks)
-        values, hist = self._plan.assemble(host)
-        n_update = 0 if update is None else len(update)
-        if update is not None: self.record.set_last('update_norm', host[len(host) - n_update:])
-        loss, n = float(host[len(host) - n_update - 1]), len(params)
+        # the one copy of this step (lists we built: no argument checks)
+        values, hist, host_extra = self._plan._measure(grads, params, extra, _to_host)
+        if update is not None: self.record.set_last('update_norm', host_extra[1:])
+        loss, n = float(host_extra[0]), len(params)
         values, counts = self._plan.refine(values, grads, params)  # a second copy only on steps that need it
         if self.update_ratio:
             values = np.concatenate([values, np.full((n, 1), np.nan, np.float32)], axis=1)
@@ -265,7 +267,9 @@ class GradStats(Callback):
         if not params: return self.record.set_last('update_norm', [])
         with torch.no_grad():
             torch._foreach_sub_(before, params)  # in place: the buffers now hold w_before - w_after
-            self._pending_update = update = torch.stack(_norms(before))
+            norms = _norms(before)
+            if isinstance(self._plan, _PerDevice): norms = [x.to(norms[0].device) for x in norms]  # one device to stack on
+            self._pending_update = update = torch.stack(norms)
         # fetched only if the record is read before the next recorded step brings them (an interrupted fit)
         self.record.set_last_later('update_norm', lambda: _to_host(update))
 

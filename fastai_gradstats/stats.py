@@ -100,13 +100,71 @@ class _Chunk:
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 
+USE_CUDA_GRAPHS = True
+"""On a CUDA device, replay each step's reductions as one CUDA graph (see `_StepGraph`); read when a layout is planned.
+Set it to False before training to launch them one by one."""
+
+
+class _StepGraph:
+    """A layout's reductions (`LayerStats._reduce`) captured as one CUDA graph and replayed: one launch per step
+    instead of about 60, which on a GPU cost more host time than all the rest of a recorded step.
+
+    A graph reads the memory its gradients and parameters had when it was captured. So it is captured only once
+    their addresses stayed the same for two steps in a row (fastai zeroes gradients in place; an optimizer that sets
+    them to None may reallocate them elsewhere), replayed only while they stay there, and dropped when they move.
+    Their shapes and dtypes are the layout's, and their strides stay too: a gradient is laid out like its parameter,
+    and a parameter laid out anew lies at a new address. After `MAX_CAPTURES` captures, or one that fails, the layout launches its
+    reductions one by one (what it did before), and so it does while another CUDA graph is being captured."""
+    MAX_CAPTURES = 3
+
+    def __init__(self):
+        self.graph, self.addresses, self.last, self.stable, self.captures, self.failed = None, None, None, 0, 0, False
+
+    def run(self, stats, layout, grads, params) -> bool:
+        "Do this step's reductions as a graph: True if done, False if the caller must launch them itself."
+        addresses = (*map(_DATA_PTR, grads), *map(_DATA_PTR, params))
+        if self.graph is not None:
+            if addresses == self.addresses:
+                self.graph.replay()
+                return True
+            self.graph = None  # the tensors moved: wait for them to settle again
+        self.stable = self.stable + 1 if addresses == self.last else 0
+        self.last = addresses
+        if self.stable < 2 or self.failed or self.captures >= self.MAX_CAPTURES: return False
+        graph = self._record(stats, layout, grads, params)
+        if graph is None: return False
+        graph.replay()  # capturing records the work without doing it
+        self.graph, self.addresses = graph, addresses
+        return True
+
+    def _record(self, stats, layout, grads, params):
+        "A CUDA graph of `stats._reduce` on these tensors; None while another capture is under way, or if it fails."
+        if torch.cuda.is_current_stream_capturing(): return None
+        self.captures += 1
+        graph, stream, current = torch.cuda.CUDAGraph(), torch.cuda.Stream(layout.device), torch.cuda.current_stream(layout.device)
+        stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(stream):
+                stats._reduce(layout, grads, params)  # a warm-up on the capturing stream, as CUDA graphs ask
+                # thread_local: other threads (a DataLoader's pinning thread) may use CUDA meanwhile
+                graph.capture_begin(capture_error_mode='thread_local')
+                try: stats._reduce(layout, grads, params)
+                finally: graph.capture_end()
+        except Exception:  # an op that cannot be captured: launch one by one from now on
+            self.failed = True
+            return None
+        finally:
+            current.wait_stream(stream)
+        return graph
+
+
 class _Layout:
     """Where one step's results go: `collect` writes every reduction straight into its slice of one result
     tensor, kept from step to step (no concatenation), laid out as `LayerStats.assemble` reads it:
     per row of the blocks, 4 x `n_rows` (sums, L2 norms, elements <= zero_tol, max |g|); the parameters'
     norms; the histogram counts (integers, stored in the result's bits); then room for `extra` values."""
     def __init__(self, stats, chunks, device, dtypes, owner, starts, row_length, row_padding, hist_offset, samples):
-        self.chunks, self.owner, self.starts, self.row_length = chunks, owner, starts, row_length
+        self.chunks, self.owner, self.starts, self.row_length, self.device = chunks, owner, starts, row_length, device
         self.hist_offset, self.samples = hist_offset, samples  # with `hist`: where counts go, the chunks' |g| samples
         n, n_rows = len(stats.shapes), len(row_length)
         # float64 gradients reduce in float64; everything else in float32
@@ -126,6 +184,7 @@ class _Layout:
         self.param_out = self.result[4 * n_rows:self.hist_at]
         self.hist_out = self.result[self.hist_at:self.extra_at].view(_INT_OF[self.dtype]) if stats.hist else None
         self.ones = torch.ones(1, dtype=_INT_OF[self.dtype], device=device)
+        self.graph = _StepGraph() if device.type == 'cuda' and USE_CUDA_GRAPHS else None
         # for `assemble`: scratch arrays and, per tensor in the order of `owner`, the constants that turn sums into values
         self.host_dtype = np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
         self.rows = np.empty((4, n_rows))
@@ -165,7 +224,9 @@ class LayerStats:
     Every reduction writes straight into its place in one result tensor that the object keeps on
     the gradients' device (no concatenation at the end), with the parameters' norms and the
     caller's `extra` values: the caller copies it to the host once, and `assemble` turns it into
-    one row per tensor with numpy. No `.item()`, no copy per tensor or per metric.
+    one row per tensor with numpy. No `.item()`, no copy per tensor or per metric. On a CUDA device the
+    reductions of a step are replayed as one CUDA graph once the tensors stay where they are (`_StepGraph`,
+    `USE_CUDA_GRAPHS`). The gradients must lie on one device (`ValueError` otherwise): make one per device.
     Sums accumulate in float32 (float64 for float64 gradients); `refine` redoes in float64 the rare
     rows where that is not enough (overflow, NaN/Inf, cancellation in the std). NaN and Inf
     propagate into the norms, the max, the mean and the std as they are; `refine` counts them.
@@ -199,11 +260,15 @@ class LayerStats:
     def _layout(self, grads):
         "The chunks for these gradients' dtypes and device, built once and kept (with the work buffers)."
         key = (grads[0].device, tuple(g.dtype for g in grads))
-        if key not in self._layouts: self._layouts[key] = self._plan(grads[0].device, key[1])
+        if key not in self._layouts: self._layouts[key] = self._plan(grads[0].device, key[1], grads)
         self._last = self._layouts[key]
         return self._last
 
-    def _plan(self, device, dtypes):
+    def _plan(self, device, dtypes, grads):
+        elsewhere = sorted({str(g.device) for g in grads if g.device != device})
+        if elsewhere:
+            raise ValueError(f"`grads` lie on several devices ({device}, {', '.join(elsewhere)}): a LayerStats reduces "
+                             "the gradients of one device; make one per device")
         budget, groups = self.chunk_elements, {}
         for i, (shape, dtype) in enumerate(zip(self.shapes, dtypes)):
             if shape.numel() == 0: continue
@@ -304,19 +369,23 @@ class LayerStats:
         grad_mode = torch.is_grad_enabled()
         torch.set_grad_enabled(False)  # the parameters require grad: read them without recording (cheaper than `with no_grad`)
         try:
-            for c in layout.chunks:
-                if c.direct: self._reduce_direct(c, grads)
-                else: self._reduce_block(c, grads)
-                if c.staged is not None: torch._foreach_copy_(c.staged, c.out)
-            norms = _norms(params if isinstance(params, list) else list(params))
-            if layout.param_dtypes_match: torch.stack(norms, out=layout.param_out)
-            else: layout.param_out.copy_(torch.stack([t.to(layout.dtype) for t in norms]))
-            if self.hist:  # the chunks left every tensor's |g| sample in `layout.samples`
-                _bin_counts(layout.samples, layout.hist_offset, len(grads), self.histogram.tol_bits,
-                            out=layout.hist_out, ones=layout.ones, nonnegative=True)
+            if layout.graph is None or not layout.graph.run(self, layout, grads, params): self._reduce(layout, grads, params)
             return self._write_extra(layout, extra)
         finally:
             torch.set_grad_enabled(grad_mode)
+
+    def _reduce(self, layout, grads, params):
+        "Every reduction of one step, launched one by one, into `layout.result` (what a CUDA graph of the layout replays)."
+        for c in layout.chunks:
+            if c.direct: self._reduce_direct(c, grads)
+            else: self._reduce_block(c, grads)
+            if c.staged is not None: torch._foreach_copy_(c.staged, c.out)
+        norms = _norms(params if isinstance(params, list) else list(params))
+        if layout.param_dtypes_match: torch.stack(norms, out=layout.param_out)
+        else: layout.param_out.copy_(torch.stack([t.to(layout.dtype) for t in norms]))
+        if self.hist:  # the chunks left every tensor's |g| sample in `layout.samples`
+            _bin_counts(layout.samples, layout.hist_offset, len(grads), self.histogram.tol_bits,
+                        out=layout.hist_out, ones=layout.ones, nonnegative=True)
 
     def _write_extra(self, layout, extra):
         "`extra`'s values after the results: in the room the result keeps for them when they fit, else appended."
@@ -399,6 +468,13 @@ class LayerStats:
             hist = hist.astype(np.int64).reshape(n, len(HIST_BINS))
         return values, hist
 
+    def _measure(self, grads, params, extra, to_host):
+        """One step of a caller that builds its own lists (as `_collect`): the reductions, their one host copy
+        through `to_host`, and `assemble`. Returns `(values, hist, the host values of extra)`."""
+        host = to_host(self._collect(grads, params, extra))
+        values, hist = self.assemble(host)
+        return values, hist, host[len(host) - sum(e.numel() for e in extra):]
+
     def __call__(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> torch.Tensor:
         "Statistics of `grads` and `params` as a float32 CPU tensor of shape `(len(grads), len(METRICS))` (one host copy)."
         raw = self.collect(grads, params)
@@ -434,8 +510,42 @@ class LayerStats:
         return values, counts
 
 
+class _PerDevice:
+    """`LayerStats`' per-step work for parameters on several devices (a model split between GPUs, or between the
+    CPU and a GPU): one `LayerStats` per device, so each device reduces its own gradients and makes one host copy
+    per step. `devices[i]` is the device of the i-th gradient; rows come back in the order of the gradients."""
+    def __init__(self, devices, shapes, zero_tol, hist, hist_sample):
+        by_device = {}
+        for i, device in enumerate(devices): by_device.setdefault(device, []).append(i)
+        self.groups = [(np.array(index), LayerStats([shapes[i] for i in index], zero_tol, hist, hist_sample))
+                       for index in by_device.values()]
+        self.n, self.hist = len(shapes), hist
+
+    def __len__(self): return self.n
+
+    def _measure(self, grads, params, extra, to_host):
+        "As `LayerStats._measure`; `extra` travels with the first device's copy."
+        values = np.empty((self.n, len(METRICS)), np.float32)
+        hist = np.empty((self.n, len(HIST_BINS)), np.int64) if self.hist else None
+        for k, (index, stats) in enumerate(self.groups):
+            part, part_hist, part_extra = stats._measure([grads[i] for i in index], [params[i] for i in index],
+                                                         extra if k == 0 else [], to_host)
+            values[index] = part
+            if hist is not None: hist[index] = part_hist
+            if k == 0: host_extra = part_extra
+        return values, hist, host_extra
+
+    def refine(self, values, grads, params):
+        "As `LayerStats.refine`, each device's rows by its own `LayerStats`."
+        values, counts = np.array(values, np.float32).reshape(self.n, len(METRICS)), np.zeros((self.n, 2), np.int64)
+        for index, stats in self.groups:
+            values[index], counts[index] = stats.refine(values[index], [grads[i] for i in index], [params[i] for i in index])
+        return values, counts
+
+
 _WIDE = (torch.float32, torch.float64)
 _SHAPE = operator.attrgetter('shape')
+_DATA_PTR = torch.Tensor.data_ptr
 _GRAD_NORM, _PARAM_NORM, _STD, _ZERO_FRAC = (METRICS.index(c) for c in ('grad_norm', 'param_norm', 'grad_std', 'zero_frac'))
 
 

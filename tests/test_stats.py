@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastai_gradstats.stats import HIST_BINS, METRICS, PAD_ELEMENTS, LayerStats, MagnitudeHistogram, count_nonfinite
+from fastai_gradstats.stats import HIST_BINS, METRICS, PAD_ELEMENTS, LayerStats, MagnitudeHistogram, _StepGraph, count_nonfinite
 
 from helpers import CallNames, assert_stats_close, hist_counts, reference_stats
 
@@ -510,3 +510,86 @@ def test_float64_magnitudes_beyond_float32_keep_their_bins(chunk_elements):
     np.testing.assert_array_equal(hist[0], want)
     assert values[0, METRICS.index('zero_frac')] == np.float32(1 / 3)
     np.testing.assert_array_equal(MagnitudeHistogram([small.shape], zero_tol=1e-300, sample=None)([small])[0].numpy(), want)
+
+
+# --- gradients on several devices ------------------------------------------------------------------
+def test_per_device_split_puts_every_row_back_in_place():
+    """`_PerDevice` (a model split between devices) gives each device's gradients to their own LayerStats and
+    returns rows in the gradients' order. The device of each gradient is only a grouping key here (every tensor
+    is on the CPU), so the test checks the split and the scatter against the float64 reference, histograms and
+    refined NaN/Inf rows included; tests/test_cuda.py trains a model split between the CPU and a GPU."""
+    from fastai_gradstats.stats import _PerDevice
+    grads, params = mixed_tensors()
+    grads[3] = grads[3].clone(); grads[3][1] = NAN; grads[5] = torch.tensor([INF])
+    devices = ['b', 'a', 'b', 'c', 'a', 'c', 'b', 'a', 'c']
+    split = _PerDevice(devices, [g.shape for g in grads], 0.0, True, None)
+    assert [list(index) for index, _ in split.groups] == [[0, 2, 6], [1, 4, 7], [3, 5, 8]] and len(split) == 9
+    copies = []
+    to_host = lambda t: copies.append(t) or t.cpu().numpy()
+    values, hist, extra = split._measure(grads, params, [torch.tensor(2.5), torch.tensor([1., 2.])], to_host)
+    assert len(copies) == 3   # one host copy per device
+    values, counts = split.refine(values, grads, params)
+    assert extra.tolist() == [2.5, 1.0, 2.0]
+    for i, (g, p) in enumerate(zip(grads, params)):
+        ref = reference_stats(g, p)
+        assert_stats_close(dict(as_dict(values[i]), n_nan=counts[i, 0], n_inf=counts[i, 1]), ref, f'tensor {i}')
+        assert hist[i].tolist() == hist_counts(g).tolist(), f'tensor {i}'
+    assert counts[:, 0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0] and counts[:, 1].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a second device: CUDA')
+def test_layer_stats_names_the_devices_when_gradients_lie_on_several():
+    grads = [torch.ones(2, 3), torch.ones(3, device='cuda')]
+    with pytest.raises(ValueError, match=r'several devices \(cpu, cuda:0\)'):
+        LayerStats([g.shape for g in grads])(grads, [torch.ones_like(g) for g in grads])
+
+
+# --- the bookkeeping of CUDA graphs, on the CPU --------------------------------------------------------
+class TensorsGraph:
+    "Stands in for a CUDA graph: replays the reductions on the tensors it was recorded with, as a graph reads the memory it was captured with."
+    def __init__(self, stats, layout, grads, params): self.replay = lambda: stats._reduce(layout, list(grads), list(params))
+
+
+class CPUStepGraph(_StepGraph):
+    def _record(self, stats, layout, grads, params):
+        self.captures += 1
+        return TensorsGraph(stats, layout, grads, params)
+
+
+def graphed_stats(grads, **kwargs):
+    stats = LayerStats([g.shape for g in grads], **kwargs)
+    stats._layout(grads).graph = CPUStepGraph()
+    return stats
+
+
+def assert_step_matches(stats, grads, params, label, zero_tol=0.0):
+    out = stats(grads, params)
+    for i, (g, p) in enumerate(zip(grads, params)):
+        assert_stats_close(as_dict(out[i]), reference_stats(g, p, zero_tol), f'{label} tensor {i}')
+
+
+@pytest.mark.parametrize('zero_tol', [0.0, 1e-3])
+def test_graph_replays_while_the_tensors_stay_and_sees_their_new_values(zero_tol):
+    grads, params = mixed_tensors(0)
+    stats = graphed_stats(grads, zero_tol=zero_tol)
+    for step in range(6):
+        new_grads, new_params = mixed_tensors(step + 1)
+        for g, new in zip(grads, new_grads): g.copy_(new)      # in place, as fastai zeroes and refills gradients
+        for p, new in zip(params, new_params): p.copy_(new)
+        assert_step_matches(stats, grads, params, f'step {step}', zero_tol)
+        graph = stats._last.graph
+        assert (graph.graph is not None, graph.captures) == (step >= 2, int(step >= 2)), f'step {step}'
+
+
+def test_graph_is_dropped_when_the_tensors_move_and_recorded_again_when_they_settle():
+    """New gradient tensors (as an optimizer that sets them to None may give): a replay would read the old ones, so
+    the step runs launch by launch until the new ones have stayed for two steps; at most MAX_CAPTURES recordings."""
+    grads, params = mixed_tensors(0)
+    stats, kept, seen = graphed_stats(grads), [], []
+    for step in range(16):
+        if step in (4, 5, 9, 13):   # the old tensors kept alive: the new ones lie elsewhere
+            kept.append(grads); grads = [g.clone() * (step + 1) for g in grads]
+        assert_step_matches(stats, grads, params, f'step {step}')
+        seen.append((stats._last.graph.graph is not None, stats._last.graph.captures))
+    assert seen == [(False, 0), (False, 0), (True, 1), (True, 1), (False, 1), (False, 1), (False, 1), (True, 2), (True, 2),
+                    (False, 2), (False, 2), (True, 3), (True, 3), (False, 3), (False, 3), (False, 3)]
