@@ -1,13 +1,11 @@
 """Issue 7's checks that need a CUDA device: `python benchmarks/cuda_checks.py [--quick] [--out FILE]`.
 
-1. Synchronizing calls. A ResNet-style CNN trains under fastai's `MixedPrecision` while
-   `torch.cuda.set_sync_debug_mode` is on around GradStats' own work only:
-   - 'error' around `LayerStats._collect`, the device side of a recorded step (every reduction,
-     the parameter norms, the histogram): any synchronizing call there stops the fit with an error;
-   - 'warn' around the whole of GradStats' `before_step` and `after_step`, counting the
-     synchronizing calls per step. The design says one per recorded step (the single host copy),
-     two on the rare steps `refine` redoes in float64 (NaN/Inf gradients, such as the steps the
-     grad scaler skips), and none in `after_step`.
+1. Synchronizing calls. A ResNet-style CNN trains under fastai's `MixedPrecision` with CUDA's sync
+   debug mode 'error' around the whole of GradStats' `before_step`, `after_step` and
+   `after_cancel_step`, from the second recorded step on (the first builds the plan and moves its
+   indices to the device). Any call that waits for the device stops the fit with an error, except
+   inside the one host copy of a step (`_to_host`, counted) and inside `refine` on the rare steps it
+   redoes in float64 (NaN/Inf gradients, such as the steps the grad scaler skips).
 2. Overhead. The same CNN with `MixedPrecision`, without a monitor and with each GradStats
    configuration, in interleaved rounds. Each fit is timed as the wall time of its training steps,
    with one `torch.cuda.synchronize()` at the end, so the device's queue is not drained per step.
@@ -27,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,12 +34,15 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.layers import ConvLayer, ResBlock
 
 import fastai_gradstats
+import fastai_gradstats.callback as callback_module
+import fastai_gradstats.stats as stats_module
 from fastai_gradstats import GradStats
 from fastai_gradstats.demo import TensorPairs
 from fastai_gradstats.stats import LayerStats
 
 CONFIGS = {'GradStats()': {}, 'GradStats(hist=True)': {'hist': True},
            'GradStats(hist=True, update_ratio=True)': {'hist': True, 'update_ratio': True}}
+NO_GRAPHS = 'GradStats(), USE_CUDA_GRAPHS = False'  # the defaults, each kernel launched on its own (an A/B of the graphs)
 
 
 def resnet_learner(device, size, width, n_batches, bs):
@@ -78,54 +80,67 @@ def fit(learn, state, cbs, amp, device):
     return clock.end - clock.start
 
 
-@contextlib.contextmanager
-def sync_mode(mode):
-    "CUDA's sync debug mode set to `mode` inside, the mode before restored after (the modes nest)."
-    before = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(mode)
-    try: yield
-    finally: torch.cuda.set_sync_debug_mode(before)
+def check_syncs(learn, state, device, kwargs):
+    """One fit under MixedPrecision with CUDA's sync debug mode 'error' around GradStats' before_step, after_step and
+    after_cancel_step from its second recorded step on (the first builds the plan and moves its indices to the device):
+    any call that waits for the device raises, except inside the host copy (`_to_host`) and inside `refine` on the steps
+    it redoes in float64. Returns ({host copies: number of recorded steps that made that many}, steps refined, steps,
+    copies after the fit, steps whose reductions a CUDA graph did)."""
+    stats, copies, refined, strict, graphed = GradStats(**kwargs), [], [], [False], []
+    to_host, refine, run_graph = callback_module._to_host, LayerStats.refine, stats_module._StepGraph.run
+    events = {name: getattr(GradStats, name) for name in ('before_step', 'after_step', 'after_cancel_step')}
 
+    def relaxed(fn):
+        def run(*args):
+            torch.cuda.set_sync_debug_mode(0)
+            try: return fn(*args)
+            finally: torch.cuda.set_sync_debug_mode('error' if strict[0] else 0)
+        return run
 
-def count_syncs(learn, state, device, kwargs):
-    """Synchronizing calls per recorded step in GradStats' before_step and after_step ('warn' mode), with its
-    device-side reductions under 'error' mode. Returns ({calls: number of steps} for each event, steps refined)."""
-    counts = {'before_step': [], 'after_step': []}
-    originals = {name: getattr(GradStats, name) for name in counts}
-    collect, refine, refined = LayerStats._collect, LayerStats.refine, []
+    def counted_copy(tensor):
+        copies.append(len(stats.record))
+        return relaxed(to_host)(tensor)
 
-    def strict_collect(self, *args):
-        with sync_mode('error'): return collect(self, *args)
-
-    def counting_refine(self, values, grads, params):
-        out = refine(self, values, grads, params)
-        refined.append(bool(out[1].any()))
+    def counted_refine(self, values, *args):
+        out = relaxed(refine)(self, values, *args)
+        refined.append(not np.shares_memory(out[0], values))   # refine copies `values` only to fix rows in float64
         return out
 
-    def counted(name):
+    def counted_graph(self, *args):
+        graphed.append(run_graph(self, *args))
+        return graphed[-1]
+
+    def checked(original):
         def event(self):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter('always')
-                with sync_mode('warn'): originals[name](self)
-            counts[name].append(sum('synchroniz' in str(w.message) for w in caught))
+            strict[0] = len(self.record) > 0
+            torch.cuda.set_sync_debug_mode('error' if strict[0] else 0)
+            try: original(self)
+            finally: torch.cuda.set_sync_debug_mode(0); strict[0] = False
         return event
-    LayerStats._collect, LayerStats.refine = strict_collect, counting_refine
-    for name in counts: setattr(GradStats, name, counted(name))
-    try: fit(learn, state, [GradStats(**kwargs)], amp=True, device=device)
+    callback_module._to_host, LayerStats.refine, stats_module._StepGraph.run = counted_copy, counted_refine, counted_graph
+    for name, original in events.items(): setattr(GradStats, name, checked(original))
+    try: fit(learn, state, [stats], amp=True, device=device)
     finally:
-        LayerStats._collect, LayerStats.refine = collect, refine
-        for name, method in originals.items(): setattr(GradStats, name, method)
-    return {name: dict(sorted({k: c.count(k) for k in set(c)}.items())) for name, c in counts.items()}, sum(refined)
+        callback_module._to_host, LayerStats.refine, stats_module._StepGraph.run = to_host, refine, run_graph
+        for name, original in events.items(): setattr(GradStats, name, original)
+    n = len(stats.record)
+    per_step = [copies.count(i) for i in range(n)]
+    return dict(sorted({k: per_step.count(k) for k in set(per_step)}.items())), sum(refined), n, copies.count(n), sum(graphed)
 
 
 def overhead(learn, state, device, amp, rounds):
     "Median over interleaved rounds of time(with) / time(without) for each configuration, and the median fit time."
-    names = ['none'] + list(CONFIGS) + ['none (again)']
-    make = lambda name: [GradStats(**CONFIGS[name])] if name in CONFIGS else []
-    for name in names: fit(learn, state, make(name), amp, device)  # warm-up: allocations, cuDNN's choices
+    names = ['none'] + list(CONFIGS) + [NO_GRAPHS] * (device.type == 'cuda') + ['none (again)']
+    make = lambda name: [GradStats(**CONFIGS.get(name, {}))] if name.startswith('GradStats') else []
+
+    def timed(name):
+        stats_module.USE_CUDA_GRAPHS = name != NO_GRAPHS   # read when GradStats plans its first step
+        try: return fit(learn, state, make(name), amp, device)
+        finally: stats_module.USE_CUDA_GRAPHS = True
+    for name in names: timed(name)  # warm-up: allocations, cuDNN's choices
     times = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]: times[name].append(fit(learn, state, make(name), amp, device))
+        for name in names[r % len(names):] + names[:r % len(names)]: times[name].append(timed(name))
     base = times['none']
     return {name: statistics.median(t / b for t, b in zip(times[name], base)) for name in names[1:]}, statistics.median(base)
 
@@ -146,13 +161,15 @@ def main(argv=None):
              f'fastai_gradstats {fastai_gradstats.__version__}. ResNet-style CNN, {size}x{size} images, width {width}, '
              f'batch {bs}, {n_batches} steps per fit, {"MixedPrecision" if cuda else "float32"}.', '']
     if cuda:
-        lines += ['## Synchronizing calls per recorded step (sync debug mode)', '',
-                  "`LayerStats._collect` ran under 'error' mode without raising. Counts under 'warn' mode, as "
-                  '{calls: steps}:', '']
+        lines += ['## Synchronizing calls (sync debug mode)', '',
+                  "CUDA's sync debug mode was 'error' around GradStats' before_step, after_step and after_cancel_step from "
+                  'the second recorded step on, except inside the host copy and inside `refine` on the steps it redoes in '
+                  'float64 (a synchronizing call anywhere else would have stopped the fit). Host copies per recorded step, '
+                  'as {copies: steps}:', '']
         for name, kwargs in CONFIGS.items():
-            counts, refined = count_syncs(learn, state, device, kwargs)
-            lines.append(f'- {name}: before_step {counts["before_step"]}, after_step {counts["after_step"]}; '
-                         f'steps refined in float64 (two copies): {refined}')
+            per_step, refined, n, after, graphed = check_syncs(learn, state, device, kwargs)
+            lines.append(f'- {name}: {per_step} over {n} recorded steps; steps refined in float64 (one more copy '
+                         f'inside `refine`): {refined}; copies after the fit: {after}; steps reduced by a CUDA graph: {graphed}')
         lines.append('')
     ratios, base = overhead(learn, state, device, amp=cuda, rounds=rounds)
     lines += [f'## Overhead, median of {rounds} interleaved rounds (time with / time without)', '',
