@@ -268,8 +268,7 @@ class GradStats(Callback):
         with torch.no_grad():
             torch._foreach_sub_(before, params)  # in place: the buffers now hold w_before - w_after
             norms = _norms(before)
-            if isinstance(self._plan, _PerDevice): norms = [x.to(norms[0].device) for x in norms]  # one device to stack on
-            self._pending_update = update = torch.stack(norms)
+            self._pending_update = update = self._plan.gather(norms) if isinstance(self._plan, _PerDevice) else torch.stack(norms)
         # fetched only if the record is read before the next recorded step brings them (an interrupted fit)
         self.record.set_last_later('update_norm', lambda: _to_host(update))
 

@@ -114,11 +114,19 @@ class _StepGraph:
     them to None may reallocate them elsewhere), replayed only while they stay there, and dropped when they move.
     Their shapes and dtypes are the layout's, and their strides stay too: a gradient is laid out like its parameter,
     and a parameter laid out anew lies at a new address. After `MAX_CAPTURES` captures, or one that fails, the layout launches its
-    reductions one by one (what it did before), and so it does while another CUDA graph is being captured."""
+    reductions one by one (what it did before); it does not capture while another CUDA graph is being captured.
+    The fallback after a failed capture is a safety net, not a guarantee: a capture that CUDA itself invalidates can
+    leave torch's allocator in a degraded state, which is why it is never retried (no capture failed in the tests on an
+    H200 with CUDA 13 and torch 2.11). A graph keeps the temporaries of `_reduce` in its own memory pool: small
+    next to the work buffer, except for tensors whose rows exceed it (reduced where they lie, with |g| temporaries)."""
     MAX_CAPTURES = 3
 
     def __init__(self):
         self.graph, self.addresses, self.last, self.stable, self.captures, self.failed = None, None, None, 0, 0, False
+
+    def __getstate__(self):
+        "A CUDA graph cannot be pickled (a GradStats saved by `learn.export` after an interrupted fit holds its plan): start over."
+        return {**self.__dict__, 'graph': None, 'addresses': None, 'last': None, 'stable': 0}
 
     def run(self, stats, layout, grads, params) -> bool:
         "Do this step's reductions as a graph: True if done, False if the caller must launch them itself."
@@ -172,7 +180,8 @@ class _Layout:
         self.param_dtypes_match = all(_buffer_dtype(d) == self.dtype for d in dtypes)
         self.hist_at = 4 * n_rows + n
         self.extra_at = self.hist_at + (n * len(HIST_BINS) if stats.hist else 0)
-        self.result = torch.empty(self.extra_at + 1 + n, dtype=self.dtype, device=device)  # extra: room for 1 + n values
+        room = 1 + n if stats.extra_room is None else stats.extra_room  # for `extra`: a loss and a value per tensor
+        self.result = torch.empty(self.extra_at + room, dtype=self.dtype, device=device)
         self.extra_slots = {}  # sizes of the `extra` tensors -> (their views of `result`, the result up to them)
         at = 0
         for c in chunks:
@@ -247,6 +256,7 @@ class LayerStats:
         # `refine`'s cancellation test as std < grad_norm * this (0: never for one element, whose std is NaN)
         self._cancel_scale = np.sqrt(1e-3 / np.maximum(self.numel - 1, 1)) * (self.numel > 1)
         self._layouts, self._last, self._work_bytes = {}, None, {}
+        self.extra_room = None  # values of `extra` the result keeps room for (None: 1 + len(shapes)); set before the first collect
 
     def __len__(self): return len(self.shapes)
 
@@ -519,7 +529,17 @@ class _PerDevice:
         for i, device in enumerate(devices): by_device.setdefault(device, []).append(i)
         self.groups = [(np.array(index), LayerStats([shapes[i] for i in index], zero_tol, hist, hist_sample))
                        for index in by_device.values()]
-        self.n, self.hist = len(shapes), hist
+        self.groups[0][1].extra_room = 1 + len(shapes)  # the first device's copy carries `extra` for every tensor
+        self.n, self.hist, self._order = len(shapes), hist, None
+
+    def gather(self, values):
+        """`values` (one 0-d tensor per gradient, each on its gradient's device) as one tensor on the first device, in
+        their order: stacked per device and moved once per other device (not once per value)."""
+        device = values[self.groups[0][0][0]].device
+        parts = torch.cat([torch.stack([values[i] for i in index]).to(device) for index, _ in self.groups])
+        if self._order is None or self._order.device != device:
+            self._order = torch.from_numpy(np.argsort(np.concatenate([index for index, _ in self.groups]))).to(device)
+        return parts[self._order]
 
     def __len__(self): return self.n
 

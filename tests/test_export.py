@@ -4,6 +4,7 @@ import math
 import os
 import struct
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -88,8 +89,11 @@ def test_wandb_offline_run_holds_the_expected_keys(tmp_path, monkeypatch):
     finally: run.finish()
     files = glob.glob(str(tmp_path/'wandb'/'offline-run-*'/'run-*.wandb'))
     assert len(files) == 1
-    rows = [r for r in _read_wandb_history(files[0]) if 'grad_norm/total' in r]
     steps, df = record.steps, record.df
+    # wandb's writer is its own process, and run.finish() can return before it has flushed the file: wait for it
+    deadline = time.monotonic() + 60
+    while len(rows := [r for r in _read_wandb_history(files[0]) if 'grad_norm/total' in r]) < len(steps) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert len(rows) == len(steps)
     import json
     np.testing.assert_allclose([json.loads(r['grad_norm/total']) for r in rows], steps['grad_norm'], rtol=1e-6)

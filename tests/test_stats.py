@@ -535,6 +535,13 @@ def test_per_device_split_puts_every_row_back_in_place():
         assert_stats_close(dict(as_dict(values[i]), n_nan=counts[i, 0], n_inf=counts[i, 1]), ref, f'tensor {i}')
         assert hist[i].tolist() == hist_counts(g).tolist(), f'tensor {i}'
     assert counts[:, 0].tolist() == [0, 0, 0, 1, 0, 0, 0, 0, 0] and counts[:, 1].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0]
+    # the first device's result keeps room for a loss and a value per tensor of every device: no concatenation
+    first = split.groups[0][1]
+    assert copies[0].data_ptr() == first._last.result.data_ptr()
+    values, _, extra = split._measure(grads, params, [torch.tensor(1.0), torch.arange(9.0)], to_host)
+    assert extra.tolist() == [1.0] + list(range(9)) and copies[3].data_ptr() == first._last.result.data_ptr()
+    # one value per gradient (as the update norms), gathered in the gradients' order
+    assert split.gather([torch.tensor(float(i)) for i in range(9)]).tolist() == list(range(9))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a second device: CUDA')
@@ -593,3 +600,19 @@ def test_graph_is_dropped_when_the_tensors_move_and_recorded_again_when_they_set
         seen.append((stats._last.graph.graph is not None, stats._last.graph.captures))
     assert seen == [(False, 0), (False, 0), (True, 1), (True, 1), (False, 1), (False, 1), (False, 1), (True, 2), (True, 2),
                     (False, 2), (False, 2), (True, 3), (True, 3), (False, 3), (False, 3), (False, 3)]
+
+
+def test_a_plan_with_a_graph_can_be_pickled_and_records_on():
+    """`learn.export` after an interrupted fit pickles GradStats' plan: a CUDA graph cannot be pickled, so the copy
+    starts without one (recording it again once its tensors settle) and gives the same statistics."""
+    import pickle
+    grads, params = mixed_tensors(0)
+    stats = graphed_stats(grads)
+    for step in range(3): assert_step_matches(stats, grads, params, f'step {step}')
+    assert stats._last.graph.graph is not None
+    copy = pickle.loads(pickle.dumps(stats))
+    graph = next(iter(copy._layouts.values())).graph
+    assert graph.graph is None and graph.captures == 1
+    grads, params = [g.clone() for g in grads], [p.clone() for p in params]
+    for step in range(3): assert_step_matches(copy, grads, params, f'copy step {step}')
+    assert copy._last.graph.graph is not None and copy._last.graph.captures == 2
