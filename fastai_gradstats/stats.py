@@ -112,13 +112,15 @@ class _StepGraph:
     A graph reads the memory its gradients and parameters had when it was captured. So it is captured only once
     their addresses stayed the same for two steps in a row (fastai zeroes gradients in place; an optimizer that sets
     them to None may reallocate them elsewhere), replayed only while they stay there, and dropped when they move.
-    Their shapes and dtypes are the layout's, and their strides stay too: a gradient is laid out like its parameter,
-    and a parameter laid out anew lies at a new address. After `MAX_CAPTURES` captures, or one that fails, the layout launches its
-    reductions one by one (what it did before); it does not capture while another CUDA graph is being captured.
-    The fallback after a failed capture is a safety net, not a guarantee: a capture that CUDA itself invalidates can
-    leave torch's allocator in a degraded state, which is why it is never retried (no capture failed in the tests on an
-    H200 with CUDA 13 and torch 2.11). A graph keeps the temporaries of `_reduce` in its own memory pool: small
-    next to the work buffer, except for tensors whose rows exceed it (reduced where they lie, with |g| temporaries)."""
+    Their shapes and dtypes are the layout's, and their strides stay too: a gradient is laid out like its
+    parameter, and a parameter laid out anew lies at a new address.
+
+    After `MAX_CAPTURES` captures, or one that fails, the layout launches its reductions one by one (what it did
+    before); it does not capture while another CUDA graph is being captured. The fallback after a failed capture is
+    a safety net, not a guarantee: a capture that CUDA itself invalidates can leave torch's allocator in a degraded
+    state, which is why it is never retried (no capture failed in the tests on an H200 with CUDA 13 and torch 2.11).
+    A graph keeps the temporaries of `_reduce` in its own memory pool: small next to the work buffer, except for
+    tensors whose rows exceed it (reduced where they lie, with |g| temporaries)."""
     MAX_CAPTURES = 3
 
     def __init__(self):
@@ -171,6 +173,8 @@ class _Layout:
     tensor, kept from step to step (no concatenation), laid out as `LayerStats.assemble` reads it:
     per row of the blocks, 4 x `n_rows` (sums, L2 norms, elements <= zero_tol, max |g|); the parameters'
     norms; the histogram counts (integers, stored in the result's bits); then room for `extra` values."""
+    graph = None  # layouts pickled before CUDA graphs existed have none
+
     def __init__(self, stats, chunks, device, dtypes, owner, starts, row_length, row_padding, hist_offset, samples):
         self.chunks, self.owner, self.starts, self.row_length, self.device = chunks, owner, starts, row_length, device
         self.hist_offset, self.samples = hist_offset, samples  # with `hist`: where counts go, the chunks' |g| samples
@@ -180,7 +184,7 @@ class _Layout:
         self.param_dtypes_match = all(_buffer_dtype(d) == self.dtype for d in dtypes)
         self.hist_at = 4 * n_rows + n
         self.extra_at = self.hist_at + (n * len(HIST_BINS) if stats.hist else 0)
-        room = 1 + n if stats.extra_room is None else stats.extra_room  # for `extra`: a loss and a value per tensor
+        room = 1 + n if stats._extra_room is None else stats._extra_room  # for `extra`: a loss and a value per tensor
         self.result = torch.empty(self.extra_at + room, dtype=self.dtype, device=device)
         self.extra_slots = {}  # sizes of the `extra` tensors -> (their views of `result`, the result up to them)
         at = 0
@@ -240,6 +244,8 @@ class LayerStats:
     rows where that is not enough (overflow, NaN/Inf, cancellation in the std). NaN and Inf
     propagate into the norms, the max, the mean and the std as they are; `refine` counts them.
     """
+    _extra_room = None  # values of `extra` a layout's result keeps room for (None: 1 + len(shapes)); set before the first collect
+
     def __init__(self, shapes: Sequence[torch.Size], zero_tol: float = 0.0, hist: bool = False,
                  hist_sample: int | None = 2048, chunk_elements: int = CHUNK_ELEMENTS):
         self.zero_tol = check_zero_tol(zero_tol)
@@ -256,7 +262,6 @@ class LayerStats:
         # `refine`'s cancellation test as std < grad_norm * this (0: never for one element, whose std is NaN)
         self._cancel_scale = np.sqrt(1e-3 / np.maximum(self.numel - 1, 1)) * (self.numel > 1)
         self._layouts, self._last, self._work_bytes = {}, None, {}
-        self.extra_room = None  # values of `extra` the result keeps room for (None: 1 + len(shapes)); set before the first collect
 
     def __len__(self): return len(self.shapes)
 
@@ -529,7 +534,7 @@ class _PerDevice:
         for i, device in enumerate(devices): by_device.setdefault(device, []).append(i)
         self.groups = [(np.array(index), LayerStats([shapes[i] for i in index], zero_tol, hist, hist_sample))
                        for index in by_device.values()]
-        self.groups[0][1].extra_room = 1 + len(shapes)  # the first device's copy carries `extra` for every tensor
+        self.groups[0][1]._extra_room = 1 + len(shapes)  # the first device's copy carries `extra` for every tensor
         self.n, self.hist, self._order = len(shapes), hist, None
 
     def gather(self, values):
