@@ -96,8 +96,14 @@ class _Chunk:
         self.pad_targets, self.pad_sources = [], []
         self.tol = _tol_below(zero_tol, dtype)  # |g| <= tol in this dtype exactly when |g| <= zero_tol
 
+    def sources(self, tensors):
+        "What one batched copy into the block reads: the pieces of `tensors` (gradients or parameters), then zeros for the padding."
+        return [tensors[i] if part is None else tensors[i][part] for i, part in self.parts] + self.pad_sources
+
 
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
+_ROWS = ('grad_norm', 'param_norm', 'sum', 'zeros', 'max')
+"What `LayerStats` reduces each row of a block (a unit of a tensor) to, in the order of its result."
 
 
 USE_CUDA_GRAPHS = True
@@ -171,8 +177,9 @@ class _StepGraph:
 class _Layout:
     """Where one step's results go: `collect` writes every reduction straight into its slice of one result
     tensor, kept from step to step (no concatenation), laid out as `LayerStats.assemble` reads it:
-    per row of the blocks, 4 x `n_rows` (sums, L2 norms, elements <= zero_tol, max |g|); the parameters'
-    norms; the histogram counts (integers, stored in the result's bits); then room for `extra` values."""
+    per row of the blocks, 5 x `n_rows` (the gradient's L2 norms, the parameter's L2 norms, the gradient's
+    sums, its elements <= zero_tol, its max |g|: `_ROWS`); the histogram counts (integers, stored in the
+    result's bits); then room for `extra` values."""
     graph = None  # layouts pickled before CUDA graphs existed have none
 
     def __init__(self, stats, chunks, device, dtypes, owner, starts, row_length, row_padding, hist_offset, samples):
@@ -181,31 +188,29 @@ class _Layout:
         n, n_rows = len(stats.shapes), len(row_length)
         # float64 gradients reduce in float64; everything else in float32
         self.dtype = torch.float64 if torch.float64 in dtypes else torch.float32
-        self.param_dtypes_match = all(_buffer_dtype(d) == self.dtype for d in dtypes)
-        self.hist_at = 4 * n_rows + n
+        self.hist_at = len(_ROWS) * n_rows
         self.extra_at = self.hist_at + (n * len(HIST_BINS) if stats.hist else 0)
         room = 1 + n if stats._extra_room is None else stats._extra_room  # for `extra`: a loss and a value per tensor
         self.result = torch.empty(self.extra_at + room, dtype=self.dtype, device=device)
         self.extra_slots = {}  # sizes of the `extra` tensors -> (their views of `result`, the result up to them)
         at = 0
         for c in chunks:
-            slots = [self.result[k * n_rows + at:k * n_rows + at + c.n_rows] for k in range(4)]
+            slots = [self.result[k * n_rows + at:k * n_rows + at + c.n_rows] for k in range(len(_ROWS))]
             # a float32 chunk of a float64 result reduces into float32 staging slots, copied over after
             c.staged = None if c.dtype == self.dtype else slots
             c.out = slots if c.staged is None else [torch.empty(c.n_rows, dtype=c.dtype, device=device) for _ in slots]
             at += c.n_rows
-        self.param_out = self.result[4 * n_rows:self.hist_at]
         self.hist_out = self.result[self.hist_at:self.extra_at].view(_INT_OF[self.dtype]) if stats.hist else None
         self.ones = torch.ones(1, dtype=_INT_OF[self.dtype], device=device)
         self.graph = _StepGraph() if device.type == 'cuda' and USE_CUDA_GRAPHS else None
         # for `assemble`: scratch arrays and, per tensor in the order of `owner`, the constants that turn sums into values
         self.host_dtype = np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
-        self.rows = np.empty((4, n_rows))
+        self.rows = np.empty((len(_ROWS), n_rows))
         self.per_tensor = np.empty((len(METRICS), len(owner)))
-        numel = stats.numel[owner]
+        self.numel = numel = stats.numel[owner]
         self.padding = np.add.reduceat(row_padding, starts) if n_rows else np.zeros(0)
-        # sums per tensor (sum, sum of squares, zeros, dead units) / this -> mean, - (the std, computed apart), zero_frac, dead_frac
-        self.divisor = np.stack([numel, np.ones_like(numel), numel, stats.n_units[owner]])
+        # elements <= zero_tol and dead units per tensor / this -> zero_frac, dead_frac
+        self.fraction_of = np.stack([numel, stats.n_units[owner]])
         with np.errstate(divide='ignore'):
             self.inv_dof = np.where(numel > 1, 1 / (numel - 1), np.nan)
         self.empty_values = np.full((n, len(METRICS)), np.nan, np.float32)
@@ -233,9 +238,10 @@ class LayerStats:
     handful of calls; the padding is subtracted from the zero counts). Each block then takes
     four reductions along its rows, whatever the number of tensors in it: sum and L2 norm; max after
     an in-place |g|; and, after an in-place `<= zero_tol`, a sum that counts the zero elements (a
-    unit is dead when all of its row is). That replaces several small reductions per tensor.
-    Every reduction writes straight into its place in one result tensor that the object keeps on
-    the gradients' device (no concatenation at the end), with the parameters' norms and the
+    unit is dead when all of its row is). The parameters, laid out like their gradients, are then
+    copied into the same block and take one L2 norm along its rows. That replaces several small
+    reductions per tensor. Every reduction writes straight into its place in one result tensor that
+    the object keeps on the gradients' device (no concatenation at the end), with the
     caller's `extra` values: the caller copies it to the host once, and `assemble` turns it into
     one row per tensor with numpy. No `.item()`, no copy per tensor or per metric. On a CUDA device the
     reductions of a step are replayed as one CUDA graph once the tensors stay where they are (`_StepGraph`,
@@ -319,6 +325,7 @@ class LayerStats:
                     c.pad_sources.append(torch.zeros(rows[:, length:].shape, dtype=c.dtype, device=device))
                 row += end - start
             c.copy_targets = c.targets + c.pad_targets  # what one batched copy writes: the rows, then their padding
+            c.parts = [(i, None if start == 0 and end == self.rows[i] else slice(start, end)) for i, start, end in c.pieces]
         row_tensor = np.concatenate([np.repeat(i, end - start) for c in chunks for i, start, end in c.pieces]
                                     or [np.zeros(0, np.int64)])
         starts = np.flatnonzero(np.r_[True, row_tensor[1:] != row_tensor[:-1]]) if len(row_tensor) else np.zeros(0, np.int64)
@@ -392,12 +399,9 @@ class LayerStats:
     def _reduce(self, layout, grads, params):
         "Every reduction of one step, launched one by one, into `layout.result` (what a CUDA graph of the layout replays)."
         for c in layout.chunks:
-            if c.direct: self._reduce_direct(c, grads)
-            else: self._reduce_block(c, grads)
+            if c.direct: self._reduce_direct(c, grads, params)
+            else: self._reduce_block(c, grads, params)
             if c.staged is not None: torch._foreach_copy_(c.staged, c.out)
-        norms = _norms(params if isinstance(params, list) else list(params))
-        if layout.param_dtypes_match: torch.stack(norms, out=layout.param_out)
-        else: layout.param_out.copy_(torch.stack([t.to(layout.dtype) for t in norms]))
         if self.hist:  # the chunks left every tensor's |g| sample in `layout.samples`
             _bin_counts(layout.samples, layout.hist_offset, len(grads), self.histogram.tol_bits,
                         out=layout.hist_out, ones=layout.ones, nonnegative=True)
@@ -416,26 +420,30 @@ class LayerStats:
         for slot, e in zip(slots[0], extra): slot.copy_(e if e.dim() == 1 else e.reshape(-1))
         return slots[1]
 
-    def _reduce_block(self, c, grads):
-        torch._foreach_copy_(c.copy_targets,
-                             [grads[i] if end - start == self.rows[i] and start == 0 else grads[i][start:end]
-                              for i, start, end in c.pieces] + c.pad_sources)
+    def _reduce_block(self, c, grads, params):
+        "A block's rows of gradients, then of parameters (laid out alike), copied into the work buffer and reduced."
+        torch._foreach_copy_(c.copy_targets, c.sources(grads))
         block = c.block  # our own copy: free to overwrite in place
-        total, norm, zeros, high = c.out
+        norm, param_norm, total, zeros, high = c.out
         torch.sum(block, 1, out=total); torch.linalg.vector_norm(block, dim=1, out=norm)
         torch.amax(block.abs_(), 1, out=high)
         if self.hist:
             if c.dtype == torch.float32: torch.index_select(block.view(-1), 0, c.sample_index, out=c.sample_out)
             else: c.sample_out.copy_(_float32_magnitudes(block.view(-1).index_select(0, c.sample_index), self.zero_tol))
         torch.sum(block.le_(c.tol), 1, out=zeros)
+        # the parameters' rows in the same places (one batched read, and one reduction whatever the number of tensors)
+        torch._foreach_copy_(c.copy_targets, c.sources(params))
+        torch.linalg.vector_norm(block, dim=1, out=param_norm)
 
-    def _reduce_direct(self, c, grads):
+    def _reduce_direct(self, c, grads, params):
         (i, _, _), = c.pieces
-        g = grads[i]
+        g, p = grads[i], params[i]
         rows = g.reshape(self.rows[i], -1)
         wide = dict(dtype=torch.float32) if g.dtype not in _WIDE else {}
-        total, norm, zeros, high = c.out
+        norm, param_norm, total, zeros, high = c.out
         total.copy_(rows.sum(1, **wide)); norm.copy_(torch.linalg.vector_norm(rows, dim=1, **wide))
+        param_norm.copy_(torch.linalg.vector_norm(p.reshape(self.rows[i], -1), dim=1,
+                                                  **({'dtype': torch.float32} if p.dtype not in _WIDE else {})))
         high.copy_(torch.maximum(rows.amax(1), rows.amin(1).neg()))
         if self.zero_tol == 0: zeros.copy_(c.row_length - torch.count_nonzero(rows, dim=1))
         else: zeros.copy_((rows.abs() <= _tol_below(self.zero_tol, g.dtype)).sum(1))
@@ -459,21 +467,22 @@ class LayerStats:
             raise ValueError(f"`raw` must be 1-D with at least {layout.extra_at} values, as `collect` returns, got shape {raw.shape}")
         # Few numpy calls on purpose: between two training steps every call runs with cold caches (~5 us each).
         n_rows, rows, out = len(layout.row_length), layout.rows, layout.per_tensor
-        # per row: sum, L2 norm, elements <= zero_tol (padding included), max |g| (then whether the row is dead)
-        rows[:] = raw[:4 * n_rows].reshape(4, n_rows)
-        np.square(rows[1], out=rows[1])
+        # per row (`_ROWS`): gradient and parameter L2 norms, sum, elements <= zero_tol (padding included), max |g|
+        rows[:] = raw[:len(_ROWS) * n_rows].reshape(len(_ROWS), n_rows)
+        np.square(rows[:2], out=rows[:2])
         with np.errstate(invalid='ignore', over='ignore'):
-            np.maximum.reduceat(rows[3], layout.starts, out=out[2])
-            np.equal(rows[2], layout.row_length, out=rows[3])  # dead: every element (padding included) <= zero_tol
-            sums = np.add.reduceat(rows, layout.starts, axis=1)  # per tensor: sum, sum of squares, zeros, dead units
-            sums[2] -= layout.padding  # zeros counted in the padding (exact integers: a tensor without zeros reads 0)
-            # out, in the order of METRICS: grad_norm, param_norm, grad_max, then mean, -, zero_frac, dead_frac as sums / divisor
-            np.divide(sums, layout.divisor, out=out[3:])
-            np.sqrt(sums[1], out=out[0])
-            out[1] = raw[4 * n_rows:layout.hist_at][layout.owner]
+            # out holds the columns of METRICS: grad_norm, param_norm, grad_max, grad_mean, grad_std, zero_frac, dead_frac
+            np.maximum.reduceat(rows[4], layout.starts, out=out[2])
+            np.equal(rows[3], layout.row_length, out=rows[4])  # dead: every element (padding included) <= zero_tol
+            # per tensor: gradient and parameter sums of squares, sum, zeros, dead units
+            sums = np.add.reduceat(rows, layout.starts, axis=1)
+            sums[3] -= layout.padding  # zeros counted in the padding (exact integers: a tensor without zeros reads 0)
+            np.sqrt(sums[:2], out=out[:2])
+            np.divide(sums[2], layout.numel, out=out[3])
+            np.divide(sums[3:], layout.fraction_of, out=out[5:])
             # std with Bessel's correction from the sums: (sum of squares - sum * mean) / (numel - 1), NaN for one element
             spread = out[4]
-            np.multiply(sums[0], out[3], out=spread); np.subtract(sums[1], spread, out=spread)
+            np.multiply(sums[2], out[3], out=spread); np.subtract(sums[0], spread, out=spread)
             np.maximum(spread, 0, out=spread); spread *= layout.inv_dof; np.sqrt(spread, out=spread)
         values = layout.empty_values.copy()
         values[layout.owner] = out.T
