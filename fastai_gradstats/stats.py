@@ -280,7 +280,7 @@ class LayerStats:
     # --- the plan ---------------------------------------------------------------------------------
     def _layout(self, grads):
         "The chunks for these gradients' dtypes and device, built once and kept (with the work buffers)."
-        key = (grads[0].device, tuple(g.dtype for g in grads))
+        key = (grads[0].device, tuple(map(_DTYPE, grads)))
         if key not in self._layouts: self._layouts[key] = self._plan(grads[0].device, key[1], grads)
         self._last = self._layouts[key]
         return self._last
@@ -427,9 +427,9 @@ class LayerStats:
         norm, param_norm, total, zeros, high = c.out
         torch.sum(block, 1, out=total); torch.linalg.vector_norm(block, dim=1, out=norm)
         torch.amax(block.abs_(), 1, out=high)
-        if self.hist:
-            if c.dtype == torch.float32: torch.index_select(block.view(-1), 0, c.sample_index, out=c.sample_out)
-            else: c.sample_out.copy_(_float32_magnitudes(block.view(-1).index_select(0, c.sample_index), self.zero_tol))
+        if self.hist:  # `take`, not `index_select`: on the CPU it runs on every thread (a serial op lets idle threads sleep, and waking them costs more)
+            if c.dtype == torch.float32: torch.take(block, c.sample_index, out=c.sample_out)
+            else: c.sample_out.copy_(_float32_magnitudes(torch.take(block, c.sample_index), self.zero_tol))
         torch.sum(block.le_(c.tol), 1, out=zeros)
         # the parameters' rows in the same places (one batched read, and one reduction whatever the number of tensors)
         torch._foreach_copy_(c.copy_targets, c.sources(params))
@@ -578,7 +578,7 @@ class _PerDevice:
 
 
 _WIDE = (torch.float32, torch.float64)
-_SHAPE = operator.attrgetter('shape')
+_SHAPE, _DTYPE = operator.attrgetter('shape'), operator.attrgetter('dtype')
 _DATA_PTR = torch.Tensor.data_ptr
 _GRAD_NORM, _PARAM_NORM, _STD, _ZERO_FRAC = (METRICS.index(c) for c in ('grad_norm', 'param_norm', 'grad_std', 'zero_frac'))
 
