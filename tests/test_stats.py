@@ -250,6 +250,36 @@ def test_half_precision_float64_and_non_contiguous_gradients():
             assert_stats_close(as_dict(out[i]), reference_stats(g, p), f'tensor {i} {g.dtype} {chunk_elements}')
 
 
+@pytest.mark.parametrize('chunk_elements', [1, 7, 64, 10**6])
+def test_parameter_norms_by_foreach_norm_as_on_cuda(monkeypatch, chunk_elements):
+    """On CUDA a layout takes the parameters' norms with `torch._foreach_norm` (one fused kernel there) and puts each in
+    its tensor's first row, the other rows 0. Forced here on the CPU, every statistic still matches the float64
+    reference over two steps: tensors split over blocks or reduced where they lie, half and float64 precision
+    (float32 blocks staged into a float64 result) and an empty tensor."""
+    import fastai_gradstats.stats as stats_module
+    monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: False)
+    gen = torch.Generator().manual_seed(3)
+    grads, params = assorted_tensors()
+    more = [torch.randn(5, 4, generator=gen).double(), torch.randn(9, generator=gen).half(), torch.zeros(0, 3)]
+    grads, params = grads + more, params + [torch.randn(t.shape, generator=gen).to(t.dtype) for t in more]
+    plan = LayerStats([g.shape for g in grads], chunk_elements=chunk_elements)
+    for step in range(2):
+        values, counts = plan.refine(plan(grads, params).numpy(), grads, params)
+        assert not plan._last.param_rows
+        for i, (g, p) in enumerate(zip(grads[:-1], params)):
+            got = dict(zip(METRICS, values[i].tolist()), n_nan=counts[i, 0], n_inf=counts[i, 1])
+            assert_stats_close(got, reference_stats(g, p), f'step {step} tensor {i} {tuple(g.shape)} {g.dtype}')
+        assert values[-1, :2].tolist() == [0, 0] and np.isnan(values[-1, 2:]).all()  # the empty tensor
+        params = [p * (i + 2) for i, p in enumerate(params)]
+
+
+def test_parameter_norms_are_taken_along_the_rows_on_the_cpu():
+    grads, params = mixed_tensors()
+    plan = LayerStats([g.shape for g in grads])
+    with CallNames() as calls: plan(grads, params)
+    assert plan._last.param_rows and '_foreach_norm' not in calls.names
+
+
 def test_empty_tensors_have_zero_norms_and_no_other_statistics():
     grads = [torch.zeros(0, 3), torch.zeros(0), torch.zeros(5, 0), torch.ones(2, 2)]
     out = LayerStats([g.shape for g in grads])(grads, [g + 1 for g in grads])
