@@ -285,6 +285,12 @@ class LayerStats:
 
     def __len__(self): return len(self.shapes)
 
+    def __setstate__(self, state):
+        "An object pickled by an older version, whose layouts read their result differently, plans again at its next `collect`."
+        self.__dict__.update(state)
+        if any(not hasattr(layout, 'param_rows') for layout in self._layouts.values()):
+            self._layouts, self._last, self._work_bytes = {}, None, {}
+
     @property
     def work_bytes(self) -> int:
         """Bytes of work buffer this object holds (at most `chunk_elements` elements per gradient dtype seen; besides it,
@@ -377,8 +383,9 @@ class LayerStats:
         if len(grads) != len(self.shapes) or len(params) != len(self.shapes):
             raise ValueError(f"expected {len(self.shapes)} gradients and parameters, "
                              f"got {len(grads)} and {len(params)}")
-        for g, s in zip(grads, self.shapes):
+        for g, p, s in zip(grads, params, self.shapes):
             if g.shape != s: raise ValueError(f"a gradient has shape {tuple(g.shape)} where {tuple(s)} was planned")
+            if p.shape != s: raise ValueError(f"`params` must have their gradients' shapes: got {tuple(p.shape)} for {tuple(s)}")
 
     def collect(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], extra=None) -> torch.Tensor:
         """The raw reductions of one step as one flat tensor on the gradients' device, followed by the values of

@@ -273,6 +273,38 @@ def test_parameter_norms_by_foreach_norm_as_on_cuda(monkeypatch, chunk_elements)
         params = [p * (i + 2) for i, p in enumerate(params)]
 
 
+def test_parameters_laid_out_unlike_their_gradients():
+    """The parameters are copied into the gradients' block: strides that differ from their gradient's (transposed,
+    channels_last, sliced) and NaN/Inf elements give the reference's norms; a parameter of another shape is refused."""
+    gen = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(s, generator=gen)
+    grads = [r(5, 7), r(7, 5).t(), r(4, 3, 2, 2), r(4, 3, 2, 2).to(memory_format=torch.channels_last), r(6, 8), r(9)]
+    params = [r(7, 5).t(), r(5, 7), r(4, 3, 2, 2).to(memory_format=torch.channels_last), r(4, 3, 2, 2), r(6, 16)[:, ::2], r(9)]
+    params[4][1, 2] = NAN; params[5][3] = INF
+    for chunk_elements in (7, 10**6):
+        plan = LayerStats([g.shape for g in grads], chunk_elements=chunk_elements)
+        values, counts = plan.refine(plan(grads, params).numpy(), grads, params)
+        for i, (g, p) in enumerate(zip(grads, params)):
+            got = dict(zip(METRICS, values[i].tolist()), n_nan=counts[i, 0], n_inf=counts[i, 1])
+            assert_stats_close(got, reference_stats(g, p), f'tensor {i} {chunk_elements}')
+    with pytest.raises(ValueError, match='params'): LayerStats([(4, 3)])([torch.ones(4, 3)], [torch.ones(1, 3)])
+
+
+def test_an_object_pickled_by_an_older_version_plans_again():
+    """A layout without the fields of this version (as one pickled before the parameter norms moved into the block)
+    is dropped when loaded, and the object records on with the reference's values."""
+    import pickle
+    grads, params = mixed_tensors()
+    plan = LayerStats([g.shape for g in grads])
+    plan(grads, params)
+    del next(iter(plan._layouts.values())).param_rows
+    copy = pickle.loads(pickle.dumps(plan))
+    assert copy._layouts == {} and copy._last is None
+    values = copy(grads, params).numpy()
+    for i, (g, p) in enumerate(zip(grads, params)):
+        assert_stats_close(as_dict(values[i]), reference_stats(g, p), f'tensor {i}')
+
+
 def test_parameter_norms_are_taken_along_the_rows_on_the_cpu():
     grads, params = mixed_tensors()
     plan = LayerStats([g.shape for g in grads])
