@@ -18,7 +18,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastcore.basics import store_attr
 
 from .record import GradRecord
-from .stats import METRICS, LayerStats, _PerDevice, _norms, check_zero_tol
+from .stats import METRICS, LayerStats, _PerDevice, check_zero_tol
 from .thresholds import Thresholds
 
 __all__ = ['GradStats', 'GradientAlert', 'input_to_output']
@@ -70,7 +70,7 @@ def _check_every(every):
 
 
 _BOOKKEEPING = frozenset({'step_count', 'stopped_at', '_active', '_params', '_module_of', '_plan', '_plan_key', '_plan_devices', '_plan_index', '_plan_params',
-                           '_depth_known', '_recorded_step', '_pending_update', '_weights_before', '_weight_buffers', '_alerted'})
+                           '_depth_known', '_recorded_step', '_pending_update', '_kept_params', '_alerted'})
 
 
 class GradStats(Callback):
@@ -110,7 +110,7 @@ class GradStats(Callback):
                                  keep_last=keep_last, every=int(every))
         self.step_count, self._active, self._params, self._plan, self._recorded_step = 0, False, None, None, False
         self._plan_params, self._plan_devices = None, None
-        self._weights_before, self._weight_buffers, self._alerted, self.stopped_at = None, None, set(), None
+        self._kept_params, self._alerted, self.stopped_at = None, set(), None
         self._pending_update = None
 
     def __setattr__(self, name, value):
@@ -139,7 +139,7 @@ class GradStats(Callback):
             self.step_count += 1
             self._recorded_step = False
             # whether the optimizer applied it is unknown: its update norm stays NaN rather than take the next step's
-            self._weights_before = None
+            self._kept_params = None
         self.learn.grad_stats = self.record
         model = self.learn.model
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module  # names as in one process
@@ -161,7 +161,7 @@ class GradStats(Callback):
 
     def after_step(self):
         if not self._active: return
-        if self._weights_before is not None: self._measure_update()
+        if self._kept_params is not None: self._measure_update()
         self.step_count += 1
         self._recorded_step = False
 
@@ -173,7 +173,7 @@ class GradStats(Callback):
     def after_fit(self):
         self._flush_update()
         self._params, self._plan, self._plan_params, self._module_of, self._active = None, None, None, None, False
-        self._weights_before, self._weight_buffers = None, None
+        self._kept_params = None
 
     # --- helpers -------------------------------------------------------------------------
     def _describe_layers(self, order):
@@ -218,18 +218,13 @@ class GradStats(Callback):
         update, self._pending_update = self._pending_update, None
         extra = [loss] if update is None else [loss, update]
         # the one copy of this step (lists we built: no argument checks)
-        values, hist, host_extra = self._plan._measure(grads, params, extra, _to_host)
+        values, hist, host_extra = self._plan._measure(grads, params, extra, _to_host, keep=self.update_ratio)
         if update is not None: self.record.set_last('update_norm', host_extra[1:])
         loss, n = float(host_extra[0]), len(params)
         values, counts = self._plan.refine(values, grads, params)  # a second copy only on steps that need it
         if self.update_ratio:
             values = np.concatenate([values, np.full((n, 1), np.nan, np.float32)], axis=1)
-            # reuse one buffer per weight: copying into it allocates nothing after the first step
-            if self._weight_buffers is None or len(self._weight_buffers) != n or any(
-                    b.shape != p.shape or b.dtype != p.dtype or b.device != p.device for b, p in zip(self._weight_buffers, params)):
-                self._weight_buffers = [torch.empty_like(p) for p in params]
-            with torch.no_grad(): torch._foreach_copy_(self._weight_buffers, params)
-            self._weights_before = (self._weight_buffers, params)
+            self._kept_params = params  # the plan kept a copy of them (keep=True above) for `_measure_update`
         self.record.add_step(self.step_count, self.learn.epoch, self.learn.opt.hypers[-1]['lr'], loss,
                              self._plan_index, values, counts, skipped, hist, pending=self.update_ratio and not skipped)
         self._recorded_step = True
@@ -262,13 +257,9 @@ class GradStats(Callback):
         """||w_after - w_before|| of the step just taken, left on the device: the next recorded step's copy
         brings it into the last recorded step (`df` derives `update_ratio`); when none follows (the end of the
         fit, or one that stops without its last event), the record fetches it when it is read."""
-        before, params = self._weights_before
-        self._weights_before = None
+        params, self._kept_params = self._kept_params, None
         if not params: return self.record.set_last('update_norm', [])
-        with torch.no_grad():
-            torch._foreach_sub_(before, params)  # in place: the buffers now hold w_before - w_after
-            norms = _norms(before)
-            self._pending_update = update = self._plan.gather(norms) if isinstance(self._plan, _PerDevice) else torch.stack(norms)
+        self._pending_update = update = self._plan._update_norms(params)
         # fetched only if the record is read before the next recorded step brings them (an interrupted fit)
         self.record.set_last_later('update_norm', lambda: _to_host(update))
 

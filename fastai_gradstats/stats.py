@@ -96,9 +96,24 @@ class _Chunk:
         self.pad_targets, self.pad_sources = [], []
         self.tol = _tol_below(zero_tol, dtype)  # |g| <= tol in this dtype exactly when |g| <= zero_tol
 
+    def pieces_of(self, tensors):
+        "The pieces of `tensors` (gradients or parameters) this chunk holds, in the order of its rows."
+        return [tensors[i] if part is None else tensors[i][part] for i, part in self.parts]
+
     def sources(self, tensors):
-        "What one batched copy into the block reads: the pieces of `tensors` (gradients or parameters), then zeros for the padding."
-        return [tensors[i] if part is None else tensors[i][part] for i, part in self.parts] + self.pad_sources
+        "What one batched copy into the block reads: the pieces of `tensors`, then zeros for the padding."
+        return self.pieces_of(tensors) + self.pad_sources
+
+    def place(self, block, shapes, row_length):
+        """Views of `block` (n_rows, self.row_length) where the pieces go, shaped like the (part of the) tensor each
+        receives, and views of the padding after shorter rows: `(targets, pad_targets)`."""
+        targets, pad_targets, row = [], [], 0
+        for i, start, end in self.pieces:
+            rows, length = block[row:row + end - start], row_length[i]
+            targets.append(rows[:, :length].view((end - start,) + shapes[i][1:] if len(shapes[i]) >= 2 else shapes[i]))
+            if length < self.row_length: pad_targets.append(rows[:, length:])
+            row += end - start
+        return targets, pad_targets
 
 
 _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
@@ -189,6 +204,7 @@ class _Layout:
     result's bits); then room for `extra` values. When the parameters' norms are not taken along the rows
     (`_param_norms_by_rows`), each tensor's norm sits in its first row and its other rows hold 0."""
     graph = None  # layouts pickled before CUDA graphs existed have none
+    keeps_rows, kept, kept_tensors = False, False, None  # nor had they `collect(keep_params=True)`
 
     def __init__(self, stats, chunks, device, dtypes, owner, starts, row_length, row_padding, hist_offset, samples):
         self.chunks, self.owner, self.starts, self.row_length, self.device = chunks, owner, starts, row_length, device
@@ -209,6 +225,11 @@ class _Layout:
             c.out = slots if c.staged is None else [torch.zeros(c.n_rows, dtype=c.dtype, device=device) for _ in slots]
             at += c.n_rows
         self.param_rows = _param_norms_by_rows(device)
+        # `collect(keep_params=True)` keeps the parameters laid out in rows, as they are copied for their norms anyway
+        # (a copy of each chunk, zeros in its padding); else in one tensor per parameter (`kept_tensors`)
+        self.keeps_rows = self.param_rows and not any(c.direct for c in chunks)
+        self.kept = False  # whether a copy is kept for `update_norms`
+        self.row_owner = np.repeat(owner, np.diff(np.r_[starts, n_rows]).astype(np.int64)) if n_rows else np.zeros(0, np.int64)
         if not self.param_rows:  # each tensor's norm goes to its first row and its other rows stay 0 (see `assemble`)
             self.param_row_out = self.result[n_rows:2 * n_rows].zero_()
             self.first_rows = torch.as_tensor(starts, dtype=torch.long, device=device)
@@ -335,15 +356,9 @@ class LayerStats:
         for c in chunks:
             if c.direct: continue
             c.block = buffers[c.dtype][:c.n_rows * c.row_length].view(c.n_rows, c.row_length)
-            c.targets, row = [], 0
-            for i, start, end in c.pieces:  # views shaped like the (part of the) tensor they receive
-                rows, length = c.block[row:row + end - start], self.row_length[i]
-                c.targets.append(rows[:, :length].view((end - start,) + self.shapes[i][1:]
-                                                       if len(self.shapes[i]) >= 2 else self.shapes[i]))
-                if length < c.row_length:  # zeros after shorter rows: every copy rewrites them
-                    c.pad_targets.append(rows[:, length:])
-                    c.pad_sources.append(torch.zeros(rows[:, length:].shape, dtype=c.dtype, device=device))
-                row += end - start
+            c.targets, c.pad_targets = c.place(c.block, self.shapes, self.row_length)
+            # zeros after shorter rows: every copy rewrites them (the block is shared by the chunks)
+            c.pad_sources = [torch.zeros(t.shape, dtype=c.dtype, device=device) for t in c.pad_targets]
             c.copy_targets = c.targets + c.pad_targets  # what one batched copy writes: the rows, then their padding
             c.parts = [(i, None if start == 0 and end == self.rows[i] else slice(start, end)) for i, start, end in c.pieces]
         row_tensor = np.concatenate([np.repeat(i, end - start) for c in chunks for i, start, end in c.pieces]
@@ -387,19 +402,78 @@ class LayerStats:
             if g.shape != s: raise ValueError(f"a gradient has shape {tuple(g.shape)} where {tuple(s)} was planned")
             if p.shape != s: raise ValueError(f"`params` must have their gradients' shapes: got {tuple(p.shape)} for {tuple(s)}")
 
-    def collect(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], extra=None) -> torch.Tensor:
+    def collect(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], extra=None,
+                keep_params: bool = False) -> torch.Tensor:
         """The raw reductions of one step as one flat tensor on the gradients' device, followed by the values of
         `extra` (a tensor, or a list of tensors, flattened): copy it to the host once and pass it to `assemble`.
         The tensor is float32 (float64 when a gradient is, or when there are no gradients), so `extra` values
         are rounded to that precision, and it is reused: the next `collect` overwrites it, so copy it (`.cpu()`
         from a GPU, `.clone()` on the CPU) to keep it, and do not pass a view of it as `extra`. Reads `grads`
-        and `params` without changing them."""
+        and `params` without changing them. With `keep_params=True` it also keeps a copy of `params` (as large as
+        theirs, in float32 for half precision; reused from step to step) for `update_norms` to measure how far they move next."""
         self._check(grads, params)
+        if not isinstance(keep_params, bool): raise TypeError(f"`keep_params` must be True or False, got {keep_params!r}")
         extra = [] if extra is None else [extra] if isinstance(extra, torch.Tensor) else list(extra)
         _check_tensors(extra, 'extra')
-        return self._collect(grads, params, extra)
+        return self._collect(grads, params, extra, keep_params)
 
-    def _collect(self, grads, params, extra):
+    def update_norms(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """How far each parameter moved since the last `collect(..., keep_params=True)`: the L2 norm of its value then
+        minus its value now, one per tensor, as a float tensor of shape `(len(params),)` on their device (no host copy;
+        pass it to the next `collect` as `extra` to bring it along). Uses up the kept copy: a second call without a
+        `collect` that keeps one in between is a ValueError. On the CPU it reuses the copy `collect` makes of the
+        parameters for their norms, laid out in rows: one subtraction per chunk and one norm along its rows."""
+        if self._last is None or not self._last.kept:
+            raise ValueError("`update_norms` needs a `collect(..., keep_params=True)` first, since the last `update_norms`")
+        _check_tensors(params, 'params')
+        if len(params) != len(self.shapes) or list(map(_SHAPE, params)) != self.shapes:
+            raise ValueError(f"`params` must be the {len(self.shapes)} tensors of the planned shapes, as given to `collect`")
+        return self._update_norms(params)
+
+    def _update_norms(self, params):
+        "`update_norms` for a caller that passes the list of parameters it gave to `_collect(keep=True)` (not checked)."
+        layout = self._last
+        layout.kept = False
+        grad_mode = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        try:
+            if not layout.keeps_rows:
+                torch._foreach_sub_(layout.kept_tensors, params)  # in place: the copies now hold before - after
+                return torch.stack(_norms(layout.kept_tensors)) if params else torch.zeros(0)
+            for c in layout.chunks:
+                torch._foreach_sub_(c.kept_targets, c.pieces_of(params))
+                torch.linalg.vector_norm(c.kept, dim=1, out=c.update_rows)
+                if c.update_staged is not None: c.update_staged.copy_(c.update_rows)
+            # per tensor: the squares of its rows' norms summed (empty tensors: 0)
+            squares = layout.update_rows.square_()
+            return layout.update_sums.zero_().index_add_(0, layout.row_owner_index, squares).sqrt()
+        finally:
+            torch.set_grad_enabled(grad_mode)
+
+    def _keep(self, layout, params):
+        "Make room for `collect(keep_params=True)`'s copy (once per layout; the per-tensor copies again if `params` changed)."
+        if layout.keeps_rows:
+            for c in layout.chunks:
+                if getattr(c, 'kept', None) is None:
+                    c.kept = torch.zeros(c.n_rows, c.row_length, dtype=c.dtype, device=layout.device)
+                    c.kept_targets, _ = c.place(c.kept, self.shapes, self.row_length)
+            if getattr(layout, 'row_owner_index', None) is None:
+                layout.row_owner_index = torch.as_tensor(layout.row_owner, dtype=torch.long, device=layout.device)
+                # the rows' update norms side by side in the layout's dtype (a float32 chunk of a float64 layout: staged)
+                layout.update_rows = torch.empty(len(layout.row_owner), dtype=layout.dtype, device=layout.device)
+                layout.update_sums = torch.empty(len(self.shapes), dtype=layout.dtype, device=layout.device)
+                at = 0
+                for c in layout.chunks:
+                    rows = layout.update_rows[at:at + c.n_rows]
+                    c.update_rows, c.update_staged = (rows, None) if c.dtype == layout.dtype else (torch.empty_like(rows, dtype=c.dtype), rows)
+                    at += c.n_rows
+            return
+        kept = layout.kept_tensors
+        # half precision kept in float32, as in the rows: the difference of two half values is exact there
+        if kept is None or any(b.shape != p.shape or b.dtype != _buffer_dtype(p.dtype) or b.device != p.device for b, p in zip(kept, params)):
+            layout.kept_tensors = [torch.empty_like(p, dtype=_buffer_dtype(p.dtype), requires_grad=False) for p in params]
+
+    def _collect(self, grads, params, extra, keep=False):
         """`collect` for a caller that passes lists of tensors, `params` as many as `grads`, and `extra` a list:
         only the gradients' shapes are checked (the full check runs when they differ from the plan's, to say how).
         The layout is looked up by the gradients' dtypes and device on every call: the same tensor objects can
@@ -409,20 +483,25 @@ class LayerStats:
             return torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
         if list(map(_SHAPE, grads)) != self.shapes: self._check(grads, params)
         layout = self._layout(grads)
+        if keep: self._keep(layout, params)
         grad_mode = torch.is_grad_enabled()
         torch.set_grad_enabled(False)  # the parameters require grad: read them without recording (cheaper than `with no_grad`)
         try:
-            if layout.graph is None or not layout.graph.run(self, layout, grads, params): self._reduce(layout, grads, params)
+            if keep and layout.keeps_rows: self._reduce(layout, grads, params, keep=True)
+            elif layout.graph is None or not layout.graph.run(self, layout, grads, params): self._reduce(layout, grads, params)
+            if keep and not layout.keeps_rows: torch._foreach_copy_(layout.kept_tensors, params)
+            layout.kept = keep
             return self._write_extra(layout, extra)
         finally:
             torch.set_grad_enabled(grad_mode)
 
-    def _reduce(self, layout, grads, params):
-        "Every reduction of one step, launched one by one, into `layout.result` (what a CUDA graph of the layout replays)."
+    def _reduce(self, layout, grads, params, keep=False):
+        """Every reduction of one step, launched one by one, into `layout.result` (what a CUDA graph of the layout replays);
+        `keep`: the parameters' rows go to the chunks' kept copies (`layout.keeps_rows`) rather than the work buffer."""
         by_rows = params if layout.param_rows else None
         for c in layout.chunks:
             if c.direct: self._reduce_direct(c, grads, by_rows)
-            else: self._reduce_block(c, grads, by_rows)
+            else: self._reduce_block(c, grads, by_rows, keep)
             if c.staged is not None: torch._foreach_copy_(c.staged, c.out)
         if not layout.param_rows and layout.owner_list:
             norms = torch.stack(_norms([params[i] for i in layout.owner_list]))
@@ -445,8 +524,9 @@ class LayerStats:
         for slot, e in zip(slots[0], extra): slot.copy_(e if e.dim() == 1 else e.reshape(-1))
         return slots[1]
 
-    def _reduce_block(self, c, grads, params):
-        "A block's rows of gradients, then of parameters (laid out alike; unless `params` is None), copied into the work buffer and reduced."
+    def _reduce_block(self, c, grads, params, keep=False):
+        """A block's rows of gradients, then of parameters (laid out alike; unless `params` is None), copied into the work
+        buffer (the parameters into the chunk's kept copy with `keep`) and reduced."""
         torch._foreach_copy_(c.copy_targets, c.sources(grads))
         block = c.block  # our own copy: free to overwrite in place
         norm, param_norm, total, zeros, high = c.out
@@ -458,7 +538,10 @@ class LayerStats:
         torch.sum(block.le_(c.tol), 1, out=zeros)
         if params is None: return
         # the parameters' rows in the same places (one batched read, and one reduction whatever the number of tensors)
-        torch._foreach_copy_(c.copy_targets, c.sources(params))
+        if keep:  # into the chunk's own copy, kept for `update_norms` (its padding stays zero)
+            torch._foreach_copy_(c.kept_targets, c.pieces_of(params))
+            block = c.kept
+        else: torch._foreach_copy_(c.copy_targets, c.sources(params))
         torch.linalg.vector_norm(block, dim=1, out=param_norm)
 
     def _reduce_direct(self, c, grads, params):
@@ -520,10 +603,10 @@ class LayerStats:
             hist = hist.astype(np.int64).reshape(n, len(HIST_BINS))
         return values, hist
 
-    def _measure(self, grads, params, extra, to_host):
+    def _measure(self, grads, params, extra, to_host, keep=False):
         """One step of a caller that builds its own lists (as `_collect`): the reductions, their one host copy
         through `to_host`, and `assemble`. Returns `(values, hist, the host values of extra)`."""
-        host = to_host(self._collect(grads, params, extra))
+        host = to_host(self._collect(grads, params, extra, keep))
         values, hist = self.assemble(host)
         return values, hist, host[len(host) - sum(e.numel() for e in extra):]
 
@@ -585,17 +668,24 @@ class _PerDevice:
 
     def __len__(self): return self.n
 
-    def _measure(self, grads, params, extra, to_host):
+    def _measure(self, grads, params, extra, to_host, keep=False):
         "As `LayerStats._measure`; `extra` travels with the first device's copy."
         values = np.empty((self.n, len(METRICS)), np.float32)
         hist = np.empty((self.n, len(HIST_BINS)), np.int64) if self.hist else None
         for k, (index, stats) in enumerate(self.groups):
             part, part_hist, part_extra = stats._measure([grads[i] for i in index], [params[i] for i in index],
-                                                         extra if k == 0 else [], to_host)
+                                                         extra if k == 0 else [], to_host, keep)
             values[index] = part
             if hist is not None: hist[index] = part_hist
             if k == 0: host_extra = part_extra
         return values, hist, host_extra
+
+    def _update_norms(self, params):
+        "As `LayerStats.update_norms`, each device's by its own `LayerStats`, gathered on the first device."
+        moved = [None] * self.n
+        for index, stats in self.groups:
+            for i, norm in zip(index, stats._update_norms([params[i] for i in index]).unbind()): moved[i] = norm
+        return self.gather(moved)
 
     def refine(self, values, grads, params):
         "As `LayerStats.refine`, each device's rows by its own `LayerStats`."

@@ -354,6 +354,26 @@ def test_keyboard_interrupt_keeps_the_last_steps_update_norm():
     np.testing.assert_array_equal(df.loc[df['step'] == 4, 'update_norm'].to_numpy(), last)
     assert df['update_norm'].notna().all() and df['step'].max() == 8
 
+@pytest.mark.parametrize('by_rows', [True, False])
+def test_update_norms_match_the_weights_before_and_after_each_step(monkeypatch, by_rows):
+    """`update_norm` is ||w_after - w_before|| of every step, recording every other step: the weights kept in rows
+    on the CPU (each recorded step's parameter copy, reused) and, as on CUDA, in one copy per parameter."""
+    import fastai_gradstats.stats as stats_module
+    if not by_rows: monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: False)
+    learn = make_learner(tiny_mlp(), small_dls(n_train=96, bs=16))
+    cap = Capture()
+    learn.fit(2, 0.1, cbs=[GradStats(every=2, update_ratio=True), cap])
+    after = {n: p.detach().double() for n, p in learn.model.named_parameters()}
+    weights = [c['params'] for c in cap.captured] + [after]
+    df = learn.grad_stats.df
+    assert sorted(df['step'].unique()) == list(range(0, len(cap.captured), 2))
+    for step in df['step'].unique():
+        for name in weights[step]:
+            expected = float((weights[step + 1][name] - weights[step][name]).norm())
+            got = df.loc[(df['step'] == step) & (df['layer'].astype(str) == name), 'update_norm'].item()
+            np.testing.assert_allclose(got, expected, rtol=1e-5, err_msg=f'{name} step {step}')
+
+
 def test_cancel_fit_keeps_the_record():
     learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16))
     cap = Capture()

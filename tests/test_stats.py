@@ -604,6 +604,12 @@ def test_per_device_split_puts_every_row_back_in_place():
     assert extra.tolist() == [1.0] + list(range(9)) and copies[3].data_ptr() == first._last.result.data_ptr()
     # one value per gradient (as the update norms), gathered in the gradients' order
     assert split.gather([torch.tensor(float(i)) for i in range(9)]).tolist() == list(range(9))
+    # each device keeps its parameters; their update norms come back in the gradients' order
+    params = [p.clone() for p in params]
+    split._measure(grads, params, [], to_host, keep=True)
+    before = [p.clone() for p in params]
+    for i, p in enumerate(params): p.add_(float(i + 1))
+    np.testing.assert_allclose(split._update_norms(params).numpy(), _float64_distances(before, params), rtol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a second device: CUDA')
@@ -678,3 +684,76 @@ def test_a_plan_with_a_graph_can_be_pickled_and_records_on():
     grads, params = [g.clone() for g in grads], [p.clone() for p in params]
     for step in range(3): assert_step_matches(copy, grads, params, f'copy step {step}')
     assert copy._last.graph.graph is not None and copy._last.graph.captures == 2
+
+
+# --- update_norms: how far the parameters moved since a collect that kept them ------------------------
+def _moving_tensors(seed=5):
+    "`assorted_tensors` plus half and float64 precision, a 0-d and an empty tensor: parameters of every kind."
+    gen = torch.Generator().manual_seed(seed)
+    grads, params = assorted_tensors(seed)
+    more = [torch.randn(5, 4, generator=gen).double(), torch.randn(9, generator=gen).bfloat16(),
+            torch.randn((), generator=gen), torch.zeros(0, 3), torch.randn(4, 3, 2, 2, generator=gen), torch.randn(400, 2, generator=gen)]
+    params = [torch.where(p.isfinite(), p, 0.5) for p in params]  # finite weights; the gradients keep their NaN/Inf
+    return grads + more, params + [torch.randn(t.shape, generator=gen).to(t.dtype) for t in more]
+
+
+def _float64_distances(before, after):
+    "The independent answer: ||before - after|| per tensor, in float64."
+    return np.array([float(torch.linalg.vector_norm(b.double() - a.double())) if b.numel() else 0.0 for b, a in zip(before, after)])
+
+
+@pytest.mark.parametrize('by_rows', [True, False])
+@pytest.mark.parametrize('chunk_elements', [1, 7, 500, 10**6])
+def test_update_norms_equal_the_float64_distance_step_after_step(monkeypatch, by_rows, chunk_elements):
+    """`update_norms` gives ||p_kept - p_now|| per tensor over several steps, against float64 differences of copies
+    taken by the test: kept in rows on the CPU (tensors split over blocks, padded narrow rows, float32 chunks of a
+    float64 result) and, as on CUDA or with rows longer than the buffer, in one copy per tensor. Keeping them changes
+    neither the parameters nor any statistic."""
+    import fastai_gradstats.stats as stats_module
+    if not by_rows: monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: False)
+    gen = torch.Generator().manual_seed(6)
+    grads, params = _moving_tensors()
+    plan, plain = (LayerStats([g.shape for g in grads], chunk_elements=chunk_elements) for _ in range(2))
+    for step in range(3):
+        before = [p.clone() for p in params]
+        kept = plan.collect(grads, params, keep_params=True).clone()
+        assert all(torch.equal(b, p) for b, p in zip(before, params))  # read, not changed
+        torch.testing.assert_close(kept, plain.collect(grads, params), rtol=0, atol=0, equal_nan=True)  # as without keeping
+        assert plan._last.keeps_rows == (by_rows and chunk_elements >= 300)  # rows longer than the buffer: one copy per tensor
+        assert len(plan._last.chunks) > (chunk_elements < 10**6)  # 500: the tall tensor is split over blocks
+        for i, p in enumerate(params):  # an optimizer step: every tensor moves by its own amount, one not at all
+            if i != 2: p.add_((torch.randn(p.shape, generator=gen) * 10.0 ** (i % 5 - 3)).to(p.dtype))
+        moved = plan.update_norms(params)
+        assert moved.shape == (len(params),) and moved.device == params[0].device
+        expected = _float64_distances(before, params)
+        assert moved[2] == 0 and expected[2] == 0
+        np.testing.assert_allclose(moved.double().numpy(), expected, rtol=2e-6, atol=0, err_msg=f'step {step}')
+
+
+def test_update_norms_needs_a_collect_that_kept_the_parameters():
+    grads, params = mixed_tensors()
+    plan = LayerStats([g.shape for g in grads])
+    with pytest.raises(ValueError, match='keep_params=True'): plan.update_norms(params)
+    plan.collect(grads, params)
+    with pytest.raises(ValueError, match='keep_params=True'): plan.update_norms(params)
+    plan.collect(grads, params, keep_params=True)
+    with pytest.raises(ValueError, match='`params`'): plan.update_norms(params[:-1])
+    with pytest.raises(ValueError, match='`params`'): plan.update_norms([p.reshape(-1) for p in params])
+    with pytest.raises(TypeError, match='`params`'): plan.update_norms(params[0])
+    np.testing.assert_array_equal(plan.update_norms(params).numpy(), 0)  # nothing moved
+    with pytest.raises(ValueError, match='keep_params=True'): plan.update_norms(params)  # the copy is used up
+    with pytest.raises(TypeError, match='`keep_params`'): plan.collect(grads, params, keep_params=1)
+
+
+def test_kept_rows_replace_the_copy_of_the_parameters_into_the_work_buffer():
+    """On the CPU, keeping the parameters costs no copy of its own: they go to the kept rows instead of the work buffer
+    (one batched copy per block either way), and `update_norms` takes one subtraction and one norm per block."""
+    grads, params = mixed_tensors()
+    plan = LayerStats([g.shape for g in grads])
+    plan.collect(grads, params)
+    with CallNames() as plain: plan.collect(grads, params)
+    with CallNames() as keeping: plan.collect(grads, params, keep_params=True)
+    assert keeping.names.count('_foreach_copy_') == plain.names.count('_foreach_copy_')
+    blocks = len(plan._last.chunks)
+    with CallNames() as update: plan.update_norms(params)
+    assert update.names.count('_foreach_sub_') == blocks and '_foreach_norm' not in update.names
