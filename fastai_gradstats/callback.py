@@ -80,6 +80,7 @@ class GradStats(Callback):
     # GradientAccumulation (order 6) cancels the batches that do not step before we run.
     order = MixedPrecision.order + 0.5
     run_valid = False
+    _kept_params = None  # a callback pickled (`learn.export`) by a version without it reads this
 
     def __init__(self,
         every:int=1,             # Record optimizer steps 0, `every`, 2*`every`, ... (steps count from 0 across fits)

@@ -154,10 +154,6 @@ class _StepGraph:
     def __init__(self):
         self.graph, self.addresses, self.last, self.stable, self.captures, self.failed = None, None, None, 0, 0, False
 
-    def __getstate__(self):
-        "A CUDA graph cannot be pickled (a GradStats saved by `learn.export` after an interrupted fit holds its plan): start over."
-        return {**self.__dict__, 'graph': None, 'addresses': None, 'last': None, 'stable': 0}
-
     def run(self, stats, layout, grads, params) -> bool:
         "Do this step's reductions as a graph: True if done, False if the caller must launch them itself."
         addresses = (*map(_DATA_PTR, grads), *map(_DATA_PTR, params))
@@ -203,8 +199,6 @@ class _Layout:
     sums, its elements <= zero_tol, its max |g|: `_ROWS`); the histogram counts (integers, stored in the
     result's bits); then room for `extra` values. When the parameters' norms are not taken along the rows
     (`_param_norms_by_rows`), each tensor's norm sits in its first row and its other rows hold 0."""
-    graph = None  # layouts pickled before CUDA graphs existed have none
-    keeps_rows, kept, kept_tensors = False, False, None  # nor had they `collect(keep_params=True)`
 
     def __init__(self, stats, chunks, device, dtypes, owner, starts, row_length, row_padding, hist_offset, samples):
         self.chunks, self.owner, self.starts, self.row_length, self.device = chunks, owner, starts, row_length, device
@@ -228,7 +222,7 @@ class _Layout:
         # `collect(keep_params=True)` keeps the parameters laid out in rows, as they are copied for their norms anyway
         # (a copy of each chunk, zeros in its padding); else in one tensor per parameter (`kept_tensors`)
         self.keeps_rows = self.param_rows and not any(c.direct for c in chunks)
-        self.kept = False  # whether a copy is kept for `update_norms`
+        self.kept, self.kept_tensors = False, None  # whether a copy is kept for `update_norms`; the per-tensor copies
         self.row_owner = np.repeat(owner, np.diff(np.r_[starts, n_rows]).astype(np.int64)) if n_rows else np.zeros(0, np.int64)
         if not self.param_rows:  # each tensor's norm goes to its first row and its other rows stay 0 (see `assemble`)
             self.param_row_out = self.result[n_rows:2 * n_rows].zero_()
@@ -249,6 +243,12 @@ class _Layout:
             self.inv_dof = np.where(numel > 1, 1 / (numel - 1), np.nan)
         self.empty_values = np.full((n, len(METRICS)), np.nan, np.float32)
         self.empty_values[:, :2] = 0  # an empty tensor (not in `owner`) has norms 0 and no other statistic
+
+
+def _drop_kept(layout):
+    "Free what `LayerStats.collect(keep_params=True)` kept in `layout`."
+    layout.kept, layout.kept_tensors = False, None
+    for c in layout.chunks: c.kept = c.kept_targets = None
 
 
 class LayerStats:
@@ -281,6 +281,8 @@ class LayerStats:
     one row per tensor with numpy. No `.item()`, no copy per tensor or per metric. On a CUDA device the
     reductions of a step are replayed as one CUDA graph once the tensors stay where they are (`_StepGraph`,
     `USE_CUDA_GRAPHS`). The gradients must lie on one device (`ValueError` otherwise): make one per device.
+    `collect(..., keep_params=True)` also keeps the parameters (on the CPU the copy above, unless a tensor's rows exceed
+    the buffer: nothing more to copy), and `update_norms` then says how far the optimizer step moved each one.
     Sums accumulate in float32 (float64 for float64 gradients); `refine` redoes in float64 the rare
     rows where that is not enough (overflow, NaN/Inf, cancellation in the std). NaN and Inf
     propagate into the norms, the max, the mean and the std as they are; `refine` counts them.
@@ -306,11 +308,16 @@ class LayerStats:
 
     def __len__(self): return len(self.shapes)
 
+    def __getstate__(self):
+        """Pickled without its layouts (a GradStats saved by `learn.export` after an interrupted fit holds its plan): their
+        buffers are scratch space, a CUDA graph cannot be pickled, plain `pickle` would copy each view of a buffer apart
+        from it, and a kept copy of the parameters is as large as they are. The next `collect` plans again."""
+        return {**self.__dict__, '_layouts': {}, '_last': None, '_work_bytes': {}}
+
     def __setstate__(self, state):
-        "An object pickled by an older version, whose layouts read their result differently, plans again at its next `collect`."
+        "As `__getstate__`; an object pickled by an older version may hold layouts, which read their result differently: dropped."
         self.__dict__.update(state)
-        if any(not hasattr(layout, 'param_rows') for layout in self._layouts.values()):
-            self._layouts, self._last, self._work_bytes = {}, None, {}
+        self._layouts, self._last, self._work_bytes = {}, None, {}
 
     @property
     def work_bytes(self) -> int:
@@ -423,11 +430,13 @@ class LayerStats:
         pass it to the next `collect` as `extra` to bring it along). Uses up the kept copy: a second call without a
         `collect` that keeps one in between is a ValueError. On the CPU it reuses the copy `collect` makes of the
         parameters for their norms, laid out in rows: one subtraction per chunk and one norm along its rows."""
-        if self._last is None or not self._last.kept:
-            raise ValueError("`update_norms` needs a `collect(..., keep_params=True)` first, since the last `update_norms`")
         _check_tensors(params, 'params')
         if len(params) != len(self.shapes) or list(map(_SHAPE, params)) != self.shapes:
             raise ValueError(f"`params` must be the {len(self.shapes)} tensors of the planned shapes, as given to `collect`")
+        if not self.shapes: return torch.zeros(0)  # nothing to move
+        if self._last is None or not self._last.kept:
+            raise ValueError("`update_norms` needs a `collect(..., keep_params=True)` of these parameters' dtypes first, "
+                             "and none since the last `update_norms`")
         return self._update_norms(params)
 
     def _update_norms(self, params):
@@ -439,19 +448,23 @@ class LayerStats:
         try:
             if not layout.keeps_rows:
                 torch._foreach_sub_(layout.kept_tensors, params)  # in place: the copies now hold before - after
-                return torch.stack(_norms(layout.kept_tensors)) if params else torch.zeros(0)
+                return torch.stack(_norms(layout.kept_tensors))
             for c in layout.chunks:
                 torch._foreach_sub_(c.kept_targets, c.pieces_of(params))
                 torch.linalg.vector_norm(c.kept, dim=1, out=c.update_rows)
                 if c.update_staged is not None: c.update_staged.copy_(c.update_rows)
-            # per tensor: the squares of its rows' norms summed (empty tensors: 0)
+            # per tensor: the squares of its rows' norms summed in float64 (a tall narrow tensor adds up millions of
+            # rows one by one); empty tensors: 0
             squares = layout.update_rows.square_()
             return layout.update_sums.zero_().index_add_(0, layout.row_owner_index, squares).sqrt()
         finally:
             torch.set_grad_enabled(grad_mode)
 
     def _keep(self, layout, params):
-        "Make room for `collect(keep_params=True)`'s copy (once per layout; the per-tensor copies again if `params` changed)."
+        """Make room for `collect(keep_params=True)`'s copy (once per layout; the per-tensor copies again if `params`
+        changed), and free the copies other layouts of this object kept (left behind by a change of dtype)."""
+        for other in self._layouts.values():
+            if other is not layout: _drop_kept(other)
         if layout.keeps_rows:
             for c in layout.chunks:
                 if getattr(c, 'kept', None) is None:
@@ -459,17 +472,17 @@ class LayerStats:
                     c.kept_targets, _ = c.place(c.kept, self.shapes, self.row_length)
             if getattr(layout, 'row_owner_index', None) is None:
                 layout.row_owner_index = torch.as_tensor(layout.row_owner, dtype=torch.long, device=layout.device)
-                # the rows' update norms side by side in the layout's dtype (a float32 chunk of a float64 layout: staged)
-                layout.update_rows = torch.empty(len(layout.row_owner), dtype=layout.dtype, device=layout.device)
-                layout.update_sums = torch.empty(len(self.shapes), dtype=layout.dtype, device=layout.device)
+                # the rows' update norms side by side in float64 (a float32 chunk's staged: one copy)
+                layout.update_rows = torch.empty(len(layout.row_owner), dtype=torch.float64, device=layout.device)
+                layout.update_sums = torch.empty(len(self.shapes), dtype=torch.float64, device=layout.device)
                 at = 0
                 for c in layout.chunks:
                     rows = layout.update_rows[at:at + c.n_rows]
-                    c.update_rows, c.update_staged = (rows, None) if c.dtype == layout.dtype else (torch.empty_like(rows, dtype=c.dtype), rows)
+                    c.update_rows, c.update_staged = (rows, None) if c.dtype == torch.float64 else (torch.empty_like(rows, dtype=c.dtype), rows)
                     at += c.n_rows
             return
         kept = layout.kept_tensors
-        # half precision kept in float32, as in the rows: the difference of two half values is exact there
+        # half precision kept in float32, as in the rows: their difference then rounds to float32, not to half precision
         if kept is None or any(b.shape != p.shape or b.dtype != _buffer_dtype(p.dtype) or b.device != p.device for b, p in zip(kept, params)):
             layout.kept_tensors = [torch.empty_like(p, dtype=_buffer_dtype(p.dtype), requires_grad=False) for p in params]
 
@@ -490,7 +503,7 @@ class LayerStats:
             if keep and layout.keeps_rows: self._reduce(layout, grads, params, keep=True)
             elif layout.graph is None or not layout.graph.run(self, layout, grads, params): self._reduce(layout, grads, params)
             if keep and not layout.keeps_rows: torch._foreach_copy_(layout.kept_tensors, params)
-            layout.kept = keep
+            if keep: layout.kept = True  # a collect that does not keep leaves the copy where it is
             return self._write_extra(layout, extra)
         finally:
             torch.set_grad_enabled(grad_mode)

@@ -374,6 +374,19 @@ def test_update_norms_match_the_weights_before_and_after_each_step(monkeypatch, 
             np.testing.assert_allclose(got, expected, rtol=1e-5, err_msg=f'{name} step {step}')
 
 
+def test_a_callback_pickled_by_the_previous_version_trains_on():
+    """A GradStats pickled (`learn.export`) before `_kept_params` existed, without that attribute, records on after loading
+    (fastai's Callback would otherwise look the missing name up on the Learner and fail)."""
+    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16))
+    cb = GradStats()
+    learn.fit(1, 0.1, cbs=cb)
+    del cb.__dict__['_kept_params']
+    loaded = pickle.loads(pickle.dumps(cb))
+    assert '_kept_params' not in loaded.__dict__
+    learn.fit(1, 0.1, cbs=loaded)
+    assert learn.grad_stats is loaded.record and len(loaded.record) == 8 and loaded.record.df['grad_norm'].notna().all()
+
+
 def test_cancel_fit_keeps_the_record():
     learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16))
     cap = Capture()
