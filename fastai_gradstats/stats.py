@@ -200,7 +200,8 @@ class _Layout:
     result's bits); then room for `extra` values. When the parameters' norms are not taken along the rows
     (`_param_norms_by_rows`), each tensor's norm sits in its first row and its other rows hold 0."""
 
-    def __init__(self, stats, chunks, device, dtypes, owner, starts, row_length, row_padding, hist_offset, samples):
+    def __init__(self, stats, chunks, device, dtypes, row_owner, starts, row_length, row_padding, hist_offset, samples):
+        owner = row_owner[starts]  # the tensor of each run of rows (`starts`), in the order of the rows
         self.chunks, self.owner, self.starts, self.row_length, self.device = chunks, owner, starts, row_length, device
         self.hist_offset, self.samples = hist_offset, samples  # with `hist`: where counts go, the chunks' |g| samples
         n, n_rows = len(stats.shapes), len(row_length)
@@ -223,7 +224,7 @@ class _Layout:
         # (a copy of each chunk, zeros in its padding); else in one tensor per parameter (`kept_tensors`)
         self.keeps_rows = self.param_rows and not any(c.direct for c in chunks)
         self.kept, self.kept_tensors = False, None  # whether a copy is kept for `update_norms`; the per-tensor copies
-        self.row_owner = np.repeat(owner, np.diff(np.r_[starts, n_rows]).astype(np.int64)) if n_rows else np.zeros(0, np.int64)
+        self.row_owner = row_owner  # the tensor of each row
         if not self.param_rows:  # each tensor's norm goes to its first row and its other rows stay 0 (see `assemble`)
             self.param_row_out = self.result[n_rows:2 * n_rows].zero_()
             self.first_rows = torch.as_tensor(starts, dtype=torch.long, device=device)
@@ -375,7 +376,7 @@ class LayerStats:
         row_padding = np.concatenate([np.repeat(c.row_length - self.row_length[i], end - start).astype(np.float64)
                                       for c in chunks for i, start, end in c.pieces] or [np.zeros(0)])
         hist_offset, samples = self._plan_samples(chunks, device) if self.hist else (None, None)
-        return _Layout(self, chunks, device, dtypes, row_tensor[starts], starts, row_length, row_padding, hist_offset, samples)
+        return _Layout(self, chunks, device, dtypes, row_tensor, starts, row_length, row_padding, hist_offset, samples)
 
     def _plan_samples(self, chunks, device):
         """Where each tensor's histogram sample lies in the work buffer (or in the tensor, for direct chunks), and
