@@ -69,8 +69,33 @@ def _check_every(every):
     if every < 1: raise ValueError(f"`every` must be >= 1, got {every}")
 
 
+WAITING_BYTES = 2 ** 22
+"""Most bytes of host copies `GradStats` keeps before assembling the steps they hold into its record (at most
+`MAX_WAITING` steps); a model whose copy is larger than half of this adds every step as it comes."""
+MAX_WAITING = 64
+"Most recorded steps that wait to be assembled together."
+
+
+class _Waiting:
+    """Steps recorded but not added to the record yet: their host copies, all laid out by one `LayerStats` layout,
+    side by side in one array, and what the record needs besides (step, epoch, lr; whether a copy carries the
+    update norms of the step before it)."""
+    def __init__(self, plan, layout, layer_index, width):
+        self.plan, self.layout, self.layer_index = plan, layout, layer_index
+        self.raws = np.empty((max(1, min(MAX_WAITING, WAITING_BYTES // (width * layout.host_dtype.itemsize))), width),
+                             layout.host_dtype)
+        self.steps = []  # (step, epoch, lr, carries the update norms of the step before)
+
+    @property
+    def full(self): return len(self.steps) == len(self.raws)
+
+    def add(self, raw, step, epoch, lr, carries_update):
+        self.raws[len(self.steps), :len(raw)] = raw
+        self.steps.append((step, epoch, lr, carries_update))
+
+
 _BOOKKEEPING = frozenset({'step_count', 'stopped_at', '_active', '_params', '_module_of', '_plan', '_plan_key', '_plan_devices', '_plan_index', '_plan_params',
-                           '_depth_known', '_recorded_step', '_pending_update', '_kept_params', '_alerted'})
+                           '_depth_known', '_recorded_step', '_pending_update', '_kept_params', '_alerted', '_waiting'})
 
 
 class GradStats(Callback):
@@ -81,6 +106,7 @@ class GradStats(Callback):
     order = MixedPrecision.order + 0.5
     run_valid = False
     _kept_params = None  # a callback pickled (`learn.export`) by a version without it reads this
+    _waiting = None      # nor this
 
     def __init__(self,
         every:int=1,             # Record optimizer steps 0, `every`, 2*`every`, ... (steps count from 0 across fits)
@@ -112,7 +138,12 @@ class GradStats(Callback):
         self.step_count, self._active, self._params, self._plan, self._recorded_step = 0, False, None, None, False
         self._plan_params, self._plan_devices = None, None
         self._kept_params, self._alerted, self.stopped_at = None, set(), None
-        self._pending_update = None
+        self._pending_update, self._waiting = None, None
+
+    def __getstate__(self):
+        "Pickled (`learn.export`) with the steps it holds added to its record first, so the copies are not pickled twice."
+        self.record._add_waiting()
+        return {**self.__dict__, '_waiting': None}
 
     def __setattr__(self, name, value):
         # fastai's Callback.__setattr__ looks every name up on the Learner to warn about shadowing, a chain of
@@ -136,6 +167,7 @@ class GradStats(Callback):
         if rank and not self.all_ranks:
             self.learn.grad_stats, self._active = self.record, False
             return
+        self.record._add_waiting()  # steps an interrupted fit left waiting
         if self._recorded_step:  # the last fit stopped inside a recorded step: that step is over
             self.step_count += 1
             self._recorded_step = False
@@ -174,7 +206,7 @@ class GradStats(Callback):
     def after_fit(self):
         self._flush_update()
         self._params, self._plan, self._plan_params, self._module_of, self._active = None, None, None, None, False
-        self._kept_params = None
+        self._kept_params, self._waiting = None, None
 
     # --- helpers -------------------------------------------------------------------------
     def _describe_layers(self, order):
@@ -219,7 +251,19 @@ class GradStats(Callback):
         update, self._pending_update = self._pending_update, None
         extra = [loss] if update is None else [loss, update]
         # the one copy of this step (lists we built: no argument checks)
-        values, hist, host_extra = self._plan._measure(grads, params, extra, _to_host, keep=self.update_ratio)
+        if isinstance(self._plan, LayerStats) and grads and not skipped:
+            host = _to_host(self._plan._collect(grads, params, extra, self.update_ratio))
+            layout = self._plan._last
+            if self._may_wait(host, layout):
+                self._wait(host, layout, carries_update=update is not None)
+                if self.update_ratio: self._kept_params = params
+                self._recorded_step = True
+                return
+            self.record._add_waiting()  # the steps before this one go first
+            values, hist = self._plan._assemble_steps(host[None], layout)
+            values, hist = values[0], None if hist is None else hist[0]
+            host_extra = host[layout.extra_at:]
+        else: values, hist, host_extra = self._plan._measure(grads, params, extra, _to_host, keep=self.update_ratio)
         if update is not None: self.record.set_last('update_norm', host_extra[1:])
         loss, n = float(host_extra[0]), len(params)
         values, counts = self._plan.refine(values, grads, params)  # a second copy only on steps that need it
@@ -230,6 +274,51 @@ class GradStats(Callback):
                              self._plan_index, values, counts, skipped, hist, pending=self.update_ratio and not skipped)
         self._recorded_step = True
         if not skipped and (self.alerts or self.stop_on_critical): self._alert(values, counts)
+
+    def _may_wait(self, host, layout) -> bool:
+        """Whether this step can wait to be assembled with the next ones: a routine step (`LayerStats._routine`:
+        nothing for `refine` to fix, and a total gradient norm surely below the alert threshold), whose copy is
+        small enough to keep a few of."""
+        if 2 * len(host) * host.itemsize > WAITING_BYTES: return False
+        limit = self.thresholds.total_norm_critical ** 2 if self.alerts or self.stop_on_critical else math.inf
+        return self._plan._routine(host, layout, limit)
+
+    def _wait(self, host, layout, carries_update):
+        "Keep this step's copy with the others waiting; assemble them all once there are as many as fit."
+        waiting = self._waiting
+        if waiting is None or waiting.layout is not layout or waiting.layer_index is not self._plan_index:
+            self.record._add_waiting()  # laid out otherwise: those go first
+            width = layout.extra_at + 1 + len(self._plan)  # the loss, and the update norms of the step before
+            waiting = self._waiting = _Waiting(self._plan, layout, self._plan_index, width)
+        if not waiting.steps: self.record.hold(self._add_waiting)
+        waiting.add(host, self.step_count, self.learn.epoch, self.learn.opt.hypers[-1]['lr'], carries_update)
+        if waiting.full: self.record._add_waiting()
+
+    def _add_waiting(self):
+        """Assemble the steps waiting (one batch of numpy calls) and add them to the record, in order, with the update
+        norms each copy carries for the step before it; the record calls this before anything reads it (`hold`)."""
+        waiting = self._waiting
+        if waiting is None or not waiting.steps: return
+        k, n, layout = len(waiting.steps), len(waiting.plan), waiting.layout
+        raws, steps = waiting.raws[:k], waiting.steps
+        waiting.steps = []
+        values, hist = waiting.plan._assemble_steps(raws, layout)
+        if self.update_ratio:
+            values = np.concatenate([values, np.full((k, n, 1), np.nan, np.float32)], axis=2)
+            update_at = layout.extra_at + 1
+            for j, (*_, carries_update) in enumerate(steps):
+                if not carries_update: continue
+                if j == 0: self.record.set_last('update_norm', raws[0, update_at:update_at + n])
+                else: values[j - 1, :, -1] = raws[j, update_at:update_at + n]
+        columns = {'step': [s[0] for s in steps], 'epoch': [s[1] for s in steps], 'lr': [s[2] for s in steps],
+                   'loss': raws[:, layout.extra_at], 'skipped': np.zeros(k, bool)}
+        self.record.fetch_pending()  # values still to fetch belong to the step before these (as `add_step` does)
+        self.record._extend(columns, np.full(k, n), np.tile(waiting.layer_index, k), values.reshape(k * n, -1),
+                            np.zeros((k * n, 2), np.int64), None if hist is None else hist.reshape(k * n, -1))
+        if self.update_ratio:
+            self.record.pending_last = True  # the last one's update norms come later
+            update = self._pending_update     # ... or are measured already (a read between its after_step and the next step)
+            if update is not None: self.record.set_last_later('update_norm', lambda: _to_host(update))
 
     def _alert(self, values, counts):
         "Warn once per kind when a critical condition first appears; stop before the optimizer step if asked."
@@ -261,10 +350,12 @@ class GradStats(Callback):
         params, self._kept_params = self._kept_params, None
         if not params: return self.record.set_last('update_norm', [])
         self._pending_update = update = self._plan._update_norms(params)
+        if self._waiting is not None and self._waiting.steps: return  # its step waits: `_add_waiting` hands them over
         # fetched only if the record is read before the next recorded step brings them (an interrupted fit)
         self.record.set_last_later('update_norm', lambda: _to_host(update))
 
     def _flush_update(self):
-        "At the end of a fit: the last step's update norms, with a copy of their own (once per fit)."
+        "At the end of a fit: the steps waiting, then the last step's update norms, with a copy of their own (once per fit)."
+        self.record._add_waiting()
         self._pending_update = None
         self.record.fetch_pending()

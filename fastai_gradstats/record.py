@@ -92,6 +92,8 @@ class GradRecord:
     - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`.
     """
     _deferred = None  # records pickled before `set_last_later` existed have no such attribute of their own
+    _waiting = None   # nor before `hold` existed
+    _pending_last = False
 
     def __init__(self, layers=(), args=None, extra_columns=(), hist_dtype=None, keep_last=None, every=1):
         if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, (int, np.integer)) or keep_last < 1):
@@ -116,9 +118,9 @@ class GradRecord:
                            'loss': _Growable(np.float32), 'skipped': _Growable(np.bool_), 'n_rows': _Growable(np.int64),
                            'kept_every': _Growable(np.int64), 'rank': _Growable(np.int32)}
         self._cache = {}
-        # True while the last step's extra columns (`update_norm`) are still to come (`set_last` fills them)
         self.pending_last = False
         self._deferred = None  # (column, fetch): where the pending values are, fetched when something reads them
+        self._waiting = None   # what adds the steps recorded but not added yet (`hold`)
         self.set_layers(layers)
 
     # --- filling -------------------------------------------------------------------------
@@ -152,6 +154,7 @@ class GradRecord:
         `values` has one column per entry of `value_columns` (NaN for an extra column not known
         yet, see `set_last`); `counts` one per `COUNT_COLUMNS` (zeros when omitted); `hist`, when
         the record keeps histograms, one per `HIST_BINS`; `pending`: its extra columns come later (`set_last`)."""
+        self._add_waiting()
         values = np.asarray(values, np.float32).reshape(-1, len(self.value_columns))
         layer_index = np.asarray(layer_index, np.int32).reshape(-1)
         if len(layer_index) != len(values):
@@ -185,8 +188,23 @@ class GradRecord:
         self._unthinned += n_steps
         if self.keep_last is not None and self._unthinned >= max(1, self.keep_last // 4): self.thin()
 
+    def hold(self, add):
+        """Some recorded steps are not added yet: `add()` adds them (with `add_step` or `_extend`). The record calls
+        it once, before anything reads or changes it (`len`, `df`, `steps`, `last`, `save`, `set_last`, ...) and
+        when pickled, so no reader ever misses a step. `GradStats` holds the steps it records this way and
+        assembles them a few dozen at a time, which costs much less than one step at a time."""
+        if not callable(add): raise TypeError(f"`add` must be callable, got {type(add).__name__}")
+        self._waiting = add
+
+    def _add_waiting(self):
+        "Add the steps `hold` said are waiting, if any (their `add` runs once)."
+        if self._waiting is None: return
+        add, self._waiting = self._waiting, None
+        add()
+
     def _extend(self, steps, n_rows, layer_index, values, counts, hist=None):
         "Append several steps at once: `steps` maps step columns to sequences, `n_rows` rows per step."
+        self._add_waiting()
         new_steps = np.asarray(steps['step'], np.int64)
         last = self._step_cols['step'].view[-1:]
         # a merge of ranks holds each step once per rank, ordered by (step, rank)
@@ -208,6 +226,7 @@ class GradRecord:
         one) lies in [K * 2**k, K * 2**(k+1)), with K = keep_last * every, is kept only if its number
         is a multiple of every * 2**(k+1). `steps['kept_every']` says at which stride each kept
         step's neighbourhood survives. Kept steps are never changed. Called automatically."""
+        self._add_waiting()
         self._unthinned = 0
         if self.keep_last is None or not len(self): return
         steps = self._step_cols['step'].view
@@ -231,6 +250,7 @@ class GradRecord:
     def set_last(self, column, values):
         "Fill the extra column `column` (one of `value_columns`) of the rows of the last recorded step."
         self._check_extra_column(column)
+        self._add_waiting()
         n = self._step_cols['n_rows'].view[-1] if len(self) else 0
         values = np.asarray(values, np.float32).reshape(-1)
         if len(values) != n: raise ValueError(f"`values` has {len(values)} entries for the last step's {n} rows")
@@ -251,23 +271,37 @@ class GradRecord:
         copy: the next step's `set_last` makes `fetch` unneeded. `set_last` and `mark_skipped` drop it."""
         self._check_extra_column(column)
         if not callable(fetch): raise TypeError(f"`fetch` must be callable, got {type(fetch).__name__}")
-        if not len(self): raise ValueError("no step recorded yet")
+        if not len(self): raise ValueError("no step recorded yet")  # (len adds the steps waiting)
         self._deferred = (column, fetch)
 
     def __getstate__(self):
-        "Pickling (`learn.export`, `copy.deepcopy`) takes the values left to fetch with it, fetched first."
+        "Pickling (`learn.export`, `copy.deepcopy`) takes the steps waiting and the values left to fetch with it, added first."
         self.fetch_pending()
-        return self.__dict__
+        return {**self.__dict__, '_waiting': None}
+
+    def __setstate__(self, state):
+        if 'pending_last' in state: state['_pending_last'] = state.pop('pending_last')  # pickled by an older version
+        self.__dict__.update(state)
+
+    @property
+    def pending_last(self) -> bool:
+        "True while the last recorded step's extra columns (`update_norm`) are still to come (`set_last` fills them)."
+        self._add_waiting()
+        return self._pending_last
+
+    @pending_last.setter
+    def pending_last(self, value): self._pending_last = bool(value)
 
     def fetch_pending(self):
         "Fill the last step's column that `set_last_later` left to fetch, if any (one host copy)."
+        self._add_waiting()
         if self._deferred is None: return
         column, fetch = self._deferred
         self.set_last(column, fetch())
 
     def mark_skipped(self):
         "Flag the last recorded step as one the optimizer did not apply."
-        if not len(self._step_cols['step']): raise ValueError("no step recorded yet")
+        if not len(self): raise ValueError("no step recorded yet")
         self._step_cols['skipped'].view[-1] = True
         self.pending_last, self._deferred = False, None  # the optimizer did not apply it: its update is 0, not pending
         self._cache.clear()
@@ -293,7 +327,9 @@ class GradRecord:
         return out
 
     # --- reading -------------------------------------------------------------------------
-    def __len__(self): return len(self._step_cols['step'])
+    def __len__(self):
+        self._add_waiting()
+        return len(self._step_cols['step'])
 
     @property
     def metrics(self):
@@ -355,6 +391,7 @@ class GradRecord:
     @property
     def steps(self) -> pd.DataFrame:
         "One row per recorded step: `step`, `epoch`, `lr`, `loss`, `grad_norm` (total), `skipped`."
+        self._add_waiting()
         if self._unthinned and self.keep_last is not None: self.thin()
         if 'steps' not in self._cache:
             sq = self._values.view[:, METRICS.index('grad_norm')].astype(np.float64) ** 2

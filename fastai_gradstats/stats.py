@@ -232,16 +232,19 @@ class _Layout:
         self.hist_out = self.result[self.hist_at:self.extra_at].view(_INT_OF[self.dtype]) if stats.hist else None
         self.ones = torch.ones(1, dtype=_INT_OF[self.dtype], device=device)
         self.graph = _StepGraph() if device.type == 'cuda' and USE_CUDA_GRAPHS else None
-        # for `assemble`: scratch arrays and, per tensor in the order of `owner`, the constants that turn sums into values
+        # for `assemble`: per tensor in the order of `owner`, the constants that turn sums into values
         self.host_dtype = np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
-        self.rows = np.empty((len(_ROWS), n_rows))
-        self.per_tensor = np.empty((len(METRICS), len(owner)))
         self.numel = numel = stats.numel[owner]
         self.padding = np.add.reduceat(row_padding, starts) if n_rows else np.zeros(0)
         # elements <= zero_tol and dead units per tensor / this -> zero_frac, dead_frac
         self.fraction_of = np.stack([numel, stats.n_units[owner]])
         with np.errstate(divide='ignore'):
             self.inv_dof = np.where(numel > 1, 1 / (numel - 1), np.nan)
+        # for `LayerStats._routine`, per row: its width (elements, padding included) and the bound its |sum| keeps
+        # when its elements do not nearly all share one value (see there); a one-element tensor has no spread to lose
+        self.row_width = row_length.astype(self.host_dtype)
+        self.spread_bound = np.where(stats.numel[row_owner] > 1, np.sqrt(0.99 * (row_length - row_padding)), 2.0
+                                     ).astype(self.host_dtype)
         self.empty_values = np.full((n, len(METRICS)), np.nan, np.float32)
         self.empty_values[:, :2] = 0  # an empty tensor (not in `owner`) has norms 0 and no other statistic
 
@@ -590,32 +593,64 @@ class LayerStats:
             raise TypeError(f"`raw` must be the {layout.host_dtype} array `collect` returned, got {raw.dtype}")
         if raw.ndim != 1 or len(raw) < layout.extra_at:
             raise ValueError(f"`raw` must be 1-D with at least {layout.extra_at} values, as `collect` returns, got shape {raw.shape}")
-        # Few numpy calls on purpose: between two training steps every call runs with cold caches (~5 us each).
-        n_rows, rows, out = len(layout.row_length), layout.rows, layout.per_tensor
+        values, hist = self._assemble_steps(raw[None], layout)
+        return values[0], None if hist is None else hist[0]
+
+    def _assemble_steps(self, raws: np.ndarray, layout) -> tuple[np.ndarray, np.ndarray | None]:
+        """`assemble` for several steps at once: `raws` (steps, at least `layout.extra_at`), each a host copy of a
+        `collect` result laid out by `layout`, gives `values` (steps, len(self), len(METRICS)) and `hist` (steps,
+        len(self), len(HIST_BINS)) or None. Not checked. The same few numpy calls whatever the number of steps:
+        between two training steps every call runs with cold caches (several us each), so `GradStats` assembles
+        the steps it records in batches."""
+        k, n, n_rows = len(raws), len(self.shapes), len(layout.row_length)
         # per row (`_ROWS`): gradient and parameter L2 norms, sum, elements <= zero_tol (padding included), max |g|
-        rows[:] = raw[:len(_ROWS) * n_rows].reshape(len(_ROWS), n_rows)
-        np.square(rows[:2], out=rows[:2])
-        with np.errstate(invalid='ignore', over='ignore'):
-            # out holds the columns of METRICS: grad_norm, param_norm, grad_max, grad_mean, grad_std, zero_frac, dead_frac
-            np.maximum.reduceat(rows[4], layout.starts, out=out[2])
-            np.equal(rows[3], layout.row_length, out=rows[4])  # dead: every element (padding included) <= zero_tol
-            # per tensor: gradient and parameter sums of squares, sum, zeros, dead units
-            sums = np.add.reduceat(rows, layout.starts, axis=1)
-            sums[3] -= layout.padding  # zeros counted in the padding (exact integers: a tensor without zeros reads 0)
-            np.sqrt(sums[:2], out=out[:2])
-            np.divide(sums[2], layout.numel, out=out[3])
-            np.divide(sums[3:], layout.fraction_of, out=out[5:])
-            # std with Bessel's correction from the sums: (sum of squares - sum * mean) / (numel - 1), NaN for one element
-            spread = out[4]
-            np.multiply(sums[2], out[3], out=spread); np.subtract(sums[0], spread, out=spread)
-            np.maximum(spread, 0, out=spread); spread *= layout.inv_dof; np.sqrt(spread, out=spread)
-        values = layout.empty_values.copy()
-        values[layout.owner] = out.T
+        rows = raws[:, :len(_ROWS) * n_rows].reshape(k, len(_ROWS), n_rows).astype(np.float64)
+        np.square(rows[:, :2], out=rows[:, :2])
+        out = np.empty((k, len(METRICS), len(layout.owner)))
+        if n_rows:
+            with np.errstate(invalid='ignore', over='ignore'):
+                # out holds the columns of METRICS: grad_norm, param_norm, grad_max, grad_mean, grad_std, zero_frac, dead_frac
+                np.maximum.reduceat(rows[:, 4], layout.starts, axis=1, out=out[:, 2])
+                np.equal(rows[:, 3], layout.row_length, out=rows[:, 4])  # dead: every element (padding included) <= zero_tol
+                # per tensor: gradient and parameter sums of squares, sum, zeros, dead units
+                sums = np.add.reduceat(rows, layout.starts, axis=2)
+                sums[:, 3] -= layout.padding  # zeros counted in the padding (exact integers: a tensor without zeros reads 0)
+                np.sqrt(sums[:, :2], out=out[:, :2])
+                np.divide(sums[:, 2], layout.numel, out=out[:, 3])
+                np.divide(sums[:, 3:], layout.fraction_of, out=out[:, 5:])
+                # std with Bessel's correction from the sums: (sum of squares - sum * mean) / (numel - 1), NaN for one element
+                spread = out[:, 4]
+                np.multiply(sums[:, 2], out[:, 3], out=spread); np.subtract(sums[:, 0], spread, out=spread)
+                np.maximum(spread, 0, out=spread); spread *= layout.inv_dof; np.sqrt(spread, out=spread)
+        values = np.empty((k, n, len(METRICS)), np.float32)
+        values[:] = layout.empty_values
+        values[:, layout.owner] = out.transpose(0, 2, 1)
         hist = None
         if self.hist:
-            hist = raw[layout.hist_at:layout.extra_at].view(np.int64 if raw.dtype == np.float64 else np.int32)
-            hist = hist.astype(np.int64).reshape(n, len(HIST_BINS))
+            hist = raws[:, layout.hist_at:layout.extra_at].view(np.int64 if raws.dtype == np.float64 else np.int32)
+            hist = hist.astype(np.int64).reshape(k, n, len(HIST_BINS))
         return values, hist
+
+    def _routine(self, raw: np.ndarray, layout, total_limit: float) -> bool:
+        """Whether the step whose host copy (of a `collect` laid out by `layout`) is `raw` is routine: `refine` would
+        find nothing to fix in it, and the sum of its gradients' squared norms stays below `total_limit`. A few
+        numpy calls over its rows, no per-tensor sums; True only when sure, so a False may be a false alarm.
+
+        - the sum of squares, a float32 dot product over the rows, stays below `total_limit` with room for its
+          rounding (at most n_rows * 2**-24 of it) and for that of the per-tensor norms the caller would add up;
+        - every norm is finite (no NaN or Inf element, no float32 overflow) and their squares add up below float32's
+          largest value, so no tensor's norm overflows either: two dot products;
+        - no std is lost to cancellation: by Cauchy-Schwarz a tensor's (sum)^2 / numel is at most the sum over its
+          rows of (row sum)^2 / (row length); so when every row keeps |row sum| <= sqrt(0.99 * length) * row norm,
+          its (sum)^2 / numel stays within 0.99 of its sum of squares, far from `refine`'s 0.999;
+        - no norm underflows: a tensor `refine` would redo (norm < 1e-18 with some element above zero_tol) has such
+          a row, with a norm below 1e-18 and fewer zeros than its width."""
+        n_rows = len(layout.row_length)
+        norms, param_norms, sums, zeros = (raw[k * n_rows:(k + 1) * n_rows] for k in range(4))
+        total = float(np.dot(norms, norms)) * (1 + 1e-6 + n_rows * 2.0 ** -22)
+        if not (total < total_limit and math.isfinite(float(np.dot(param_norms, param_norms)))): return False
+        if (np.abs(sums) > layout.spread_bound * norms).any(): return False
+        return not ((norms < 2e-18) & (zeros < layout.row_width)).any()
 
     def _measure(self, grads, params, extra, to_host, keep=False):
         """One step of a caller that builds its own lists (as `_collect`): the reductions, their one host copy
