@@ -72,7 +72,7 @@ def _check_every(every):
 WAITING_BYTES = 2 ** 22
 """Most bytes of host copies `GradStats` keeps before assembling the steps they hold into its record (at most
 `MAX_WAITING` steps); a model whose copy is larger than half of this adds every step as it comes."""
-MAX_WAITING = 64
+MAX_WAITING = 16
 "Most recorded steps that wait to be assembled together."
 
 
@@ -80,10 +80,13 @@ class _Waiting:
     """Steps recorded but not added to the record yet: their host copies, all laid out by one `LayerStats` layout,
     side by side in one array, and what the record needs besides (step, epoch, lr; whether a copy carries the
     update norms of the step before it)."""
-    def __init__(self, plan, layout, layer_index, width):
+    def __init__(self, plan, layout, layer_index, width, spare=None):
         self.plan, self.layout, self.layer_index = plan, layout, layer_index
-        self.raws = np.empty((max(1, min(MAX_WAITING, WAITING_BYTES // (width * layout.host_dtype.itemsize))), width),
-                             layout.host_dtype)
+        shape = (max(1, min(MAX_WAITING, WAITING_BYTES // (width * layout.host_dtype.itemsize))), width)
+        if spare is not None and spare.shape == shape and spare.dtype == layout.host_dtype: self.raws = spare
+        else:  # touched once now: its pages faulted in one by one, a step at a time, cost more than the copies
+            self.raws = np.zeros(shape, layout.host_dtype)
+            self.raws.fill(0)
         self.steps = []  # (step, epoch, lr, carries the update norms of the step before)
 
     @property
@@ -206,7 +209,8 @@ class GradStats(Callback):
     def after_fit(self):
         self._flush_update()
         self._params, self._plan, self._plan_params, self._module_of, self._active = None, None, None, None, False
-        self._kept_params, self._waiting = None, None
+        self._kept_params = None
+        if self._waiting is not None: self._waiting.plan = self._waiting.layout = None  # its array serves the next fit
 
     # --- helpers -------------------------------------------------------------------------
     def _describe_layers(self, order):
@@ -289,7 +293,7 @@ class GradStats(Callback):
         if waiting is None or waiting.layout is not layout or waiting.layer_index is not self._plan_index:
             self.record._add_waiting()  # laid out otherwise: those go first
             width = layout.extra_at + 1 + len(self._plan)  # the loss, and the update norms of the step before
-            waiting = self._waiting = _Waiting(self._plan, layout, self._plan_index, width)
+            waiting = self._waiting = _Waiting(self._plan, layout, self._plan_index, width, None if waiting is None else waiting.raws)
         if not waiting.steps: self.record.hold(self._add_waiting)
         waiting.add(host, self.step_count, self.learn.epoch, self.learn.opt.hypers[-1]['lr'], carries_update)
         if waiting.full: self.record._add_waiting()

@@ -263,3 +263,15 @@ def test_routine_keeps_a_margin_below_the_alert_threshold():
     assert stats._routine(raw, stats._last, total * 1.0001)  # within 1e-4 of the threshold: still sure
     assert not stats._routine(raw, stats._last, total * 0.9999)
     assert not stats._routine(raw, stats._last, total * (1 + 1e-7))  # within float32 rounding of it: not sure
+
+
+def test_after_a_fit_only_the_array_of_copies_is_kept_for_the_next():
+    "The plan (work buffers, a copy of the weights) is released with the fit; the array, touched once, serves the next."
+    cb = GradStats(update_ratio=True)
+    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16, shuffle=False))
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.1, cbs=cb)
+    raws = cb._waiting.raws
+    assert cb._waiting.plan is None and cb._waiting.layout is None and not cb._waiting.steps
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.1, cbs=cb)
+    assert cb._waiting.raws is raws and learn.grad_stats.steps['step'].tolist() == list(range(8))
+    assert learn.grad_stats.df['update_norm'].notna().all()
