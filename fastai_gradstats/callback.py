@@ -3,6 +3,8 @@
 At `before_step` it hands the final gradients of one optimizer step to
 `fastai_gradstats.stats.LayerStats`, copies the one result tensor to the host and appends
 it to a `GradRecord`, which stays at `learn.grad_stats` after the callback is removed.
+Routine steps wait, up to `MAX_WAITING` of them, and are assembled together (numpy calls cost
+most when made once per step); the record adds them before anything reads it.
 """
 from __future__ import annotations
 
@@ -98,7 +100,8 @@ class _Waiting:
 
 
 _BOOKKEEPING = frozenset({'step_count', 'stopped_at', '_active', '_params', '_module_of', '_plan', '_plan_key', '_plan_devices', '_plan_index', '_plan_params',
-                           '_depth_known', '_recorded_step', '_pending_update', '_kept_params', '_alerted', '_waiting'})
+                           '_depth_known', '_recorded_step', '_pending_update', '_kept_params', '_alerted', '_waiting',
+                           '_not_routine', '_checks_to_skip'})
 
 
 class GradStats(Callback):
@@ -109,7 +112,8 @@ class GradStats(Callback):
     order = MixedPrecision.order + 0.5
     run_valid = False
     _kept_params = None  # a callback pickled (`learn.export`) by a version without it reads this
-    _waiting = None      # nor this
+    _waiting = None      # nor these
+    _not_routine = _checks_to_skip = 0
 
     def __init__(self,
         every:int=1,             # Record optimizer steps 0, `every`, 2*`every`, ... (steps count from 0 across fits)
@@ -142,6 +146,7 @@ class GradStats(Callback):
         self._plan_params, self._plan_devices = None, None
         self._kept_params, self._alerted, self.stopped_at = None, set(), None
         self._pending_update, self._waiting = None, None
+        self._not_routine, self._checks_to_skip = 0, 0  # steps in a row `_may_wait` found not routine; checks to skip
 
     def __getstate__(self):
         "Pickled (`learn.export`) with the steps it holds added to its record first, so the copies are not pickled twice."
@@ -282,10 +287,20 @@ class GradStats(Callback):
     def _may_wait(self, host, layout) -> bool:
         """Whether this step can wait to be assembled with the next ones: a routine step (`LayerStats._routine`:
         nothing for `refine` to fix, and a total gradient norm surely below the alert threshold), whose copy is
-        small enough to keep a few of."""
+        small enough to keep a few of. After 4 steps in a row that were not (a network whose gradients underflow
+        every step: `refine` must redo them all), the check itself is skipped for 1, 2, 4, ... up to 64 steps,
+        which then take the per-step path as the failed ones did."""
         if 2 * len(host) * host.itemsize > WAITING_BYTES: return False
+        if self._checks_to_skip:
+            self._checks_to_skip -= 1
+            return False
         limit = self.thresholds.total_norm_critical ** 2 if self.alerts or self.stop_on_critical else math.inf
-        return self._plan._routine(host, layout, limit)
+        if self._plan._routine(host, layout, limit):
+            self._not_routine = 0
+            return True
+        self._not_routine += 1
+        if self._not_routine >= 4: self._checks_to_skip = min(64, 2 ** (self._not_routine - 4))
+        return False
 
     def _wait(self, host, layout, carries_update):
         "Keep this step's copy with the others waiting; assemble them all once there are as many as fit."

@@ -243,6 +243,7 @@ class _Layout:
         # for `LayerStats._routine`, per row: its width (elements, padding included) and the bound its |sum| keeps
         # when its elements do not nearly all share one value (see there); a one-element tensor has no spread to lose
         self.row_width = row_length.astype(self.host_dtype)
+        self.scratch = None  # `_assemble_steps`' float64 rows, kept for the next batch
         self.spread_bound = np.where(stats.numel[row_owner] > 1, np.sqrt(0.99 * (row_length - row_padding)), 2.0
                                      ).astype(self.host_dtype)
         self.empty_values = np.full((n, len(METRICS)), np.nan, np.float32)
@@ -603,8 +604,11 @@ class LayerStats:
         between two training steps every call runs with cold caches (several us each), so `GradStats` assembles
         the steps it records in batches."""
         k, n, n_rows = len(raws), len(self.shapes), len(layout.row_length)
-        # per row (`_ROWS`): gradient and parameter L2 norms, sum, elements <= zero_tol (padding included), max |g|
-        rows = raws[:, :len(_ROWS) * n_rows].reshape(k, len(_ROWS), n_rows).astype(np.float64)
+        # per row (`_ROWS`): gradient and parameter L2 norms, sum, elements <= zero_tol (padding included), max |g|;
+        # in float64, in scratch kept by the layout (a new array of this size each time faulted its pages in anew)
+        if layout.scratch is None or len(layout.scratch) < k: layout.scratch = np.empty((k, len(_ROWS), n_rows))
+        rows = layout.scratch[:k]
+        rows[:] = raws[:, :len(_ROWS) * n_rows].reshape(k, len(_ROWS), n_rows)
         np.square(rows[:, :2], out=rows[:, :2])
         out = np.empty((k, len(METRICS), len(layout.owner)))
         if n_rows:

@@ -275,3 +275,16 @@ def test_after_a_fit_only_the_array_of_copies_is_kept_for_the_next():
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.1, cbs=cb)
     assert cb._waiting.raws is raws and learn.grad_stats.steps['step'].tolist() == list(range(8))
     assert learn.grad_stats.df['update_norm'].notna().all()
+
+
+def test_a_network_refine_redoes_every_step_skips_most_checks(monkeypatch):
+    "Gradients that underflow every step: after 4 failed checks in a row, checks are skipped 1, 2, 4, ... steps; values stay exact."
+    calls, original = [], LayerStats._routine
+    monkeypatch.setattr(LayerStats, '_routine', lambda self, *a: calls.append(1) or original(self, *a))
+    cap = Capture()
+    learn = make_learner(tiny_mlp(), small_dls(n_train=512, bs=16, shuffle=False))
+    learn.loss_func = lambda out, y: nn.functional.cross_entropy(out, y) * 1e-25  # gradients of ~1e-26
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.0, cbs=[GradStats(), cap])
+    assert len(learn.grad_stats) == 32
+    assert len(calls) == 4 + 4   # fails at steps 0-3, skips 1, fails, skips 2, fails, skips 4, fails, skips 8, fails, skips 16
+    assert_record_matches(learn.grad_stats, cap.captured)
