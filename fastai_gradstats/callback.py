@@ -87,7 +87,7 @@ class _Waiting:
         shape = (max(1, min(MAX_WAITING, WAITING_BYTES // (width * layout.host_dtype.itemsize))), width)
         if spare is not None and spare.shape == shape and spare.dtype == layout.host_dtype: self.raws = spare
         else:  # touched once now: its pages faulted in one by one, a step at a time, cost more than the copies
-            self.raws = np.zeros(shape, layout.host_dtype)
+            self.raws = np.empty(shape, layout.host_dtype)
             self.raws.fill(0)
         self.steps = []  # (step, epoch, lr, carries the update norms of the step before)
 
@@ -309,11 +309,11 @@ class GradStats(Callback):
             self.record._add_waiting()  # laid out otherwise: those go first
             width = layout.extra_at + 1 + len(self._plan)  # the loss, and the update norms of the step before
             waiting = self._waiting = _Waiting(self._plan, layout, self._plan_index, width, None if waiting is None else waiting.raws)
-        if not waiting.steps: self.record.hold(self._add_waiting)
+        if not waiting.steps: self.record.hold(self._assemble_waiting)
         waiting.add(host, self.step_count, self.learn.epoch, self.learn.opt.hypers[-1]['lr'], carries_update)
         if waiting.full: self.record._add_waiting()
 
-    def _add_waiting(self):
+    def _assemble_waiting(self):
         """Assemble the steps waiting (one batch of numpy calls) and add them to the record, in order, with the update
         norms each copy carries for the step before it; the record calls this before anything reads it (`hold`)."""
         waiting = self._waiting
@@ -369,7 +369,7 @@ class GradStats(Callback):
         params, self._kept_params = self._kept_params, None
         if not params: return self.record.set_last('update_norm', [])
         self._pending_update = update = self._plan._update_norms(params)
-        if self._waiting is not None and self._waiting.steps: return  # its step waits: `_add_waiting` hands them over
+        if self._waiting is not None and self._waiting.steps: return  # its step waits: `_assemble_waiting` hands them over
         # fetched only if the record is read before the next recorded step brings them (an interrupted fit)
         self.record.set_last_later('update_norm', lambda: _to_host(update))
 
