@@ -646,14 +646,16 @@ class LayerStats:
           largest value, so no tensor's norm overflows either: two dot products;
         - no std is lost to cancellation: by Cauchy-Schwarz a tensor's (sum)^2 / numel is at most the sum over its
           rows of (row sum)^2 / (row length); so when every row keeps |row sum| <= sqrt(0.99 * length) * row norm,
-          its (sum)^2 / numel stays within 0.99 of its sum of squares, far from `refine`'s 0.999;
+          its (sum)^2 / numel stays within 0.99 of its sum of squares, far from `refine`'s 0.999. A row whose elements
+          nearly all share one value (or that holds one element) proves nothing: then each tensor's sums are taken
+          as `assemble` takes them (`_spread_safe`);
         - no norm underflows: a tensor `refine` would redo (norm < 1e-18 with some element above zero_tol) has such
           a row, with a norm below 1e-18 and fewer zeros than its width."""
         n_rows = len(layout.row_length)
         norms, param_norms, sums, zeros = (raw[k * n_rows:(k + 1) * n_rows] for k in range(4))
         total = float(np.dot(norms, norms)) * (1 + 1e-6 + n_rows * 2.0 ** -22)
         if not (total < total_limit and math.isfinite(float(np.dot(param_norms, param_norms)))): return False
-        if (np.abs(sums) > layout.spread_bound * norms).any(): return False
+        if (np.abs(sums) > layout.spread_bound * norms).any() and not _spread_safe(norms, sums, layout): return False
         return not ((norms < 2e-18) & (zeros < layout.row_width)).any()
 
     def _measure(self, grads, params, extra, to_host, keep=False):
@@ -752,6 +754,18 @@ _WIDE = (torch.float32, torch.float64)
 _SHAPE, _DTYPE = operator.attrgetter('shape'), operator.attrgetter('dtype')
 _DATA_PTR = torch.Tensor.data_ptr
 _GRAD_NORM, _PARAM_NORM, _STD, _ZERO_FRAC = (METRICS.index(c) for c in ('grad_norm', 'param_norm', 'grad_std', 'zero_frac'))
+
+
+def _spread_safe(norms, sums, layout) -> bool:
+    """Whether each tensor's sum of squares minus (sum)^2 / numel, from its rows' finite `norms` and `sums` added up
+    in float64 as `LayerStats.assemble` adds them, stays at or above 1% of its sum of squares: `refine` redoes those
+    below 0.1%, so rounding cannot carry one across."""
+    rows = np.empty((2, len(norms)))
+    rows[0], rows[1] = norms, sums
+    np.square(rows[0], out=rows[0])
+    squares, total = np.add.reduceat(rows, layout.starts, axis=1)
+    spread = squares - total * (total / layout.numel)
+    return not ((spread < 0.01 * squares) & (layout.numel > 1)).any()
 
 
 def _norms(tensors):

@@ -220,15 +220,23 @@ def test_routine_never_passes_a_step_refine_would_fix(zero_tol):
     assert seen['underflow'] == ((False, True) if zero_tol == 0 else (seen['underflow'][0], False))
 
 
-def test_rows_of_one_element_are_never_routine():
-    "A (n, 1) tensor: its rows prove nothing about its spread, so its steps are assembled as they come (correct, not cheaper)."
-    shapes = [(5, 4), (6, 1)]
+def test_rows_that_prove_nothing_fall_back_to_each_tensors_sums():
+    "Rows of one element, or of nearly one value, prove nothing by themselves: the tensor's own sums decide, as refine's would."
+    shapes = [(5, 4), (6, 1), (3, 9)]
     stats = LayerStats(shapes)
-    params = [torch.randn(s) for s in shapes]
-    raw, refined = _refined(stats, [torch.randn(s) for s in shapes], params)
-    assert not refined and not stats._routine(raw, stats._last, math.inf)
-    raw, refined = _refined(stats, [torch.randn(shapes[0]), torch.zeros(shapes[1])], params)
-    assert not refined and stats._routine(raw, stats._last, math.inf)  # all zero: nothing to lose
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g) for s in shapes]
+    def randn(s): return torch.randn(s, generator=g)
+    near_constant_rows = randn((3, 1)) + 1e-3 * randn((3, 9))   # each row nearly one value, the rows unlike each other
+    cases = {'one-element rows': ([randn(shapes[0]), randn(shapes[1]), randn(shapes[2])], True),
+             'near-constant rows': ([randn(shapes[0]), randn(shapes[1]), near_constant_rows], True),
+             'near-constant tensor': ([randn(shapes[0]), 5.0 + 1e-6 * randn(shapes[1]), randn(shapes[2])], False)}
+    for name, (grads, routine) in cases.items():
+        raw, refined = _refined(stats, grads, params)
+        layout, n_rows = stats._last, len(stats._last.row_length)
+        per_row = bool((np.abs(raw[2 * n_rows:3 * n_rows]) > layout.spread_bound * raw[:n_rows]).any())
+        assert per_row, f'{name}: the rows alone should not suffice'
+        assert stats._routine(raw, layout, math.inf) == routine and refined == (not routine), name
 
 
 def test_routine_is_conservative_on_random_gradients():
