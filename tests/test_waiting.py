@@ -1,4 +1,4 @@
-"""GradStats assembles routine steps a few dozen at a time (`LayerStats._routine`, `GradRecord.hold`).
+"""GradStats assembles routine steps up to 16 at a time (`LayerStats._routine`, `GradRecord.hold`).
 
 Nothing may show it: every read of the record sees every recorded step, values equal the float64
 reference, steps that `refine` or an alert needs are handled at once and in order, and
