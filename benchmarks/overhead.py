@@ -209,8 +209,9 @@ class BatchTimer(Callback):
     @property
     def total(self):
         if not self.times: return 0.0
-        excess = max(0.0, (self.own_per_step - float(np.median(self.own[1:]))) * (len(self.own) - 1)) if len(self.own) > 1 else 0.0
-        return float(np.median(self.times)) * len(self.times) + excess
+        own = np.asarray(self.own[1:])
+        excess = float(np.sum(own - np.median(own))) if len(own) else 0.0  # periodic work the median step leaves out
+        return float(np.median(self.times)) * len(self.times) + max(0.0, excess)
 
 
 class BatchEnd(Callback):
