@@ -649,14 +649,18 @@ class LayerStats:
           its (sum)^2 / numel stays within 0.99 of its sum of squares, far from `refine`'s 0.999. A row whose elements
           nearly all share one value (or that holds one element) proves nothing: then each tensor's sums are taken
           as `assemble` takes them (`_spread_safe`);
-        - no norm underflows: a tensor `refine` would redo (norm < 1e-18 with some element above zero_tol) has such
-          a row, with a norm below 1e-18 and fewer zeros than its width."""
+        - no norm underflows: a tensor `refine` would redo has such a row: for a gradient (norm < 1e-18 with some
+          element above zero_tol) a row with a norm below 1e-18 and fewer zeros than its width; for a parameter
+          (norm above 0 and below 1e-18) a row with a norm above 0 and below 1e-18."""
         n_rows = len(layout.row_length)
         norms, param_norms, sums, zeros = (raw[k * n_rows:(k + 1) * n_rows] for k in range(4))
         total = float(np.dot(norms, norms)) * (1 + 1e-6 + n_rows * 2.0 ** -22)
         if not (total < total_limit and math.isfinite(float(np.dot(param_norms, param_norms)))): return False
         if (np.abs(sums) > layout.spread_bound * norms).any() and not _spread_safe(norms, sums, layout): return False
-        return not ((norms < 2e-18) & (zeros < layout.row_width)).any()
+        tiny = raw[:2 * n_rows] < 2e-18  # the gradients' row norms, then the parameters'
+        tiny[:n_rows] &= zeros < layout.row_width
+        tiny[n_rows:] &= param_norms > 0
+        return not tiny.any()
 
     def _measure(self, grads, params, extra, to_host, keep=False):
         """One step of a caller that builds its own lists (as `_collect`): the reductions, their one host copy
@@ -673,7 +677,8 @@ class LayerStats:
     def refine(self, values: np.ndarray, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor]):
         """Fix, in float64, the rows of `values` (a host copy of this object's result for `grads`, `params`)
         that float32 sums cannot give: non-finite norms (NaN/Inf elements, or squares that overflow
-        float32 above about 1.8e19), norms of tiny non-zero gradients whose squares underflow, and
+        float32 above about 1.8e19), norms of tiny non-zero gradients or parameters whose squares underflow
+        (a parameter whose every element is below about 2.6e-23 in magnitude reads 0, as `torch.linalg.vector_norm` gives it), and
         standard deviations lost to cancellation (a mean much larger than the std). Returns `(values, counts)`, `counts` the NaN and Inf elements per row.
 
         Healthy rows cost nothing: the extra work, the one extra host copy and the copy of `values` (returned
@@ -683,11 +688,13 @@ class LayerStats:
         counts = np.zeros((n, 2), np.int64)
         with np.errstate(invalid='ignore', over='ignore'):
             # flagged: a non-finite norm; a std lost to cancellation, std^2 (numel - 1) < 1e-3 grad_norm^2; a norm under
-            # 1e-18 of a gradient that is not all zeros (squares below ~1e-45 vanish in float32: some may be lost)
-            grad_norm = values[:, _GRAD_NORM]
-            suspect = ~np.isfinite(grad_norm + values[:, _PARAM_NORM])  # both are >= 0: the sum is finite when both are
+            # 1e-18 of a gradient that is not all zeros (squares below ~1e-45 vanish in float32: some may be lost), or of a
+            # parameter that reads above 0 (one whose every square vanished reads 0, alike to a parameter of zeros)
+            grad_norm, param_norm = values[:, _GRAD_NORM], values[:, _PARAM_NORM]
+            suspect = ~np.isfinite(grad_norm + param_norm)  # both are >= 0: the sum is finite when both are
             suspect |= values[:, _STD] < grad_norm * self._cancel_scale
             suspect |= (grad_norm < 1e-18) & (values[:, _ZERO_FRAC] < 1)
+            suspect |= (param_norm > 0) & (param_norm < 1e-18)
         if not suspect.any(): return values, counts
         rows = np.flatnonzero(suspect)
         values = values.copy()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastai_gradstats.stats as stats_module
 from fastai_gradstats.stats import HIST_BINS, METRICS, PAD_ELEMENTS, LayerStats, MagnitudeHistogram, _StepGraph, count_nonfinite
 
 from helpers import CallNames, assert_stats_close, hist_counts, reference_stats
@@ -256,7 +257,6 @@ def test_parameter_norms_by_foreach_norm_as_on_cuda(monkeypatch, chunk_elements)
     its tensor's first row, the other rows 0. Forced here on the CPU, every statistic still matches the float64
     reference over two steps: tensors split over blocks or reduced where they lie, half and float64 precision
     (float32 blocks staged into a float64 result) and an empty tensor."""
-    import fastai_gradstats.stats as stats_module
     monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: False)
     gen = torch.Generator().manual_seed(3)
     grads, params = assorted_tensors()
@@ -389,6 +389,29 @@ def _vanishing_net_gradients(n, seed=0):
     grads[3] = torch.tensor([3e-24])
     grads[4] = torch.full((6,), 2e-24)
     return grads, [torch.randn(g.shape, generator=gen) for g in grads]
+
+
+def test_refine_fixes_the_norms_of_tiny_parameters(monkeypatch):
+    """Parameters of 1e-21 to 3e-23 (squares at or below float32's smallest normal): `refine` gives their norms in
+    float64. A parameter of zeros reads 0 and costs no refine; one whose every square vanishes (elements below
+    about 2.6e-23) reads 0 too, as `torch.linalg.vector_norm` gives it (documented)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 8), (4, 8), (6,), (3, 5), (4, 8)]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    params = [torch.randn(shapes[0], generator=gen) * 1e-21, torch.randn(shapes[1], generator=gen) * 1e-22,
+              torch.full((6,), 3e-23), torch.zeros(3, 5), torch.randn(shapes[4], generator=gen) * 1e-26]
+    redone = []
+    original = stats_module._exact_stats
+    monkeypatch.setattr(stats_module, '_exact_stats', lambda g, p, *a: redone.append(len(g)) or original(g, p, *a))
+    plan = LayerStats(shapes)
+    values, _ = plan.refine(plan(grads, params).numpy(), grads, params)
+    assert redone == [3]  # the three tiny ones, not the zeros nor the vanished one
+    for i in range(4):
+        assert_stats_close(dict(zip(METRICS, values[i].tolist())), reference_stats(grads[i], params[i]), f'tensor {i}')
+    assert values[4, METRICS.index('param_norm')] == 0 == float(torch.linalg.vector_norm(params[4]))
+    healthy = [torch.randn(s, generator=gen) for s in shapes]
+    plan.refine(plan(grads, healthy).numpy(), grads, healthy)
+    assert redone == [3]  # normal parameters (and gradients) cost no refine
 
 
 @pytest.mark.parametrize('chunk_elements', [8, 2**22])

@@ -220,6 +220,43 @@ def test_routine_never_passes_a_step_refine_would_fix(zero_tol):
     assert seen['underflow'] == ((False, True) if zero_tol == 0 else (seen['underflow'][0], False))
 
 
+def test_a_tiny_parameter_is_not_routine():
+    "A parameter whose norm `refine` redoes (above 0, below 1e-18) makes its step not routine; one of zeros does not."
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=g) for s in SHAPES]
+    stats = LayerStats(SHAPES)
+    for name, scale, routine in [('normal', 1.0, True), ('tiny', 1e-22, False), ('zeros', 0.0, True)]:
+        params = [torch.randn(s, generator=g) for s in SHAPES]
+        params[5] *= scale
+        raw, refined = _refined(stats, grads, params)
+        assert (stats._routine(raw, stats._last, math.inf), refined) == (routine, not routine), name
+
+
+class ShrinkParameter(Callback):
+    "Scales one parameter down to about 1e-22 at `before_step` of step `at`, before GradStats reads it."
+    order = GradStats.order - 0.1
+    run_valid = False
+
+    def __init__(self, at): self.at, self.count = at, 0
+
+    def before_step(self):
+        if self.count == self.at:
+            with torch.no_grad(): dict(self.learn.model.named_parameters())['2.weight'].mul_(1e-21)
+
+    def after_step(self): self.count += 1
+
+
+def test_a_step_with_a_tiny_parameter_is_refined_at_once(monkeypatch):
+    "Its parameter norm matches float64 (float32 squares lose it); the routine steps before it waited and come first."
+    batches = Batches(monkeypatch)
+    cap = Capture()
+    record = _fit([GradStats(), ShrinkParameter(at=5), cap], epochs=1).grad_stats
+    assert batches.sizes[:2] == [5, 1]
+    assert_record_matches(record, cap.captured)
+    at5 = record.df[(record.df['step'] == 5) & (record.df['layer'].astype(str) == '2.weight')]
+    assert 1e-23 < at5['param_norm'].item() < 1e-18
+
+
 def test_rows_that_prove_nothing_fall_back_to_each_tensors_sums():
     "Rows of one element, or of nearly one value, prove nothing by themselves: the tensor's own sums decide, as refine's would."
     shapes = [(5, 4), (6, 1), (3, 9)]
