@@ -118,7 +118,7 @@ class GradStats(Callback):
     def __init__(self,
         every:int=1,             # Record optimizer steps 0, `every`, 2*`every`, ... (steps count from 0 across fits)
         zero_tol:float=0.0,      # A gradient element with |g| <= `zero_tol` counts as zero in `zero_frac` and `dead_frac`
-        hist:bool=False,         # Also record each layer's log10 |g| histogram (`learn.grad_stats.hist`); costs about as much as the rest
+        hist:bool=False,         # Also record each layer's log10 |g| histogram (`learn.grad_stats.hist`); adds about half the cost of the rest
         hist_sample:int|None=2048, # Count the histogram of a larger tensor on this many fixed, spread elements; None: all
         update_ratio:bool=False, # Also record ||w_after - w_before|| / ||w_before|| per layer (keeps a copy of the weights)
         alerts:bool=True,        # Warn once when NaN/Inf gradients or an explosion first appear (`GradientAlert`)

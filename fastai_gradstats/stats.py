@@ -678,7 +678,7 @@ class LayerStats:
         """Fix, in float64, the rows of `values` (a host copy of this object's result for `grads`, `params`)
         that float32 sums cannot give: non-finite norms (NaN/Inf elements, or squares that overflow
         float32 above about 1.8e19), norms of tiny non-zero gradients or parameters whose squares underflow
-        (a parameter whose every element is below about 2.6e-23 in magnitude reads 0, as `torch.linalg.vector_norm` gives it), and
+        (a float32 or bfloat16 parameter of two or more elements, all below about 2.6e-23 in magnitude, may read 0: its squares vanish), and
         standard deviations lost to cancellation (a mean much larger than the std). Returns `(values, counts)`, `counts` the NaN and Inf elements per row.
 
         Healthy rows cost nothing: the extra work, the one extra host copy and the copy of `values` (returned

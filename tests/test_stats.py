@@ -394,7 +394,7 @@ def _vanishing_net_gradients(n, seed=0):
 def test_refine_fixes_the_norms_of_tiny_parameters(monkeypatch):
     """Parameters of 1e-21 to 3e-23 (squares at or below float32's smallest normal): `refine` gives their norms in
     float64. A parameter of zeros reads 0 and costs no refine; one whose every square vanishes (elements below
-    about 2.6e-23) reads 0 too, as `torch.linalg.vector_norm` gives it (documented)."""
+    about 2.6e-23, two or more of them) reads 0 too, as `torch.linalg.vector_norm` gives it (documented)."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(4, 8), (4, 8), (6,), (3, 5), (4, 8)]
     grads = [torch.randn(s, generator=gen) for s in shapes]

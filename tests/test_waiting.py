@@ -220,11 +220,15 @@ def test_routine_never_passes_a_step_refine_would_fix(zero_tol):
     assert seen['underflow'] == ((False, True) if zero_tol == 0 else (seen['underflow'][0], False))
 
 
-def test_a_tiny_parameter_is_not_routine():
-    "A parameter whose norm `refine` redoes (above 0, below 1e-18) makes its step not routine; one of zeros does not."
+@pytest.mark.parametrize('zero_tol', [0.0, 1e-3])
+@pytest.mark.parametrize('norms_by_rows', [True, False])
+def test_a_tiny_parameter_is_not_routine(monkeypatch, norms_by_rows, zero_tol):
+    """A parameter whose norm `refine` redoes (above 0, below 1e-18) makes its step not routine; one of zeros does not.
+    Also with each parameter's norm in its tensor's first row and 0 in the others, as on CUDA."""
+    monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: norms_by_rows)
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=g) for s in SHAPES]
-    stats = LayerStats(SHAPES)
+    stats = LayerStats(SHAPES, zero_tol=zero_tol)
     for name, scale, routine in [('normal', 1.0, True), ('tiny', 1e-22, False), ('zeros', 0.0, True)]:
         params = [torch.randn(s, generator=g) for s in SHAPES]
         params[5] *= scale
