@@ -33,7 +33,7 @@ from fastai.callback.hook import ActivationStats
 from fastai.layers import ConvLayer, ResBlock
 
 import fastai_gradstats
-from fastai_gradstats import GradStats
+from fastai_gradstats import METRICS, GradRecord, GradStats
 from fastai_gradstats.demo import digits_dls
 
 warnings.filterwarnings('ignore')
@@ -312,6 +312,36 @@ def _record_arrays(record):
     if record._hist is not None: yield record._hist
 
 
+# --- a long run's record -------------------------------------------------------------------------
+def record_at_scale(n_steps, n_layers, batch=1000, seed=0):
+    """A record of `n_steps` x `n_layers` with the default statistics, filled `batch` steps at a time through
+    `GradRecord._extend` (GradStats adds its waiting steps through it, 16 at a time), and the time to build its `.df` and `.steps`: `(bytes allocated, bytes
+    used, seconds for .df, seconds for .steps)`, the times the median of 3 builds from scratch (the cache cleared in
+    between). Its arrays grow by a quarter at a time, so what is allocated may exceed what is used by a quarter."""
+    rng = np.random.default_rng(seed)
+    record = GradRecord([{'name': f'layer{i}.weight', 'module': 'Linear', 'shape': (64, 64), 'numel': 4096, 'depth': i}
+                         for i in range(n_layers)])
+    index = record.layer_index([f'layer{i}.weight' for i in range(n_layers)])
+    values = rng.random((batch * n_layers, len(METRICS)), dtype=np.float32)
+    counts, layers = np.zeros((batch * n_layers, 2), np.int64), np.tile(index, batch)
+    for start in range(0, n_steps, batch):
+        k = min(batch, n_steps - start)
+        steps = {'step': np.arange(start, start + k), 'epoch': np.zeros(k, np.int32), 'lr': np.full(k, 1e-3),
+                 'loss': rng.random(k, dtype=np.float32), 'skipped': np.zeros(k, bool)}
+        record._extend(steps, np.full(k, n_layers), layers[:k * n_layers], values[:k * n_layers], counts[:k * n_layers])
+    allocated = sum(a.data.nbytes for a in _record_arrays(record))
+    used = sum(a.view.nbytes for a in _record_arrays(record))
+    def build(name):
+        times = []
+        for _ in range(3):
+            record._cache.clear()
+            start = time.perf_counter(); getattr(record, name); times.append(time.perf_counter() - start)
+        return float(np.median(times))
+    df_seconds, steps_seconds = build('df'), build('steps')
+    assert len(record.df) == n_steps * n_layers
+    return allocated, used, df_seconds, steps_seconds
+
+
 # --- scaling with the number of layers -----------------------------------------------------------
 def per_step_cost(n_layers, steps=50, width=16):
     "Microseconds GradStats() adds per step (its callback events alone) for an MLP of `n_layers` Linear layers."
@@ -385,6 +415,8 @@ def main(argv=None):
     memory = {name: kept_memory('mlp 10x256', factories[name], n_batches) for name in factories
               if name not in ('none',) and not name.startswith('wandb') and not name.startswith('TensorBoard')}
     scaling = [] if args.quick else [per_step_cost(n) for n in (10, 100, 1000)]
+    long_steps, long_layers = (10_000, 100) if args.quick else (100_000, 100)
+    long_allocated, long_used, df_seconds, steps_seconds = record_at_scale(long_steps, long_layers)
     lines = [f'# GradStats overhead{" (--quick: a smoke test, not a measurement)" if args.quick else ""}', '',
              f'Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, '
              f'{platform.platform()}.', 'Versions: ' + ', '.join(f'{k} {v}' for k, v in versions().items()) + '.', '',
@@ -424,6 +456,12 @@ def main(argv=None):
     for name, (held, peak) in memory.items(): lines.append(f'- {name}: {held / 1e6:.2f} MB kept (traced peak {peak / 1e6:.2f} MB)')
     lines += ['', 'GradStats\' work buffer while fitting (the gradients copied row-block by row-block; at most 2**22 '
               'elements, freed after the fit): ' + ', '.join(f'{w} {work_buffer_bytes(w) / 1e6:.2f} MB' for w in workloads) + '.']
+    lines += ['', f'A record of {long_steps:,} steps x {long_layers} layers with the default statistics (filled 1,000 steps at '
+              f'a time through `GradRecord._extend`, GradStats\' path for its waiting steps): {long_used / 1e6:.0f} MB of arrays in use '
+              f'({long_used / (long_steps * long_layers):.0f} bytes per (step, layer)), {long_allocated / 1e6:.0f} MB '
+              f'allocated ({long_allocated / (long_steps * long_layers):.0f} bytes; the arrays grow by a quarter at a time); building its `.df` '
+              f'({long_steps * long_layers:,} rows) took {df_seconds:.2f} s and its `.steps` {steps_seconds:.3f} s '
+              '(median of 3 builds; both are cached once built).']
     if scaling:
         lines += ['', 'Cost of GradStats() per step (its callback events alone, mean over the steps after the first), by number of Linear layers:', '',
                   '| layers | parameter tensors | us per step | us per tensor | first half of steps | second half | ratio to its training step |',

@@ -38,7 +38,8 @@ _HIST_FILE = 'hist.parquet'  # present when the run kept magnitude histograms, r
 
 
 class _Growable:
-    "A numpy array that grows along its first axis by doubling, without per-append copies."
+    """A numpy array that grows along its first axis by a quarter at a time, without per-append copies: room for at
+    most 25% more rows than it holds (doubling would allow 100%), for a copy of each row about 4 times over a run."""
     def __init__(self, dtype, width=None):
         self.shape_tail = () if width is None else (width,)
         self.data = np.empty((16,) + self.shape_tail, dtype)
@@ -60,9 +61,9 @@ class _Growable:
         self.n += 1
 
     def _reserve(self, need):
-        "Room for `need` rows, doubling the buffer when it is full."
+        "Room for `need` rows, growing the buffer by a quarter when it is full."
         if need > len(self.data):
-            grown = np.empty((max(need, 2 * len(self.data), 16),) + self.shape_tail, self.data.dtype)
+            grown = np.empty((max(need, len(self.data) + len(self.data) // 4, 16),) + self.shape_tail, self.data.dtype)
             grown[:self.n] = self.data[:self.n]
             self.data = grown
 

@@ -166,6 +166,29 @@ def test_default_metrics_are_compact():
     assert per_row <= 64
 
 
+def test_a_growing_record_allocates_at_most_64_bytes_per_step_and_layer():
+    """While steps are added, one at a time or in batches, the arrays the record allocates (not only those it uses) stay
+    within 64 bytes per (step, layer) once past their first few hundred rows, and nothing is lost on the way."""
+    layers = 20
+    record = GradRecord([{'name': f'l{i}', 'module': 'Linear', 'shape': (2, 2), 'numel': 4, 'depth': i} for i in range(layers)])
+    index = record.layer_index([f'l{i}' for i in range(layers)])
+    worst, step = 0.0, 0
+    for batch in [1] * 300 + [16] * 200 + [1] * 300 + [16] * 300:
+        if batch == 1:
+            record.add_step(step, 0, 0.1, 1.0, index, np.full((layers, len(METRICS)), step, np.float32))
+        else:
+            steps = {'step': np.arange(step, step + batch), 'epoch': np.zeros(batch, np.int32), 'lr': np.full(batch, 0.1),
+                     'loss': np.ones(batch, np.float32), 'skipped': np.zeros(batch, bool)}
+            values = np.repeat(np.arange(step, step + batch, dtype=np.float32), layers)[:, None].repeat(len(METRICS), 1)
+            record._extend(steps, np.full(batch, layers), np.tile(index, batch), values, np.zeros((batch * layers, 2), np.int64))
+        step += batch
+        allocated = sum(a.data.nbytes for a in (record._values, record._counts, record._row_layer, *record._step_cols.values()))
+        if step >= 50: worst = max(worst, allocated / (step * layers))
+    assert 48 <= worst <= 64
+    assert record.steps['step'].tolist() == list(range(step))
+    np.testing.assert_array_equal(record.df.groupby('step', observed=True)['grad_norm'].first().to_numpy(), np.arange(step))
+
+
 def test_gradstats_keep_last_argument():
     learn = _learner(n=32 * 40)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=GradStats(keep_last=8))
