@@ -315,9 +315,10 @@ def _record_arrays(record):
 # --- a long run's record -------------------------------------------------------------------------
 def record_at_scale(n_steps, n_layers, batch=1000, seed=0):
     """A record of `n_steps` x `n_layers` with the default statistics, filled `batch` steps at a time through
-    `GradRecord._extend` (GradStats adds its waiting steps through it, 16 at a time), and the time to build its `.df` and `.steps`: `(bytes allocated, bytes
-    used, seconds for .df, seconds for .steps)`, the times the median of 3 builds from scratch (the cache cleared in
-    between). Its arrays grow by a quarter at a time, so what is allocated may exceed what is used by a quarter."""
+    `GradRecord._extend` (GradStats adds its waiting steps through it, 16 at a time), and the time to build its `.df`
+    and `.steps`: `(bytes allocated, bytes used, seconds for .df, seconds for .steps)`, the times the median of 3 builds
+    from scratch (the cache cleared in between). Its arrays grow by a quarter at a time, so what is allocated may exceed
+    what is used by a quarter."""
     rng = np.random.default_rng(seed)
     record = GradRecord([{'name': f'layer{i}.weight', 'module': 'Linear', 'shape': (64, 64), 'numel': 4096, 'depth': i}
                          for i in range(n_layers)])

@@ -38,8 +38,8 @@ _HIST_FILE = 'hist.parquet'  # present when the run kept magnitude histograms, r
 
 
 class _Growable:
-    """A numpy array that grows along its first axis by a quarter at a time, without per-append copies: room for at
-    most 25% more rows than it holds (doubling would allow 100%), for a copy of each row about 4 times over a run."""
+    """A numpy array that grows along its first axis by a quarter at a time, without per-append copies: it allocates
+    at most 25% more rows than it holds (doubling would allow 100%), and copies each row about 4 times over a run."""
     def __init__(self, dtype, width=None):
         self.shape_tail = () if width is None else (width,)
         self.data = np.empty((16,) + self.shape_tail, dtype)

@@ -678,8 +678,9 @@ class LayerStats:
         """Fix, in float64, the rows of `values` (a host copy of this object's result for `grads`, `params`)
         that float32 sums cannot give: non-finite norms (NaN/Inf elements, or squares that overflow
         float32 above about 1.8e19), norms of tiny non-zero gradients or parameters whose squares underflow
-        (a float32 or bfloat16 parameter of two or more elements, all below about 2.6e-23 in magnitude, may read 0: its squares vanish), and
-        standard deviations lost to cancellation (a mean much larger than the std). Returns `(values, counts)`, `counts` the NaN and Inf elements per row.
+        (a float32 or bfloat16 parameter of two or more elements, all below about 2.6e-23 in magnitude, may read 0:
+        its squares vanish), and standard deviations lost to cancellation (a mean much larger than the std).
+        Returns `(values, counts)`, `counts` the NaN and Inf elements per row.
 
         Healthy rows cost nothing: the extra work, the one extra host copy and the copy of `values` (returned
         as it is when no row needs fixing) happen only on steps that have such rows."""
