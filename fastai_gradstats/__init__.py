@@ -1,8 +1,20 @@
 "Make a network's gradients visible while it trains: a fastai callback, its record, plots and diagnosis."
 from importlib.metadata import PackageNotFoundError, version as _version
 
+
+
+def _checkout_version() -> str:
+    "The version in the settings.ini beside this package, for a checkout imported without installing it; else 'unknown'."
+    from configparser import ConfigParser
+    from pathlib import Path
+    config = ConfigParser(delimiters=['='])
+    config.read(Path(__file__).resolve().parent.parent/'settings.ini', encoding='utf-8')
+    defaults = config['DEFAULT']
+    return defaults.get('version', 'unknown') if defaults.get('lib_name') == 'fastai_gradstats' else 'unknown'
+
+
 try: __version__ = _version('fastai_gradstats')  # settings.ini is the one source; pip wrote it into the metadata
-except PackageNotFoundError: __version__ = 'unknown'
+except PackageNotFoundError: __version__ = _checkout_version()
 
 from .stats import METRICS, HIST_BINS, HIST_DECADES, LayerStats, MagnitudeHistogram, count_nonfinite, check_zero_tol
 from .record import GradRecord, load, merge, record_method

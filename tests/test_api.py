@@ -36,3 +36,21 @@ def test_importing_never_imports_torchvision_or_fastai_vision():
             "bad = [m for m in sys.modules if m.startswith(('torchvision', 'fastai.vision'))]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_version_comes_from_settings_ini_installed_or_not():
+    "Installed: pip's metadata, written from settings.ini. A checkout imported without installing reads settings.ini itself."
+    import configparser, subprocess, sys
+    from pathlib import Path
+    root = Path(fastai_gradstats.__file__).resolve().parent.parent
+    config = configparser.ConfigParser(delimiters=['='])
+    config.read(root/'settings.ini')
+    expected = config['DEFAULT']['version']
+    assert fastai_gradstats.__version__ == expected
+    code = ("import importlib.metadata as m\n"
+            "def missing(name): raise m.PackageNotFoundError(name)\n"
+            "m.version = missing\n"
+            "import fastai_gradstats; print(fastai_gradstats.__version__)")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
