@@ -149,18 +149,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='2 rounds of a few steps: a smoke test, not a measurement')
     parser.add_argument('--out', type=Path, default=None, help='also write the report to this file')
+    parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds of the overhead part (default 9 on CUDA)')
+    parser.add_argument('--skip-syncs', action='store_true', help='only the overhead part')
     args = parser.parse_args(argv)
     warnings.filterwarnings('ignore', message='.*[Ss]ynchronization debug mode.*')
     cuda = torch.cuda.is_available()
     device = torch.device('cuda' if cuda else 'cpu')
     size, width, bs = (64, 64, 128) if cuda and not args.quick else (16, 8, 16)
     n_batches, rounds = (4, 2) if args.quick else (50, 9) if cuda else (20, 5)
+    if args.rounds is not None:
+        if args.rounds < 1: raise ValueError(f'--rounds must be at least 1, got {args.rounds}')
+        rounds = args.rounds
     learn, state = resnet_learner(device, size, width, n_batches, bs)
     lines = ['# GradStats on a CUDA device' if cuda else '# GradStats checks (no CUDA device: CPU, float32, small size)', '',
              f'Device: {torch.cuda.get_device_name() if cuda else "cpu"}. Versions: torch {torch.__version__}, '
              f'fastai_gradstats {fastai_gradstats.__version__}. ResNet-style CNN, {size}x{size} images, width {width}, '
              f'batch {bs}, {n_batches} steps per fit, {"MixedPrecision" if cuda else "float32"}.', '']
-    if cuda:
+    if cuda and not args.skip_syncs:
         lines += ['## Synchronizing calls (sync debug mode)', '',
                   "CUDA's sync debug mode was 'error' around GradStats' before_step, after_step and after_cancel_step from "
                   'the second recorded step on, except inside the host copy and inside `refine` on the steps it redoes in '

@@ -31,24 +31,30 @@ class Batches:
         monkeypatch.setattr(LayerStats, '_assemble_steps', counted)
 
 
-def _fit(cbs, epochs=2, n_train=128, bs=16, model=None, lr=0.1):
-    learn = make_learner(model or tiny_mlp(), small_dls(n_train=n_train, bs=bs, shuffle=False))
+# the GPU path (parameter norms in each tensor's first row, graphs) where a device is lent; CI has none
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device'))]
+
+
+def _fit(cbs, epochs=2, n_train=128, bs=16, model=None, lr=0.1, device='cpu'):
+    dls = small_dls(n_train=n_train, bs=bs, shuffle=False).to(torch.device(device))
+    learn = make_learner(model or tiny_mlp(), dls)
     with learn.no_bar(), learn.no_logging(): learn.fit(epochs, lr, cbs=cbs)
     return learn
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('max_waiting', [1, 3, 64])
 @pytest.mark.parametrize('kwargs', [{}, {'hist': True, 'update_ratio': True, 'every': 2}])
-def test_batched_steps_equal_the_reference_and_the_step_by_step_record(monkeypatch, max_waiting, kwargs):
+def test_batched_steps_equal_the_reference_and_the_step_by_step_record(monkeypatch, max_waiting, kwargs, device):
     monkeypatch.setattr(callback_module, 'MAX_WAITING', max_waiting)
     batches = Batches(monkeypatch)
     cap = Capture()
-    batched = _fit([GradStats(**kwargs), cap]).grad_stats
+    batched = _fit([GradStats(**kwargs), cap], device=device).grad_stats
     assert_record_matches(batched, cap.captured, steps=range(0, 16, kwargs.get('every', 1)))
     assert max(batches.sizes) == min(max_waiting, len(batched))  # they did wait (all at the end of a fit at most)
     # the same fit with every step assembled as it comes (as before batching): the same record, bit for bit
     monkeypatch.setattr(GradStats, '_may_wait', lambda self, host, layout: False)
-    single = _fit([GradStats(**kwargs)]).grad_stats
+    single = _fit([GradStats(**kwargs)], device=device).grad_stats
     assert batched.df.equals(single.df) and batched.steps.equals(single.steps)
     if kwargs.get('hist'): assert batched.hist.equals(single.hist)
     if kwargs.get('update_ratio'): assert batched.df['update_norm'].notna().all()
@@ -250,11 +256,12 @@ class ShrinkParameter(Callback):
     def after_step(self): self.count += 1
 
 
-def test_a_step_with_a_tiny_parameter_is_refined_at_once(monkeypatch):
+@pytest.mark.parametrize('device', DEVICES)
+def test_a_step_with_a_tiny_parameter_is_refined_at_once(monkeypatch, device):
     "Its parameter norm matches float64 (float32 squares lose it); the routine steps before it waited and come first."
     batches = Batches(monkeypatch)
     cap = Capture()
-    record = _fit([GradStats(), ShrinkParameter(at=5), cap], epochs=1).grad_stats
+    record = _fit([GradStats(), ShrinkParameter(at=5), cap], epochs=1, device=device).grad_stats
     assert batches.sizes[:2] == [5, 1]
     assert_record_matches(record, cap.captured)
     at5 = record.df[(record.df['step'] == 5) & (record.df['layer'].astype(str) == '2.weight')]
