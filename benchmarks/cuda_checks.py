@@ -151,15 +151,20 @@ def main(argv=None):
     parser.add_argument('--out', type=Path, default=None, help='also write the report to this file')
     parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds of the overhead part (default 9 on CUDA)')
     parser.add_argument('--skip-syncs', action='store_true', help='only the overhead part')
+    parser.add_argument('--size', type=int, default=None, help='image size (default 64 on CUDA): larger gives the GPU more work per step')
+    parser.add_argument('--width', type=int, default=None, help="the stem's channels (default 64 on CUDA)")
+    parser.add_argument('--steps', type=int, default=None, help='steps per fit (default 50 on CUDA)')
     args = parser.parse_args(argv)
     warnings.filterwarnings('ignore', message='.*[Ss]ynchronization debug mode.*')
     cuda = torch.cuda.is_available()
     device = torch.device('cuda' if cuda else 'cpu')
     size, width, bs = (64, 64, 128) if cuda and not args.quick else (16, 8, 16)
     n_batches, rounds = (4, 2) if args.quick else (50, 9) if cuda else (20, 5)
-    if args.rounds is not None:
-        if args.rounds < 1: raise ValueError(f'--rounds must be at least 1, got {args.rounds}')
-        rounds = args.rounds
+    for option in ('rounds', 'size', 'width', 'steps'):
+        value = getattr(args, option)
+        if value is not None and value < 1: raise ValueError(f'--{option} must be at least 1, got {value}')
+    rounds, size, width = args.rounds or rounds, args.size or size, args.width or width
+    n_batches = args.steps or n_batches
     learn, state = resnet_learner(device, size, width, n_batches, bs)
     lines = ['# GradStats on a CUDA device' if cuda else '# GradStats checks (no CUDA device: CPU, float32, small size)', '',
              f'Device: {torch.cuda.get_device_name() if cuda else "cpu"}. Versions: torch {torch.__version__}, '
