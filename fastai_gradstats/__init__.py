@@ -2,7 +2,6 @@
 from importlib.metadata import PackageNotFoundError, version as _version
 
 
-
 def _checkout_version() -> str:
     "The version in the settings.ini beside this package, for a checkout imported without installing it; else 'unknown'."
     from configparser import ConfigParser
