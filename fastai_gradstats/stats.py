@@ -22,6 +22,10 @@ METRICS = ('grad_norm', 'param_norm', 'grad_max', 'grad_mean', 'grad_std',
            'zero_frac', 'dead_frac')
 "Columns of the tensor `LayerStats` returns, in order."
 
+# a float32 norm below this may have lost squares to underflow (elements under about 1e-22 lose precision, under
+# about 2.6e-23 vanish): `LayerStats.refine` redoes gradients and parameters below it, `_exact_tiny_norms` updates
+TINY_NORM = 1e-18
+
 
 def _tol_below(tol: float, dtype: torch.dtype) -> float:
     "The largest value of `dtype` that is <= `tol`: |g| <= it exactly when |g| <= `tol` (no rounding up of `tol`)."
@@ -434,7 +438,10 @@ class LayerStats:
         minus its value now, one per tensor, as a float tensor of shape `(len(params),)` on their device (no host copy;
         pass it to the next `collect` as `extra` to bring it along). Uses up the kept copy: a second call without a
         `collect` that keeps one in between is a ValueError. On the CPU it reuses the copy `collect` makes of the
-        parameters for their norms, laid out in rows: one subtraction per chunk and one norm along its rows."""
+        parameters for their norms, laid out in rows: one subtraction per chunk and one norm along its rows. There, norms
+        below `TINY_NORM` of float32 (or half-precision) parameters are taken again in float64, as `refine` takes the
+        gradients': an update whose elements are below about 1e-22 would lose its squares to float32 underflow. On
+        CUDA they stay float32 (a look at them would make the host wait)."""
         _check_tensors(params, 'params')
         if len(params) != len(self.shapes) or list(map(_SHAPE, params)) != self.shapes:
             raise ValueError(f"`params` must be the {len(self.shapes)} tensors of the planned shapes, as given to `collect`")
@@ -451,13 +458,16 @@ class LayerStats:
         grad_mode = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
         try:
+            on_cpu = layout.device.type == 'cpu'  # where a look at the norms costs no wait for the device
             if not layout.keeps_rows:
                 torch._foreach_sub_(layout.kept_tensors, params)  # in place: the copies now hold before - after
-                return torch.stack(_norms(layout.kept_tensors))
+                norms = torch.stack(_norms(layout.kept_tensors))
+                return _exact_tiny_norms(norms, layout.kept_tensors) if on_cpu else norms
             for c in layout.chunks:
                 torch._foreach_sub_(c.kept_targets, c.pieces_of(params))
                 torch.linalg.vector_norm(c.kept, dim=1, out=c.update_rows)
                 if c.update_staged is not None: c.update_staged.copy_(c.update_rows)
+            if on_cpu: _exact_tiny_row_norms(layout)
             # per tensor: the squares of its rows' norms summed in float64 (a tall narrow tensor adds up millions of
             # rows one by one); empty tensors: 0
             squares = layout.update_rows.square_()
@@ -657,7 +667,7 @@ class LayerStats:
         total = float(np.dot(norms, norms)) * (1 + 1e-6 + n_rows * 2.0 ** -22)
         if not (total < total_limit and math.isfinite(float(np.dot(param_norms, param_norms)))): return False
         if (np.abs(sums) > layout.spread_bound * norms).any() and not _spread_safe(norms, sums, layout): return False
-        tiny = raw[:2 * n_rows] < 2e-18  # the gradients' row norms, then the parameters'
+        tiny = raw[:2 * n_rows] < 2 * TINY_NORM  # the gradients' row norms, then the parameters'
         tiny[:n_rows] &= zeros < layout.row_width
         tiny[n_rows:] &= param_norms > 0
         return not tiny.any()
@@ -694,8 +704,8 @@ class LayerStats:
             grad_norm, param_norm = values[:, _GRAD_NORM], values[:, _PARAM_NORM]
             suspect = ~np.isfinite(grad_norm + param_norm)  # both are >= 0: the sum is finite when both are
             suspect |= values[:, _STD] < grad_norm * self._cancel_scale
-            suspect |= (grad_norm < 1e-18) & (values[:, _ZERO_FRAC] < 1)
-            suspect |= (param_norm > 0) & (param_norm < 1e-18)
+            suspect |= (grad_norm < TINY_NORM) & (values[:, _ZERO_FRAC] < 1)
+            suspect |= (param_norm > 0) & (param_norm < TINY_NORM)
         if not suspect.any(): return values, counts
         rows = np.flatnonzero(suspect)
         values = values.copy()
@@ -786,6 +796,31 @@ def _norms(tensors):
         where = [i for i, w in enumerate(wide) if w == keep]
         for i, norm in zip(where, torch._foreach_norm([tensors[i] for i in where], 2, **kwargs)): out[i] = norm
     return out
+
+
+def _exact_tiny_norms(norms, tensors):
+    """`norms` (float32 or float64 L2 norms of `tensors`, on the CPU), with those below `TINY_NORM` of float32
+    tensors taken again in float64: as a float64 tensor when any is redone, else `norms` as it is."""
+    redo = [i for i in torch.nonzero(norms < TINY_NORM).flatten().tolist() if tensors[i].dtype != torch.float64]
+    if not redo: return norms
+    norms = norms.to(torch.float64)
+    for i in redo: norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+    return norms
+
+
+def _exact_tiny_row_norms(layout):
+    """Take again in float64 the update norms of the rows (`layout.update_rows`, of the kept differences
+    `c.kept`, on the CPU) of float32 chunks that read below `TINY_NORM`: the rows of a dead unit (exactly 0)
+    or of a vanishing update. One comparison per step when none does."""
+    rows = layout.update_rows
+    tiny = rows < TINY_NORM
+    if not tiny.any(): return
+    at = 0
+    for c in layout.chunks:
+        if c.dtype != torch.float64:
+            index = torch.nonzero(tiny[at:at + c.n_rows]).flatten()
+            if len(index): rows.index_copy_(0, index + at, torch.linalg.vector_norm(c.kept.index_select(0, index), dim=1, dtype=torch.float64))
+        at += c.n_rows
 
 
 def _exact_stats(grads, params, chunk_elements=CHUNK_ELEMENTS):

@@ -374,6 +374,30 @@ def test_update_norms_match_the_weights_before_and_after_each_step(monkeypatch, 
             np.testing.assert_allclose(got, expected, rtol=1e-5, err_msg=f'{name} step {step}')
 
 
+def test_vanishing_updates_of_zero_initialized_biases_are_recorded_exactly():
+    """SGD on a loss scaled by 1e-22: the weights do not move in float32 (update_norm 0), the zero-initialized biases
+    move by about 1e-23 per element, whose float32 squares vanish. Their update_norm matches the float64 distance."""
+    model = tiny_mlp()
+    with torch.no_grad():
+        for layer in (model[0], model[2]): layer.bias.zero_()
+    learn = make_learner(model, small_dls(n_train=48, bs=16))
+    base = learn.loss_func
+    learn.loss_func = lambda out, targ: base(out, targ) * 1e-22
+    cap = Capture()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', GradientAlert)  # vanishing gradients, as intended
+        learn.fit(1, 0.1, cbs=[GradStats(update_ratio=True), cap])
+    weights = [c['params'] for c in cap.captured] + [{n: p.detach().double() for n, p in learn.model.named_parameters()}]
+    df = learn.grad_stats.df
+    for step in df['step'].unique():
+        for name in weights[step]:
+            expected = float((weights[step + 1][name] - weights[step][name]).norm())
+            got = df.loc[(df['step'] == step) & (df['layer'].astype(str) == name), 'update_norm'].item()
+            if name.endswith('bias'): assert 0 < expected < 1e-20
+            else: assert expected == 0
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=0, err_msg=f'{name} step {step}')
+
+
 def test_a_callback_pickled_by_the_previous_version_trains_on():
     """A GradStats pickled (`learn.export`) before `_kept_params` existed, without that attribute, records on after loading
     (fastai's Callback would otherwise look the missing name up on the Learner and fail)."""

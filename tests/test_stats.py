@@ -765,6 +765,30 @@ def test_update_norms_equal_the_float64_distance_step_after_step(monkeypatch, by
         np.testing.assert_allclose(moved.double().numpy(), expected, rtol=2e-6, atol=0, err_msg=f'step {step}')
 
 
+@pytest.mark.parametrize('by_rows', [True, False])
+def test_tiny_update_norms_are_taken_in_float64(monkeypatch, by_rows):
+    """Zero-initialized parameters (biases) moved by a vanishing update: float32 squares of elements below about 1e-22
+    lose precision and below about 2.6e-23 vanish, so those norms are taken again in float64 (on the CPU), in rows
+    and in one copy per tensor. A row that did not move (a dead unit) stays 0; float64 and large updates are as before."""
+    import fastai_gradstats.stats as stats_module
+    if not by_rows: monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: False)
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(64,), (64,), (64,), (32, 64), (48,), (16, 8)]
+    params = [torch.zeros(s) for s in shapes[:3]] + [torch.randn(32, 64, generator=gen), torch.zeros(48, dtype=torch.float64),
+                                                      torch.zeros(16, 8)]
+    plan = LayerStats([p.shape for p in params])
+    plan.collect([torch.zeros_like(p) for p in params], params, keep_params=True)
+    before = [p.clone() for p in params]
+    for p, scale in zip(params, (1e-21, 1e-23, 1e-25, 1e-3, 1e-30)): p.add_(torch.randn(p.shape, generator=gen) * scale)
+    params[5][:8].add_(torch.randn(8, 8, generator=gen) * 1e-24)  # half its rows move, the other half stay 0
+    float32_says = [float(torch.linalg.vector_norm(p - b)) for p, b in zip(params[:3], before[:3])]
+    assert float32_says[2] == 0 and abs(float32_says[1] / _float64_distances(before[1:2], params[1:2])[0] - 1) > 0.1
+    moved = plan.update_norms(params)
+    expected = _float64_distances(before, params)
+    assert (expected > 0).all()
+    np.testing.assert_allclose(moved.double().numpy(), expected, rtol=1e-6, atol=0)
+
+
 def test_update_norms_of_tall_narrow_and_wide_tensors_sum_their_rows_in_float64():
     "Millions of one-element rows: their squares add up in float64, so the norm keeps float32's precision."
     gen = torch.Generator().manual_seed(8)
