@@ -48,17 +48,17 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
         'mean_i': f('grad_mean')})
     if 'update_norm' in df: work['d2'] = f('update_norm') ** 2
     first = {g: i for i, g in reversed(list(enumerate(group)))}
-    grouped = work.groupby(['step', 'layer'], sort=False)
-    sums = grouped[[c for c in work.columns if c not in ('step', 'epoch', 'layer', 'grad_max', 'mean_i')]].sum(skipna=False)
+    keys = [work['step'], work['layer']]
+    sums = _reduce_groups(work[[c for c in work.columns if c not in ('step', 'epoch', 'layer', 'grad_max', 'mean_i')]], keys, 'sum')
     out = pd.DataFrame(index=sums.index)
-    out['epoch'] = grouped['epoch'].first()
+    out['epoch'] = work.groupby(keys, sort=False)['epoch'].first()
     out['grad_norm'] = np.sqrt(sums['g2'])
     out['param_norm'] = np.sqrt(sums['p2'])
-    out['grad_max'] = grouped['grad_max'].max(skipna=False)
+    out['grad_max'] = _reduce_groups(work[['grad_max']], keys, 'max')['grad_max']
     out['grad_mean'] = sums['sum'] / sums['numel']
     # pooled variance: within-tensor sums of squares plus between-tensor spread of the means
     work['between'] = work['numel'] * (work['mean_i'] - (out['grad_mean'].reindex(pd.MultiIndex.from_frame(work[['step', 'layer']])).to_numpy())) ** 2
-    between = work.groupby(['step', 'layer'], sort=False)['between'].sum(skipna=False)
+    between = _reduce_groups(work[['between']], keys, 'sum')['between']
     out['grad_std'] = np.sqrt((sums['ss_within'] + between) / (sums['numel'] - 1))
     out['zero_frac'] = sums['zeros'] / sums['numel']
     with np.errstate(divide='ignore', invalid='ignore'):
@@ -74,6 +74,14 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
     out = out.sort_values(['step', 'order'], kind='stable').drop(columns='order').reset_index(drop=True)
     columns = ['step', 'epoch', 'layer'] + [c for c in record.df.columns if c in out and c not in ('step', 'epoch', 'layer')]
     return out[columns]
+
+
+def _reduce_groups(frame: pd.DataFrame, keys: list, how: str) -> pd.DataFrame:
+    """The columns of `frame` grouped by `keys` (in order of first appearance) and reduced by `how` ('sum' or 'max'),
+    NaN for a group that holds a NaN, as for the concatenated tensors (pandas before 3.0 has no `skipna=False` for
+    grouped reductions: they skip NaN)."""
+    reduced = getattr(frame.groupby(keys, sort=False), how)()
+    return reduced.mask(frame.isna().groupby(keys, sort=False).any())
 
 
 def by_module(record) -> pd.DataFrame:
