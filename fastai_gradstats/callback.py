@@ -20,7 +20,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastcore.basics import store_attr
 
 from .record import GradRecord
-from .stats import METRICS, LayerStats, _PerDevice, check_zero_tol
+from .stats import METRICS, LayerStats, _PerDevice, _positive_int, check_zero_tol
 from .thresholds import Thresholds
 
 __all__ = ['GradStats', 'GradientAlert', 'input_to_output']
@@ -40,6 +40,10 @@ def input_to_output(loss: torch.Tensor, params) -> list:
 
     Reads the autograd graph behind `loss` (it outlives backward): a parameter's depth is its longest
     distance from the loss, the farthest being the input side. Needs no hook on the model."""
+    if not isinstance(loss, torch.Tensor): raise TypeError(f"`loss` must be a tensor, got {type(loss).__name__}")
+    if loss.grad_fn is None:
+        raise ValueError("`loss` has no autograd graph (its grad_fn is None): pass a loss computed from the parameters "
+                         "with gradients enabled")
     root = loss.grad_fn
     post_order, seen, stack = [], {root}, [(root, False)]
     while stack:
@@ -63,12 +67,6 @@ def _rank():
     "This process's rank under torch.distributed, or None outside it."
     if torch.distributed.is_available() and torch.distributed.is_initialized(): return torch.distributed.get_rank()
     return None
-
-
-def _check_every(every):
-    if isinstance(every, bool) or not isinstance(every, (int, np.integer)):
-        raise TypeError(f"`every` must be an int, got {type(every).__name__}")
-    if every < 1: raise ValueError(f"`every` must be >= 1, got {every}")
 
 
 WAITING_BYTES = 2 ** 22
@@ -127,15 +125,14 @@ class GradStats(Callback):
         keep_last:int|None=None, # Bound memory: keep every step of the last `keep_last` recorded, thin older ones geometrically
         all_ranks:bool=False,    # Under data parallel, record on every rank (tagged `rank`), not only on rank 0
     ):
-        _check_every(every); check_zero_tol(zero_tol)
+        every, hist_sample = _positive_int(every, 'every'), _positive_int(hist_sample, 'hist_sample', allow_none=True)
+        check_zero_tol(zero_tol)
         if thresholds is None: thresholds = Thresholds()
         if not isinstance(thresholds, Thresholds):
             raise TypeError(f"`thresholds` must be a fastai_gradstats.Thresholds, got {type(thresholds).__name__}")
         for name, flag in (('hist', hist), ('update_ratio', update_ratio), ('alerts', alerts),
                            ('stop_on_critical', stop_on_critical), ('all_ranks', all_ranks)):
             if not isinstance(flag, bool): raise TypeError(f"`{name}` must be True or False, got {flag!r}")
-        if hist_sample is not None and (isinstance(hist_sample, bool) or not isinstance(hist_sample, (int, np.integer)) or hist_sample < 1):
-            raise ValueError(f"`hist_sample` must be a positive int or None, got {hist_sample!r}")
         store_attr()
         hist_dtype = None if not hist else np.uint16 if hist_sample is not None and hist_sample < 2**16 else np.int64
         self.record = GradRecord(args={'every': int(every), 'zero_tol': float(zero_tol), 'hist': hist,

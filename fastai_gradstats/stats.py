@@ -23,8 +23,9 @@ METRICS = ('grad_norm', 'param_norm', 'grad_max', 'grad_mean', 'grad_std',
 "Columns of the tensor `LayerStats` returns, in order."
 
 # a float32 norm below this may have lost squares to underflow (elements under about 1e-22 lose precision, under
-# about 2.6e-23 vanish): `LayerStats.refine` redoes gradients and parameters below it, `_exact_tiny_norms` updates
-TINY_NORM = 1e-18
+# about 2.6e-23 vanish): `LayerStats.refine` redoes gradients and parameters below it, `_exact_norms` updates;
+# one above HUGE_NORM may have overflowed (a float32 sum of squares ends at about 3.4e38: norms at about 1.8e19)
+TINY_NORM, HUGE_NORM = 1e-18, 1e19
 
 
 def _tol_below(tol: float, dtype: torch.dtype) -> float:
@@ -40,6 +41,31 @@ def check_zero_tol(zero_tol) -> float:
     if not math.isfinite(zero_tol) or zero_tol < 0:
         raise ValueError(f"`zero_tol` must be a finite number >= 0, got {zero_tol!r}")
     return float(zero_tol)
+
+
+def _positive_int(value, name: str, allow_none: bool = False) -> int | None:
+    """`value` as an int when it is a positive integer (Python or numpy; not a bool), or None when `allow_none`;
+    else a TypeError (not an integer) or ValueError (below 1) naming the argument `name`."""
+    if value is None and allow_none: return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        kind = 'a positive int or None' if allow_none else 'a positive int'
+        raise TypeError(f"`{name}` must be {kind}, got {type(value).__name__} {value!r}")
+    if value < 1: raise ValueError(f"`{name}` must be >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_shapes(shapes) -> list:
+    "`shapes` (a list or tuple of tensor shapes, each a sequence of ints >= 0) as a list of `torch.Size`."
+    if isinstance(shapes, (torch.Tensor, str)) or not isinstance(shapes, Sequence):
+        raise TypeError(f"`shapes` must be a list or tuple of tensor shapes, got {type(shapes).__name__}")
+    out = []
+    for s in shapes:
+        if isinstance(s, (torch.Tensor, str)) or not isinstance(s, Sequence) or \
+                any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in s):
+            raise TypeError(f"`shapes` must hold shapes (sequences of ints, as `tensor.shape`), got {s!r}")
+        if any(d < 0 for d in s): raise ValueError(f"`shapes` must hold sizes >= 0, got {tuple(s)!r}")
+        out.append(torch.Size(int(d) for d in s))
+    return out
 
 
 def _check_tensors(tensors, argname):
@@ -302,9 +328,9 @@ class LayerStats:
                  hist_sample: int | None = 2048, chunk_elements: int = CHUNK_ELEMENTS):
         self.zero_tol = check_zero_tol(zero_tol)
         if not isinstance(hist, bool): raise TypeError(f"`hist` must be True or False, got {hist!r}")
-        if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
-            raise ValueError(f"`chunk_elements` must be a positive int, got {chunk_elements!r}")
-        self.shapes = [torch.Size(s) for s in shapes]
+        chunk_elements = _positive_int(chunk_elements, 'chunk_elements')
+        hist_sample = _positive_int(hist_sample, 'hist_sample', allow_none=True)
+        self.shapes = _check_shapes(shapes)
         self.hist, self.chunk_elements = hist, chunk_elements
         self.histogram = MagnitudeHistogram(self.shapes, self.zero_tol, hist_sample) if hist else None
         self.numel = np.array([s.numel() for s in self.shapes], np.float64)
@@ -438,10 +464,11 @@ class LayerStats:
         minus its value now, one per tensor, as a float tensor of shape `(len(params),)` on their device (no host copy;
         pass it to the next `collect` as `extra` to bring it along). Uses up the kept copy: a second call without a
         `collect` that keeps one in between is a ValueError. On the CPU it reuses the copy `collect` makes of the
-        parameters for their norms, laid out in rows: one subtraction per chunk and one norm along its rows. There, norms
-        below `TINY_NORM` of float32 (or half-precision) parameters are taken again in float64, as `refine` takes the
-        gradients': an update whose elements are below about 1e-22 would lose its squares to float32 underflow. On
-        CUDA they stay float32 (a look at them would make the host wait)."""
+        parameters for their norms, laid out in rows: one subtraction per chunk and one norm along its rows. On the CPU the
+        result is float64, and norms of float32 (or half-precision) parameters below `TINY_NORM` or above `HUGE_NORM`
+        are taken again in float64, as `refine` takes the gradients': an update whose elements are below about 1e-22
+        would lose its squares to float32 underflow, one above about 1e19 would overflow. On CUDA they stay float32
+        (a look at them would make the host wait)."""
         _check_tensors(params, 'params')
         if len(params) != len(self.shapes) or list(map(_SHAPE, params)) != self.shapes:
             raise ValueError(f"`params` must be the {len(self.shapes)} tensors of the planned shapes, as given to `collect`")
@@ -462,12 +489,12 @@ class LayerStats:
             if not layout.keeps_rows:
                 torch._foreach_sub_(layout.kept_tensors, params)  # in place: the copies now hold before - after
                 norms = torch.stack(_norms(layout.kept_tensors))
-                return _exact_tiny_norms(norms, layout.kept_tensors) if on_cpu else norms
+                return _exact_norms(norms, layout.kept_tensors) if on_cpu else norms
             for c in layout.chunks:
                 torch._foreach_sub_(c.kept_targets, c.pieces_of(params))
                 torch.linalg.vector_norm(c.kept, dim=1, out=c.update_rows)
                 if c.update_staged is not None: c.update_staged.copy_(c.update_rows)
-            if on_cpu: _exact_tiny_row_norms(layout)
+            if on_cpu: _exact_row_norms(layout)
             # per tensor: the squares of its rows' norms summed in float64 (a tall narrow tensor adds up millions of
             # rows one by one); empty tensors: 0
             squares = layout.update_rows.square_()
@@ -798,27 +825,29 @@ def _norms(tensors):
     return out
 
 
-def _exact_tiny_norms(norms, tensors):
-    """`norms` (float32 or float64 L2 norms of `tensors`, on the CPU), with those below `TINY_NORM` of float32
-    tensors taken again in float64: as a float64 tensor when any is redone, else `norms` as it is."""
-    redo = [i for i in torch.nonzero(norms < TINY_NORM).flatten().tolist() if tensors[i].dtype != torch.float64]
-    if not redo: return norms
+def _exact_norms(norms, tensors):
+    """`norms` (the float32 or float64 L2 norms of `tensors`, on the CPU) as float64, those of float32 tensors below
+    `TINY_NORM` or above `HUGE_NORM` (lost to underflow or overflow) taken again in float64."""
+    suspect = (norms < TINY_NORM) | (norms > HUGE_NORM)
     norms = norms.to(torch.float64)
-    for i in redo: norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
+    if not suspect.any(): return norms
+    for i in torch.nonzero(suspect).flatten().tolist():
+        if tensors[i].dtype != torch.float64: norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
     return norms
 
 
-def _exact_tiny_row_norms(layout):
-    """Take again in float64 the update norms of the rows (`layout.update_rows`, of the kept differences
-    `c.kept`, on the CPU) of float32 chunks that read below `TINY_NORM`: the rows of a dead unit (exactly 0)
-    or of a vanishing update. One comparison per step when none does."""
+def _exact_row_norms(layout):
+    """Take again in float64 the update norms of the rows (`layout.update_rows`, of the kept differences `c.kept`, on
+    the CPU) of float32 chunks that read below `TINY_NORM` or above `HUGE_NORM`. When no row does, that costs one
+    comparison per step; rows that did not move (dead units under plain SGD, every row after a skipped step) read 0,
+    so they are taken again every time (a gather and a norm of those rows)."""
     rows = layout.update_rows
-    tiny = rows < TINY_NORM
-    if not tiny.any(): return
+    suspect = (rows < TINY_NORM) | (rows > HUGE_NORM)
+    if not suspect.any(): return
     at = 0
     for c in layout.chunks:
         if c.dtype != torch.float64:
-            index = torch.nonzero(tiny[at:at + c.n_rows]).flatten()
+            index = torch.nonzero(suspect[at:at + c.n_rows]).flatten()
             if len(index): rows.index_copy_(0, index + at, torch.linalg.vector_norm(c.kept.index_select(0, index), dim=1, dtype=torch.float64))
         at += c.n_rows
 
@@ -895,11 +924,13 @@ class MagnitudeHistogram:
     within float32 rounding (about 6e-8 relative) of a power of ten may count in the bin next to it.
     """
     def __init__(self, shapes: Sequence[torch.Size], zero_tol: float = 0.0, sample: int | None = 2048, seed: int = 0):
-        if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
-            raise ValueError(f"`sample` must be a positive int or None, got {sample!r}")
+        sample = _positive_int(sample, 'sample', allow_none=True)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"`seed` must be an int, got {type(seed).__name__} {seed!r}")
+        seed = int(seed)
         self.zero_tol, self.sample = check_zero_tol(zero_tol), sample
         self.tol_bits = _float32_bits(_tol_below(self.zero_tol, torch.float32)) if self.zero_tol > 0 else None
-        numels = [torch.Size(s).numel() for s in shapes]
+        numels = [s.numel() for s in _check_shapes(shapes)]
         self.index = [None if sample is None or n <= sample else _spread(n, sample, seed) for n in numels]
         sizes = torch.tensor([n if i is None else len(i) for n, i in zip(numels, self.index)], dtype=torch.long)
         self.sample_sizes = sizes

@@ -11,7 +11,7 @@ from torch import nn
 from fastai.basics import Adam, Callback, CancelFitException, load_learner, params, set_seed
 from fastai.callback.all import GradientAccumulation, GradientClip  # also adds fit_one_cycle, fine_tune, lr_find
 
-from fastai_gradstats import GradientAlert, GradRecord, GradStats
+from fastai_gradstats import GradientAlert, GradRecord, GradStats, input_to_output
 
 from helpers import (CPUMixedPrecision, Capture, InjectNonFinite, OverflowAt, Repair, assert_record_matches, dead_channel_cnn,
                      dead_unit_mlp, expected_layers, make_learner, quiet, reference_stats, small_dls, tiny_mlp)
@@ -577,14 +577,35 @@ def test_weights_bit_identical_with_and_without_gradstats(gradstats):
 # --- arguments -------------------------------------------------------------------------------------
 @pytest.mark.parametrize('kwargs, name', [({'every': 0}, 'every'), ({'every': -2}, 'every'),
                                           ({'zero_tol': -1}, 'zero_tol'), ({'zero_tol': float('nan')}, 'zero_tol'),
-                                          ({'zero_tol': float('inf')}, 'zero_tol')])
+                                          ({'zero_tol': float('inf')}, 'zero_tol'), ({'hist_sample': 0}, 'hist_sample'),
+                                          ({'hist_sample': np.int64(-1)}, 'hist_sample')])
 def test_bad_arguments_raise_value_error(kwargs, name):
     with pytest.raises(ValueError, match=name):
         GradStats(**kwargs)
 
 
 @pytest.mark.parametrize('kwargs, name', [({'every': 1.5}, 'every'), ({'every': '2'}, 'every'),
-                                          ({'every': True}, 'every'), ({'zero_tol': '0'}, 'zero_tol')])
+                                          ({'every': True}, 'every'), ({'zero_tol': '0'}, 'zero_tol'),
+                                          ({'hist_sample': 100.0}, 'hist_sample'), ({'hist_sample': '100'}, 'hist_sample')])
 def test_bad_argument_types_raise(kwargs, name):
     with pytest.raises((ValueError, TypeError), match=name):
         GradStats(**kwargs)
+
+
+def test_numpy_integer_arguments_train_as_ints():
+    """`every` and `hist_sample` given as numpy integers (from a grid of settings) train and count like Python ints:
+    the histogram counts `hist_sample` elements of the large tensor, and every other step is recorded."""
+    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16))
+    learn.fit(1, 0.1, cbs=GradStats(every=np.int64(2), hist=True, hist_sample=np.int64(100)))
+    record = learn.grad_stats
+    assert record.args['hist_sample'] == 100 and type(record.args['every']) is int
+    assert record.df['step'].tolist()[::len(record.layers)] == [0, 2]
+    hist = record.hist
+    counts = hist.drop(columns=['step', 'layer']).sum(axis=1).groupby(hist['layer'].astype(str)).unique()
+    # 64 x 16 and 16 x 10 weights: 100 of their elements each step; the biases' 16 and 10 counted whole
+    assert {name: list(c) for name, c in counts.items()} == {'0.weight': [100], '0.bias': [16], '2.weight': [100], '2.bias': [10]}
+
+
+def test_input_to_output_needs_a_loss_with_a_graph():
+    with pytest.raises(TypeError, match='`loss`'): input_to_output(3.0, [])
+    with pytest.raises(ValueError, match='`loss`'): input_to_output(torch.tensor(1.0), [])

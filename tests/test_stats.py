@@ -374,9 +374,31 @@ def test_collect_appends_extra_values_and_leaves_inputs_unchanged():
 
 
 def test_bad_chunk_elements():
-    for bad in (0, -5, 2.5, True, None):
-        with pytest.raises(ValueError, match='chunk_elements'): LayerStats([(2, 2)], chunk_elements=bad)
+    for bad in (0, -5, np.int64(0)):
+        with pytest.raises(ValueError, match='`chunk_elements`'): LayerStats([(2, 2)], chunk_elements=bad)
+    for bad in (2.5, True, None, '8'):
+        with pytest.raises(TypeError, match='`chunk_elements`'): LayerStats([(2, 2)], chunk_elements=bad)
     with pytest.raises(TypeError, match='hist'): LayerStats([(2, 2)], hist='yes')
+    assert LayerStats([(2, 2)], chunk_elements=np.int64(8)).chunk_elements == 8
+
+
+def test_bad_shapes_hist_sample_and_seed_are_named():
+    """Shapes must be sequences of sizes >= 0; `hist_sample` is checked under its own name (with or without `hist`), a
+    numpy integer is an int; `MagnitudeHistogram`'s `seed` must be an int."""
+    for bad in (5, 'ab', torch.zeros(2, 2), [(2, 'a')], [(2, 1.5)], [3], [(True, 2)]):
+        with pytest.raises(TypeError, match='`shapes`'): LayerStats(bad)
+    with pytest.raises(ValueError, match='`shapes`'): LayerStats([(2, -3)])
+    for hist in (False, True):
+        with pytest.raises(ValueError, match='`hist_sample`'): LayerStats([(4, 4)], hist=hist, hist_sample=0)
+        with pytest.raises(TypeError, match='`hist_sample`'): LayerStats([(4, 4)], hist=hist, hist_sample=2.0)
+    with pytest.raises(TypeError, match='`seed`'): MagnitudeHistogram([(50,)], sample=10, seed=1.5)
+    with pytest.raises(TypeError, match='`seed`'): MagnitudeHistogram([(50,)], sample=10, seed='a')
+    # numpy integers count as ints: the same sample as the Python int
+    grads = [torch.randn(40, 30)]
+    plan, same = LayerStats([(40, 30)], hist=True, hist_sample=np.int64(100)), LayerStats([(40, 30)], hist=True, hist_sample=100)
+    torch.testing.assert_close(plan.collect(grads, grads), same.collect(grads, grads), rtol=0, atol=0)
+    assert torch.equal(MagnitudeHistogram([(500,)], sample=20, seed=np.int64(3)).index[0],
+                       MagnitudeHistogram([(500,)], sample=20, seed=3).index[0])
 
 
 def _vanishing_net_gradients(n, seed=0):
@@ -766,27 +788,28 @@ def test_update_norms_equal_the_float64_distance_step_after_step(monkeypatch, by
 
 
 @pytest.mark.parametrize('by_rows', [True, False])
-def test_tiny_update_norms_are_taken_in_float64(monkeypatch, by_rows):
+def test_tiny_and_huge_update_norms_are_taken_in_float64(monkeypatch, by_rows):
     """Zero-initialized parameters (biases) moved by a vanishing update: float32 squares of elements below about 1e-22
     lose precision and below about 2.6e-23 vanish, so those norms are taken again in float64 (on the CPU), in rows
     and in one copy per tensor. A row that did not move (a dead unit) stays 0; float64 and large updates are as before."""
     import fastai_gradstats.stats as stats_module
     if not by_rows: monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: False)
     gen = torch.Generator().manual_seed(11)
-    shapes = [(64,), (64,), (64,), (32, 64), (48,), (16, 8)]
+    shapes = [(64,), (64,), (64,), (32, 64), (48,), (16, 8), (6, 8)]
     params = [torch.zeros(s) for s in shapes[:3]] + [torch.randn(32, 64, generator=gen), torch.zeros(48, dtype=torch.float64),
-                                                      torch.zeros(16, 8)]
+                                                      torch.zeros(16, 8), torch.full((6, 8), 1e20)]
     plan = LayerStats([p.shape for p in params])
     plan.collect([torch.zeros_like(p) for p in params], params, keep_params=True)
     before = [p.clone() for p in params]
-    for p, scale in zip(params, (1e-21, 1e-23, 1e-25, 1e-3, 1e-30)): p.add_(torch.randn(p.shape, generator=gen) * scale)
+    for p, scale in zip(params, (1e-21, 1e-23, 1e-25, 1e-3, 1e-30, 0, 1e20)): p.add_(torch.randn(p.shape, generator=gen) * scale)
     params[5][:8].add_(torch.randn(8, 8, generator=gen) * 1e-24)  # half its rows move, the other half stay 0
-    float32_says = [float(torch.linalg.vector_norm(p - b)) for p, b in zip(params[:3], before[:3])]
-    assert float32_says[2] == 0 and abs(float32_says[1] / _float64_distances(before[1:2], params[1:2])[0] - 1) > 0.1
-    moved = plan.update_norms(params)
+    float32_says = [float(torch.linalg.vector_norm(p - b)) for p, b in zip(params, before)]
     expected = _float64_distances(before, params)
-    assert (expected > 0).all()
-    np.testing.assert_allclose(moved.double().numpy(), expected, rtol=1e-6, atol=0)
+    # what float32 sums would say: the smallest vanish or lose precision, the largest overflow
+    assert float32_says[2] == 0 and abs(float32_says[1] / expected[1] - 1) > 0.1 and float32_says[6] == math.inf
+    moved = plan.update_norms(params)
+    assert moved.dtype == torch.float64 and (expected > 0).all() and np.isfinite(expected).all()
+    np.testing.assert_allclose(moved.numpy(), expected, rtol=1e-6, atol=0)
 
 
 def test_update_norms_of_tall_narrow_and_wide_tensors_sum_their_rows_in_float64():
