@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 from fastcore.basics import store_attr
 
 from .callback import GradStats
-from .stats import HIST_BINS, HIST_DECADES, METRICS
+from .stats import HIST_BINS, HIST_DECADES, METRICS, _positive_int
 
 __all__ = ['TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'SCALARS']
 
@@ -95,8 +95,7 @@ class TensorBoardGradStats(_Exporter):
         hist_every:int=10,   # Send the histograms every this many recorded steps
         writer=None,         # Or an open `torch.utils.tensorboard.SummaryWriter` to write to
     ):
-        if isinstance(hist_every, bool) or not isinstance(hist_every, int) or hist_every < 1:
-            raise ValueError(f"`hist_every` must be a positive int, got {hist_every!r}")
+        hist_every = _positive_int(hist_every, 'hist_every')
         self._summary_writer = _need('torch.utils.tensorboard', 'tensorboard', 'TensorBoardGradStats').SummaryWriter
         store_attr('log_dir,hist_every,writer')
         self._own = writer is None
@@ -127,8 +126,7 @@ class WandbGradStats(_Exporter):
         hist_every:int=10,   # Send the histograms every this many recorded steps
         wandb_run=None,      # The wandb run to log to (default: the active `wandb.run`, which must exist)
     ):
-        if isinstance(hist_every, bool) or not isinstance(hist_every, int) or hist_every < 1:
-            raise ValueError(f"`hist_every` must be a positive int, got {hist_every!r}")
+        hist_every = _positive_int(hist_every, 'hist_every')
         self._wandb = _need('wandb', 'wandb', 'WandbGradStats')
         store_attr('hist_every,wandb_run')  # not `run`: fastai's Callback.run switches a callback off
 

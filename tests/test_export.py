@@ -113,7 +113,11 @@ def test_missing_extras_give_a_clear_error(monkeypatch):
 
 def test_exporter_arguments():
     pytest.importorskip('tensorboard')
-    with pytest.raises(ValueError, match='hist_every'): TensorBoardGradStats(hist_every=0)
+    for exporter in (TensorBoardGradStats, WandbGradStats):  # checked before anything is imported or opened
+        with pytest.raises(ValueError, match='`hist_every`'): exporter(hist_every=0)
+        for bad in (2.5, '5', True):
+            with pytest.raises(TypeError, match='`hist_every`'): exporter(hist_every=bad)
+    assert TensorBoardGradStats(hist_every=np.int64(5)).hist_every == 5
 
 
 def test_step_scalars_divide_by_a_zero_parameter_as_the_record_does():
