@@ -8,6 +8,7 @@ calls `plt.show()`. Nothing here knows fastai. The same functions are methods of
 from __future__ import annotations
 
 import math
+import numbers
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -16,7 +17,7 @@ from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.patches import Patch
 
 from .record import GradRecord, record_method
-from .stats import HIST_BINS, HIST_DECADES
+from .stats import HIST_BINS, HIST_DECADES, _positive_int
 
 __all__ = ['heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare',
            'metric_table', 'hist_table', 'flow_table', 'compare_table', 'is_weight', 'SPECIAL_COLORS']
@@ -129,7 +130,9 @@ def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=F
     logarithmic when the metric is positive and spans two decades or more (`log=True/False` forces
     it); NaN, ±Inf (and, on a log scale, exact zeros) are drawn in `SPECIAL_COLORS` and named in the
     legend. `weights_only` keeps only weights; `by_module` combines each module's parameters.
+    `max_labels` (a positive int) caps the layer names written on the axis.
     Returns the Axes; `ax.images[0]` holds the metric, `ax.images[1]` (if any) the special cells."""
+    max_labels = _positive_int(max_labels, 'max_labels')
     table = metric_table(record, metric, weights_only, by_module)
     values = table.to_numpy()
     use_log = _wants_log(values, log)
@@ -299,20 +302,43 @@ def layer_curves(record, layers=None, metrics='grad_norm', ax=None, log=None):
     return axes[0] if len(metric_list) == 1 else axes[0].figure
 
 
+def _check_band(band):
+    "`band` as a `(low, high)` pair of floats with 0 < low < high (finite), or None; else a TypeError/ValueError naming it."
+    if band is None: return None
+    if isinstance(band, (str, bytes)) or not hasattr(band, '__len__') or not hasattr(band, '__getitem__'):
+        raise TypeError(f"`band` must be None or a (low, high) pair of positive numbers, got {type(band).__name__} {band!r}")
+    if len(band) != 2:
+        raise ValueError(f"`band` must be None or a (low, high) pair of positive numbers, got {band!r}")
+    if any(isinstance(b, bool) or not isinstance(b, numbers.Real) for b in band):
+        raise TypeError(f"`band` must be None or a (low, high) pair of positive numbers, got {band!r}")
+    low, high = float(band[0]), float(band[1])
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
+        raise ValueError(f"`band` must be a (low, high) pair of finite numbers with 0 < low < high, got {band!r}")
+    return low, high
+
+
 def update_ratio(record, layers=None, ax=None, band=(1e-4, 1e-2)):
     """||Δw|| / ||w|| per layer over iterations (`GradStats(update_ratio=True)`), the healthy band around 1e-3 shaded.
 
-    Returns the Axes."""
-    df, _ = _frame(record)
+    `band` is the `(low, high)` range shaded as healthy (0 < low < high), or None for no band. The y axis
+    is logarithmic when the drawn layers have a positive update ratio, else linear. Returns the Axes."""
+    band = _check_band(band)
+    df, order = _frame(record)
     if 'update_ratio' not in df:
         raise ValueError("`record` has no `update_ratio` column: record with `GradStats(update_ratio=True)`")
-    ax = layer_curves(record, layers, 'update_ratio', ax=ax, log=True if (df['update_ratio'] > 0).any() else None)
-    ax.axhspan(band[0], band[1], color='#2ca02c', alpha=0.12, label=f'healthy ~1e-3 ({band[0]:g}-{band[1]:g})')
+    chosen = _select_layers(order, layers)
+    values = df.loc[df['layer'].astype(str).isin(chosen), 'update_ratio'].to_numpy(float)
+    positive = (np.isfinite(values) & (values > 0)).any()
+    ax = layer_curves(record, chosen, 'update_ratio', ax=ax, log=True if positive else None)
+    if band is not None:
+        ax.axhspan(band[0], band[1], color='#2ca02c', alpha=0.12, label=f'healthy ~1e-3 ({band[0]:g}-{band[1]:g})')
     ax.axhline(1e-3, color='#2ca02c', lw=1, ls='--')
     ax.set_title('size of the optimizer step relative to the weights')
     handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles[-1:] + handles[:-1] if len(handles) <= 13 else handles[-1:], 
-              labels[-1:] + labels[:-1] if len(labels) <= 13 else labels[-1:], fontsize=7, ncol=2)
+    curves = len(handles) - (band is not None)  # the layers' curves come first, then the band
+    # the band first, then the layers when few enough to name
+    shown = list(range(curves, len(handles))) + (list(range(curves)) if len(chosen) <= 12 else [])
+    if shown: ax.legend([handles[i] for i in shown], [labels[i] for i in shown], fontsize=7, ncol=2)
     return ax
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .stats import HIST_BINS, METRICS
+from .stats import HIST_BINS, METRICS, _positive_int
 
 __all__ = ['GradRecord', 'load', 'merge', 'record_method', 'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS', 'EXTRA_COLUMNS']
 
@@ -87,32 +88,43 @@ class GradRecord:
     - `df`: tidy DataFrame, one row per (recorded step, parameter tensor), ordered by step and
       then from input to output; columns `step`, `epoch`, `layer`, the statistics of
       `fastai_gradstats.stats.METRICS`, `grad_param_ratio`, `grad_rms` (root mean square of the
-      gradient's elements), `n_nan`, `n_inf`, and `update_norm`, `update_ratio` when they were recorded;
+      gradient's elements), `n_nan`, `n_inf`, and `update_norm`, `update_ratio` when they were recorded
+      (and first a `rank` column in a merge of several ranks);
     - `steps`: one row per recorded step: `step`, `epoch`, `lr`, `loss`, `grad_norm` (the L2 norm
-      over all recorded parameters), `skipped` (the optimizer did not apply this step);
-    - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`.
+      over all recorded parameters), `skipped` (the optimizer did not apply this step), `kept_every`
+      (the stride at which steps around this one are kept: `every`, or more where `keep_last` thinned
+      old steps), and first a `rank` column in a merge of several ranks (`merge`);
+    - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`, `group`
+      (the optimizer's parameter group, -1 when unknown).
+
+    `args` is a dict of the callback's arguments (saved with the run); `hist_dtype`, an integer numpy
+    dtype (`GradStats` uses uint16 or int64), makes the record keep magnitude histograms of that dtype.
     """
     _deferred = None  # records pickled before `set_last_later` existed have no such attribute of their own
     _waiting = None   # nor before `hold` existed
     _pending_last = False
 
     def __init__(self, layers=(), args=None, extra_columns=(), hist_dtype=None, keep_last=None, every=1):
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, (int, np.integer)) or keep_last < 1):
-            raise ValueError(f"`keep_last` must be a positive int or None, got {keep_last!r}")
-        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
-            raise ValueError(f"`every` must be a positive int, got {every!r}")
-        self.keep_last, self.every = (None if keep_last is None else int(keep_last)), int(every)
+        self.keep_last, self.every = _positive_int(keep_last, 'keep_last', allow_none=True), _positive_int(every, 'every')
         self.rank = None        # the process rank under data parallel (None: one process)
         self.multi_rank = False # a merge of several ranks: `df` and `steps` get a `rank` column
         self._unthinned = 0
         self._layers = []
         self._index = {}
+        if args is not None and not isinstance(args, Mapping):
+            raise TypeError(f"`args` must be a dict of the callback's arguments or None, got {type(args).__name__} {args!r}")
         self.args = dict(args or {})
+        if hist_dtype is not None:   # histograms hold counts of elements
+            try: kind = np.dtype(hist_dtype).kind
+            except (TypeError, ValueError): kind = None
+            if kind is None or kind not in 'iu':
+                raise TypeError(f"`hist_dtype` must be None or an integer numpy dtype (uint16, int64, ...), got {hist_dtype!r}")
+            hist_dtype = np.dtype(hist_dtype)
         unknown = set(extra_columns) - set(EXTRA_COLUMNS)
         if unknown: raise ValueError(f"`extra_columns` has unknown names {sorted(unknown)}; known: {list(EXTRA_COLUMNS)}")
         self.value_columns = list(METRICS) + [c for c in EXTRA_COLUMNS if c in extra_columns]
         self._values = _Growable(np.float32, len(self.value_columns))
-        self._hist = None if hist_dtype is None else _Growable(np.dtype(hist_dtype), len(HIST_BINS))
+        self._hist = None if hist_dtype is None else _Growable(hist_dtype, len(HIST_BINS))
         self._counts = _Growable(np.int64, len(COUNT_COLUMNS))
         self._row_layer = _Growable(np.int32)
         self._step_cols = {'step': _Growable(np.int64), 'epoch': _Growable(np.int32), 'lr': _Growable(np.float64),
@@ -391,7 +403,8 @@ class GradRecord:
 
     @property
     def steps(self) -> pd.DataFrame:
-        "One row per recorded step: `step`, `epoch`, `lr`, `loss`, `grad_norm` (total), `skipped`."
+        """One row per recorded step: `step`, `epoch`, `lr`, `loss`, `grad_norm` (total), `skipped`, `kept_every`
+        (the columns of `STEP_COLUMNS`), preceded by `rank` in a merge of several ranks."""
         self._add_waiting()
         if self._unthinned and self.keep_last is not None: self.thin()
         if 'steps' not in self._cache:
@@ -506,6 +519,9 @@ def merge(records) -> GradRecord:
     """One record from the records of several data-parallel ranks (`GradStats(all_ranks=True)`), live,
     loaded, or given as paths of saved runs. `df` and `steps` get a `rank` column and hold each step
     once per rank, ordered by step and then rank, so per-rank divergence shows side by side."""
+    if isinstance(records, (str, Path, GradRecord)) or not hasattr(records, '__iter__'):
+        got = f"{type(records).__name__} {str(records)!r}" if isinstance(records, (str, Path)) else type(records).__name__
+        raise TypeError(f"`records` must be a list of GradRecords or paths of saved runs (one run: put it in a list), got {got}")
     records = [load(r) if isinstance(r, (str, Path)) else r for r in records]
     if not records or not all(isinstance(r, GradRecord) for r in records):
         raise TypeError("`records` must be a non-empty list of GradRecords or paths of saved runs")

@@ -10,6 +10,7 @@ Pure Python: the callback uses it for live alerts, `health` for the diagnosis.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 
 __all__ = ['Thresholds']
@@ -43,10 +44,14 @@ class Thresholds:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"Thresholds.{f.name} must be a number, got {value!r}")
+            # any real number (Python or numpy: numpy registers its floating and integer types as numbers.Real), not a bool
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"Thresholds.{f.name} must be a real number, got {type(value).__name__} {value!r}")
             if math.isnan(value): raise ValueError(f"Thresholds.{f.name} must not be NaN")
             if value <= 0: raise ValueError(f"Thresholds.{f.name} must be > 0, got {value!r}")
+            if f.type == 'int' and not (math.isfinite(value) and value == int(value)):
+                raise TypeError(f"Thresholds.{f.name} must be a whole number, got {value!r}")
+            object.__setattr__(self, f.name, int(value) if f.type == 'int' else float(value))  # plain Python numbers
         pairs = [('total_norm_low', 'total_norm_warning'), ('total_norm_warning', 'total_norm_critical'),
                  ('zero_frac_warning', 'zero_frac_critical'), ('layer_spread_warning', 'layer_spread_critical'),
                  ('ratio_low', 'ratio_high'), ('dead_warning', 'dead_critical'),

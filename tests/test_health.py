@@ -439,6 +439,28 @@ def test_thresholds_reject_non_numbers():
         Thresholds(total_norm_critical='100')
     with pytest.raises(TypeError):
         health(GradRecord(), thresholds={'total_norm_critical': 1})
+    for bad in (True, np.bool_(True), 1 + 2j, None, [100.0]):
+        with pytest.raises(TypeError, match=r'\btotal_norm_critical\b'):
+            Thresholds(total_norm_critical=bad)
+
+
+def test_a_window_must_be_a_whole_number():
+    for bad in (2.5, math.inf):
+        with pytest.raises(TypeError, match='spike_window'): Thresholds(spike_window=bad)
+    assert Thresholds(spike_window=25.0).spike_window == 25
+
+
+@pytest.mark.parametrize('kind', [np.float32, np.float64, np.float16, np.int64, np.int32, np.uint8])
+def test_thresholds_accept_numpy_numbers(kind):
+    "Any real number is a threshold: numpy scalars (say from `np.percentile` or a float32 array) act as Python ones."
+    t = Thresholds(total_norm_critical=kind(50), spike_window=np.int64(30))
+    assert t.total_norm_critical == 50 and t.spike_window == 30
+    assert type(t.total_norm_critical) is float and type(t.spike_window) is int  # kept as plain Python numbers
+    record = synthetic_record([1.0, 2.0, 60.0, 3.0])
+    got, expected = health(record, t), health(record, Thresholds(total_norm_critical=50.0, spike_window=30))
+    pd.testing.assert_frame_equal(got, expected)
+    row = got[got['check'] == 'total_norm'].iloc[0]
+    assert row['status'] == 'critical' and row['threshold'] == 50 and row['first_step'] == row['last_step'] == 2
 
 
 # --- summary and clipping advice -------------------------------------------------------------

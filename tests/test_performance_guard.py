@@ -194,7 +194,10 @@ def test_gradstats_keep_last_argument():
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3, cbs=GradStats(keep_last=8))
     steps = learn.grad_stats.steps
     assert list(steps['step']) == _expected_kept(39, 8, 1)
-    with pytest.raises(ValueError, match='keep_last'): GradStats(keep_last=0)
+    with pytest.raises(ValueError, match='`keep_last`'): GradStats(keep_last=0)
+    for bad in (2.5, '8', True):
+        with pytest.raises(TypeError, match='`keep_last`'): GradStats(keep_last=bad)
+    assert GradStats(keep_last=np.int64(8)).record.keep_last == 8
 
 
 # Calls that make a CUDA device wait for the host or the host for the device (besides the one copy).

@@ -769,3 +769,68 @@ def test_histograms_are_opt_in():
     assert GradStats().hist is False and not record.has_hist and record.args['hist'] is False
     with pytest.raises(ValueError, match=r'hist=True'): record.hist
     with pytest.raises(ValueError, match=r'hist=True'): record.plot_magnitude_hist()
+
+
+def update_record(update_norms):
+    "A hand-built record with `update_norm`: `update_norms[layer]` per step, param_norm 2 everywhere."
+    names = list(update_norms)
+    layers = [{'name': n, 'module': 'Linear', 'shape': (2, 2), 'numel': 4, 'depth': i} for i, n in enumerate(names)]
+    record = GradRecord(layers, extra_columns=('update_norm',))
+    idx = record.layer_index(names)
+    for step in range(len(update_norms[names[0]])):
+        values = np.full((len(names), len(METRICS) + 1), 1.0)
+        values[:, METRICS.index('param_norm')] = 2.0
+        values[:, -1] = [update_norms[n][step] for n in names]
+        record.add_step(step, 0, 1e-3, 1.0, idx, values)
+    return record
+
+
+def test_update_ratio_scale_follows_the_drawn_layers(tmp_path):
+    "A layer whose update is always 0 draws (linear scale) even when other layers have positive ratios."
+    record = update_record({'a.weight': [0.0, 0.0, 0.0], 'b.weight': [2e-3, 2e-2, 2e-4]})
+    ax = plots.update_ratio(record, layers=['a.weight'])
+    assert ax.get_yscale() == 'linear'
+    line, = [l for l in ax.lines if l.get_label() == 'a.weight']
+    np.testing.assert_array_equal(line.get_ydata(), [0.0, 0.0, 0.0])
+    save_png(ax.figure, tmp_path, 'update_zero')
+    ax = plots.update_ratio(record, layers=['b.weight'])   # positive ratios: log scale, values / param_norm
+    assert ax.get_yscale() == 'log'
+    line, = [l for l in ax.lines if l.get_label() == 'b.weight']
+    np.testing.assert_allclose(line.get_ydata(), np.array([2e-3, 2e-2, 2e-4]) / 2.0, rtol=1e-6)
+
+
+def test_update_ratio_band(tmp_path):
+    record = update_record({'a.weight': [2e-3, 2e-2, 2e-4]})
+    ax = plots.update_ratio(record, band=(1e-5, 1e-1))
+    span, = [p for p in ax.patches if 'healthy' in p.get_label()]
+    np.testing.assert_allclose([span.get_y(), span.get_y() + span.get_height()], [1e-5, 1e-1], rtol=1e-9)
+    ax = plots.update_ratio(record, band=None)
+    assert not [p for p in ax.patches if 'healthy' in p.get_label()]
+    assert [l.get_label() for l in ax.lines if not l.get_label().startswith('_')] == ['a.weight']
+    for bad, error in [((1,), ValueError), ((1e-4, 1e-2, 1e-1), ValueError), ((1e-2, 1e-4), ValueError),
+                       ((0, 1e-2), ValueError), ((-1e-3, 1e-2), ValueError), ((1e-4, math.inf), ValueError),
+                       ((1e-4, math.nan), ValueError), (1e-3, TypeError), ('ab', TypeError),
+                       (('a', 'b'), TypeError), ((True, 2), TypeError)]:
+        with pytest.raises(error, match='`band`'):
+            plots.update_ratio(record, band=bad)
+    plt.close('all')
+
+
+@pytest.mark.parametrize('bad, error', [(0, ValueError), (-1, ValueError), (2.0, TypeError), ('40', TypeError),
+                                        (True, TypeError), (None, TypeError)])
+def test_heatmap_max_labels_must_be_a_positive_int(run, bad, error):
+    record, _ = run
+    with pytest.raises(error, match='`max_labels`'):
+        plots.heatmap(record, max_labels=bad)
+    plt.close('all')
+
+
+def test_heatmap_max_labels_caps_the_labels(run):
+    record, _ = run
+    names = depth_order(record)
+    ax = plots.heatmap(record, max_labels=np.int64(1))
+    assert [t.get_text() for t in ax.get_yticklabels()] == [names[0]]
+    ax = plots.heatmap(record, max_labels=2)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    every = math.ceil(len(names) / 2)
+    assert labels == names[::every] and len(labels) <= 2

@@ -301,3 +301,52 @@ def test_add_step_keeps_every_column_and_rejects_steps_that_do_not_increase():
     assert len(record) == 17 and len(record.df) == 2 * 17   # nothing half-written
     record.add_step(51, 4, 0.1, 1.0, index, values)
     assert len(record) == 18 and len(record.df) == 2 * 18
+
+
+# --- argument checks and documented columns ------------------------------------------------------
+ONE_LAYER = [{'name': 'a', 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': 0}]
+
+
+def test_merge_rejects_a_single_path_or_record(tmp_path):
+    "A str or Path is one run, not a list of them: a TypeError naming `records`, not a search for run 's'."
+    record = GradRecord(ONE_LAYER)
+    record.add_step(0, 0, 0.1, 1.0, record.layer_index(['a']), np.ones((1, len(METRICS))))
+    path = record.save(tmp_path / 'somerun')
+    for bad in ('somerun', str(path), path, record, 5):
+        with pytest.raises(TypeError, match='`records` must be a list of GradRecords or paths'):
+            fastai_gradstats.merge(bad)
+    merged = fastai_gradstats.merge([path, record])   # a list of them still merges
+    assert merged.multi_rank and list(merged.steps['rank']) == [0, 1] and list(merged.steps['step']) == [0, 0]
+
+
+def test_grad_record_checks_hist_dtype_and_args():
+    for bad in ('float32', np.float64, 'bool', 'nonsense', object):
+        with pytest.raises(TypeError, match='`hist_dtype`'):
+            GradRecord(ONE_LAYER, hist_dtype=bad)
+    for good in ('uint16', np.uint16, np.int64, np.dtype('uint32')):
+        record = GradRecord(ONE_LAYER, hist_dtype=good)
+        assert record.has_hist and record._hist.data.dtype == np.dtype(good)
+    for bad in (5, 'every=2', [('every', 2)]):
+        with pytest.raises(TypeError, match='`args`'):
+            GradRecord(ONE_LAYER, args=bad)
+    assert GradRecord(ONE_LAYER, args={'every': 2}).args == {'every': 2} and GradRecord(ONE_LAYER).args == {}
+
+
+def _section(text, start, end):
+    "The part of `text` from the first `start` to the next `end` after it."
+    part = text[text.index(start):]
+    return part[:part.index(end)]
+
+
+def test_docstrings_list_the_columns_of_steps():
+    "The class docstring and `steps`' docstring name every column `.steps` has (`rank` in a merge of ranks)."
+    layers = [{'name': 'a', 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': 0, 'group': 0}]
+    record = GradRecord(layers)
+    record.add_step(0, 0, 0.1, 1.0, record.layer_index(['a']), np.ones((1, len(METRICS))))
+    columns = list(record.steps.columns)
+    merged = list(fastai_gradstats.merge([record, GradRecord(layers)]).steps.columns)
+    assert merged == ['rank', *columns]
+    for doc in (_section(GradRecord.__doc__, '- `steps`', '- `layers`'), GradRecord.steps.__doc__):
+        assert [c for c in merged if f'`{c}`' not in doc] == [], doc
+    layer_doc = _section(GradRecord.__doc__, '- `layers`', '\n\n')
+    assert [c for c in record.layers.columns if f'`{c}`' not in layer_doc] == []
