@@ -111,21 +111,21 @@ def _check_nonfinite(run):
 
 def _check_total_norm(run):
     t, norms = run.t, run.norms
-    finite = np.isfinite(norms)
-    if not finite.any(): return [_finding('total_norm', 'critical', 'no finite total gradient norm was recorded')]
+    known = ~np.isnan(norms)  # an Inf norm (beyond float32's range) counts as above every threshold
+    if not known.any(): return [_finding('total_norm', 'critical', 'every recorded total gradient norm is NaN')]
     steps = run.applied['step'].to_numpy()
-    peak = float(norms[finite].max())
+    peak = float(norms[known].max())
     if peak > t.total_norm_critical:
-        where = steps[finite & (norms > t.total_norm_critical)]
+        where = steps[known & (norms > t.total_norm_critical)]
         return [_finding('total_norm', 'critical', f"total gradient norm reached {peak:.3g} (> {t.total_norm_critical:g}, "
                          "likely to explode): lower the learning rate or clip gradients", value=peak,
                          threshold=t.total_norm_critical, first_step=int(where.min()), last_step=int(where.max()))]
     if peak > t.total_norm_warning:
-        where = steps[finite & (norms > t.total_norm_warning)]
+        where = steps[known & (norms > t.total_norm_warning)]
         return [_finding('total_norm', 'warning', f"total gradient norm reached {peak:.3g} (healthy up to "
                          f"{t.total_norm_warning:g}): watch for explosions, consider GradientClip", value=peak,
                          threshold=t.total_norm_warning, first_step=int(where.min()), last_step=int(where.max()))]
-    median = float(np.median(norms[finite]))
+    median = float(np.median(norms[known]))
     return [_finding('total_norm', 'ok', f"total gradient norm stays at most {peak:.3g} (median {median:.3g})",
                      value=peak, threshold=t.total_norm_warning)]
 
@@ -137,12 +137,17 @@ def _check_exploding(run):
     over = finite & (norms > t.total_norm_critical)
     nonfinite_after_growth = (~finite).any()
     growth = run.late_norm / run.early_norm if run.early_norm > 0 else np.nan
-    if over.any() or (nonfinite_after_growth and finite.any()):
+    if not finite.any():
+        first, last = _span(steps)
+        return [_finding('exploding', 'warning', "no total norm is finite, from the first step on: an explosion cannot "
+                         "be told from bad inputs, a bad loss or a bad initialisation (see nonfinite)",
+                         threshold=t.total_norm_critical, first_step=first, last_step=last)]
+    if over.any() or nonfinite_after_growth:
         where = steps[over | ~finite]
         first = int(where.min())
         return [_finding('exploding', 'critical', f"gradients explode from step {first} (total norm above "
                          f"{t.total_norm_critical:g} or not finite): lower the learning rate, add GradientClip "
-                         "(see the clipping advice)", value=float(np.nanmax(np.where(finite, norms, np.nan))) if finite.any() else np.inf,
+                         "(see the clipping advice)", value=float(np.nanmax(norms)),  # Inf when a norm overflowed
                          threshold=t.total_norm_critical, first_step=first, last_step=int(where.max()))]
     if run.enough and growth >= t.growth_factor and run.late_norm > t.total_norm_warning:
         first, last = _span(run.late['step'])
@@ -190,10 +195,13 @@ def _check_vanishing(run):
                                  f"{int(tiny.sum())} step(s): no learning; check the initialisation and activations",
                                  value=float(norms.min()), threshold=t.vanishing_norm, first_step=first, last_step=last))
     profile = _depth_profile(run)
-    if len(profile) >= 3 and (profile > 0).all():
-        ratio = float(profile.iloc[-1] / profile.iloc[0])
-        log_rms = np.log(profile.to_numpy(float))
-        steady = np.corrcoef(np.arange(len(log_rms)), log_rms)[0, 1]
+    if len(profile) >= 3 and profile.iloc[-1] > 0:
+        rms = profile.to_numpy(float)
+        with np.errstate(divide='ignore'): ratio = float(rms[-1] / rms[0])  # Inf: no gradient at all at the input
+        # a layer whose rms gradient is 0 counts as 1000x below the smallest non-zero one, for the steadiness
+        log_rms = np.log(np.where(rms > 0, rms, rms[rms > 0].min() * 1e-3))
+        with np.errstate(invalid='ignore', divide='ignore'):  # a flat profile has no correlation (NaN): not steady
+            steady = np.corrcoef(np.arange(len(log_rms)), log_rms)[0, 1]
         if ratio >= t.depth_ratio_warning and steady >= 0.7:
             first, last = _span(run.applied['step'])
             status = 'critical' if ratio >= t.depth_ratio_critical else 'warning'
@@ -202,7 +210,8 @@ def _check_vanishing(run):
                                          "loss is low and flat: convergence, not vanishing", layer=profile.index[0],
                                          value=ratio, threshold=t.depth_ratio_warning))
             else:
-                findings.append(_finding('vanishing', status, f"gradients vanish with depth: rms gradient falls {ratio:.3g}x "
+                falls = f"{ratio:.3g}x" if np.isfinite(ratio) else 'to 0'
+                findings.append(_finding('vanishing', status, f"gradients vanish with depth: rms gradient falls {falls} "
                                          f"from {profile.index[-1]} to {profile.index[0]} (input): use Kaiming init, "
                                          "ReLU-family activations, BatchNorm or residual connections",
                                          layer=profile.index[0], value=ratio, threshold=t.depth_ratio_warning
@@ -226,7 +235,10 @@ def _check_loss_context(run):
                 _finding('stuck', 'ok', 'the loss fell: not stuck', value=run.late_norm, threshold=t.total_norm_low)]
     found = [_finding('converged', 'ok', 'not converged (yet): the loss is not low and flat',
                       value=run.loss_late, threshold=t.loss_converged * run.loss_early)]
-    if run.enough and small and not run.falling:
+    if not (np.isfinite(run.loss_early) and np.isfinite(run.loss_late)):
+        found.append(_finding('stuck', 'ok', 'the loss is not known (NaN or not recorded): stuck cannot be told apart '
+                              'from converging', value=run.late_norm, threshold=t.total_norm_low))
+    elif run.enough and small and not run.falling:
         found.append(_finding('stuck', 'warning', f"small gradients (late total norm {run.late_norm:.3g}) while the loss "
                               f"stays high ({run.loss_early:.3g} -> {run.loss_late:.3g}): the model is stuck; raise the "
                               "learning rate, fix the initialisation or the activations",
@@ -264,11 +276,11 @@ def _per_layer(run, column, high, low=None, only_weights=False, high_status=("wa
     found = []
     for layer, value in med.items():
         part = rows[names == layer]
-        if high[1] is not None and value > high[1]: status, threshold = high_status[1], high[1]
-        elif value > high[0]: status, threshold = high_status[0], high[0]
-        elif low is not None and value < low: status, threshold = 'warning', low
+        if high[1] is not None and value > high[1]: status, threshold, above = high_status[1], high[1], True
+        elif value > high[0]: status, threshold, above = high_status[0], high[0], True
+        elif low is not None and value < low: status, threshold, above = 'warning', low, False
         else: continue
-        where = part['step'][(part[column] > threshold) if threshold != low else (part[column] < low)]
+        where = part['step'][(part[column] > threshold) if above else (part[column] < threshold)]
         first, last = _span(where)
         found.append((layer, status, float(value), threshold, first, last))
     return found
@@ -359,17 +371,20 @@ def suggest_clip(record, thresholds: Thresholds | None = None) -> dict:
 
 def summary(record, thresholds: Thresholds | None = None, show_ok: bool = False) -> str:
     """A short text of `health`, worst first, for notebooks and terminals; with clipping advice when the
-    gradients explode or spike. `show_ok` also lists the checks that found nothing."""
+    gradients explode or spike. `show_ok` also lists the checks that found nothing. Of several layers with
+    one finding, the worst named is the one farthest from its threshold (by ratio, either way)."""
+    if not isinstance(show_ok, bool): raise TypeError(f"`show_ok` must be True or False, got {show_ok!r}")
     table = health(record, thresholds)
     steps = record.steps
     counts = table['status'].value_counts()
+    ranks = f" on {steps['rank'].nunique()} ranks" if 'rank' in steps else ''  # a merge: each step once per rank
     head = (f"Gradient health: {counts.get('critical', 0)} critical, {counts.get('warning', 0)} warning(s) over "
-            f"{len(steps)} recorded step(s) ({int(steps['step'].min())}-{int(steps['step'].max())}), "
+            f"{steps['step'].nunique()} recorded step(s) ({int(steps['step'].min())}-{int(steps['step'].max())}){ranks}, "
             f"{record.df['layer'].nunique()} parameter tensors")
     lines = [head]
     shown = table if show_ok else table[table['status'] != 'ok']
     for (status, check), group in shown.groupby(['status', 'check'], sort=False):
-        worst = group.iloc[group['value'].abs().fillna(0).to_numpy().argmax()] if len(group) > 1 else group.iloc[0]
+        worst = group.iloc[_distance(group).argmax()] if len(group) > 1 else group.iloc[0]
         first, last = group['first_step'].min(), group['last_step'].max()
         where = '' if pd.isna(first) else f" [step {first}]" if first == last else f" [steps {first}-{last}]"
         if len(group) > 1:
@@ -390,6 +405,13 @@ def summary(record, thresholds: Thresholds | None = None, show_ok: bool = False)
                          f"of the healthy total norms) would have clipped {clip['n_clipped']} of {clip['n_steps']} steps")
         except ValueError as e: lines.append(f"  advice: no clipping value: {e}")
     return '\n'.join(lines)
+
+
+def _distance(findings) -> np.ndarray:
+    "How far each finding's value lies from its threshold, |log(value / threshold)| (0 where either is unknown)."
+    with np.errstate(divide='ignore', invalid='ignore'):
+        far = np.abs(np.log(findings['value'].to_numpy(float) / findings['threshold'].to_numpy(float)))
+    return np.nan_to_num(far, nan=0.0, posinf=np.inf)
 
 
 record_method(health)

@@ -596,3 +596,96 @@ def test_empty_record_is_an_error():
         health(GradRecord())
     with pytest.raises(ValueError, match='empty'):
         summary(GradRecord())
+
+
+# --- edge cases of the checks, on hand-built records ------------------------------------------
+def layered_record(rms_by_layer, n_steps=20, losses=None, ratios=None, norms=None, ranks=None):
+    """A record of weight layers `w0` (input) ... with the given rms gradient (16 elements each: grad_norm = 4 rms)
+    at every step, param_norm 1 (or `ratios[i]` as grad/param ratio), loss `losses[step]` (default 1.0)."""
+    n = len(rms_by_layer)
+    layers = [{'name': f'w{i}', 'module': 'Linear', 'shape': (4, 4), 'numel': 16, 'depth': i} for i in range(n)]
+    record = GradRecord(layers)
+    idx = record.layer_index([f'w{i}' for i in range(n)])
+    for step in range(n_steps):
+        values = np.full((n, len(METRICS)), 0.01)
+        grad_norm = 4.0 * np.asarray(rms_by_layer, float)
+        if norms is not None: grad_norm = np.full(n, norms[step] / math.sqrt(n))
+        values[:, METRICS.index('grad_norm')] = grad_norm
+        values[:, METRICS.index('param_norm')] = 1.0 if ratios is None else grad_norm / np.asarray(ratios, float)
+        values[:, METRICS.index('zero_frac')] = 0.0
+        values[:, METRICS.index('dead_frac')] = 0.0
+        record.add_step(step, 0, 1e-3, 1.0 if losses is None else losses[step], idx, values)
+    return record
+
+
+def test_a_zero_gradient_at_the_input_is_vanishing_not_ok():
+    "rms 0 at the input-most weight, rising towards the output: the extreme of vanishing (reviewer's case), not 'ok'."
+    table = health(layered_record([0.0, 1e-5, 1e-3, 1e-1]))
+    row = rows(table, 'vanishing').iloc[0]
+    assert row['status'] == 'critical' and row['value'] == math.inf and row['layer'] == 'w0'
+    assert 'falls to 0 from w3 to w0' in row['reason']
+    # the same profile with 1e-7 at the input still reads as its finite ratio
+    row = rows(health(layered_record([1e-7, 1e-5, 1e-3, 1e-1])), 'vanishing').iloc[0]
+    assert row['status'] == 'critical' and row['value'] == pytest.approx(1e6, rel=1e-5)
+    # zeros that do not fall steadily (the output side) are not vanishing with depth
+    assert rows(health(layered_record([1e-1, 1e-1, 1e-1, 0.0])), 'vanishing').iloc[0]['status'] == 'ok'
+
+
+def test_summary_names_the_layer_farthest_from_its_threshold():
+    "Ratios 1e-7, 1e-8, 1e-12 under ratio_low 1e-6: the worst is the smallest, w2 (was the largest absolute value)."
+    record = layered_record([1e-3, 1e-3, 1e-3], ratios=[1e-7, 1e-8, 1e-12])
+    line, = [l for l in summary(record).splitlines() if 'grad_param_ratio' in l]
+    assert 'in 3 layers' in line and 'worst w2:' in line and '1e-12' in line.split('worst')[1]
+    # above the threshold: the largest is the worst
+    record = layered_record([1e-3, 1e-3, 1e-3], ratios=[2.0, 50.0, 3.0])
+    line, = [l for l in summary(record).splitlines() if 'grad_param_ratio' in l]
+    assert 'worst w1:' in line
+
+
+def test_every_total_norm_nan_is_not_called_ok():
+    table = health(layered_record([1e-3, 1e-3, 1e-3], norms=[math.nan] * 20))
+    assert rows(table, 'exploding').iloc[0]['status'] == 'warning'
+    assert 'no total norm is finite' in rows(table, 'exploding').iloc[0]['reason']
+    assert rows(table, 'total_norm').iloc[0]['status'] == 'critical'
+
+
+def test_an_overflowing_total_norm_counts_as_above_every_threshold():
+    "One Inf total norm (a norm beyond float32, no NaN/Inf element): total_norm critical at that step, exploding's value Inf."
+    norms = [1.0] * 20
+    norms[12] = math.inf
+    table = health(layered_record([1e-3] * 3, norms=norms))
+    total = rows(table, 'total_norm').iloc[0]
+    assert total['status'] == 'critical' and total['value'] == math.inf and total['first_step'] == total['last_step'] == 12
+    exploding = rows(table, 'exploding').iloc[0]
+    assert exploding['status'] == 'critical' and exploding['value'] == math.inf and exploding['first_step'] == 12
+
+
+def test_an_unknown_loss_is_not_called_stuck():
+    "Small gradients and every loss NaN: stuck cannot be judged (was a warning reading 'nan -> nan')."
+    table = health(layered_record([1e-3] * 3, norms=[1e-3] * 20, losses=[math.nan] * 20))
+    stuck = rows(table, 'stuck').iloc[0]
+    assert stuck['status'] == 'ok' and 'not known' in stuck['reason']
+    # with a known, flat, high loss the same gradients are stuck
+    assert rows(health(layered_record([1e-3] * 3, norms=[1e-3] * 20, losses=[2.0] * 20)), 'stuck').iloc[0]['status'] == 'warning'
+
+
+def test_equal_ratio_bounds_still_give_the_steps_of_a_finding():
+    "ratio_low == ratio_high: a too-small ratio's steps are found by the side it is on (were <NA>)."
+    record = layered_record([1e-3] * 3, ratios=[1e-3, 0.5, 1e-3])
+    table = health(record, Thresholds(ratio_low=0.1, ratio_high=0.1))
+    found = rows(table, 'grad_param_ratio')
+    assert set(found['layer']) == {'w0', 'w1', 'w2'}
+    assert found['first_step'].tolist() == [0, 0, 0] and found['last_step'].tolist() == [19, 19, 19]
+
+
+def test_summary_counts_the_steps_of_a_merge_of_ranks_once():
+    from fastai_gradstats import merge
+    record = merge([layered_record([1e-3] * 3, n_steps=40), layered_record([1e-3] * 3, n_steps=40)])
+    head = summary(record).splitlines()[0]
+    assert 'over 40 recorded step(s) (0-39) on 2 ranks' in head
+
+
+def test_summary_show_ok_must_be_a_bool():
+    record = layered_record([1e-3] * 3)
+    for bad in ('no', 1, None):
+        with pytest.raises(TypeError, match='`show_ok`'): summary(record, show_ok=bad)
