@@ -145,7 +145,16 @@ class GradRecord:
             missing = set(LAYER_COLUMNS) - set(layer) - {'group'}
             if missing: raise ValueError(f"`layers` entry {layer!r} lacks {sorted(missing)}")
             entry = {k: layer.get(k, -1) for k in LAYER_COLUMNS}
-            entry['shape'] = tuple(int(s) for s in entry['shape'])
+            if not isinstance(entry['name'], str): raise TypeError(f"`layers` entry {layer!r}: `name` must be a str")
+            for key in ('numel', 'depth', 'group'):
+                if isinstance(entry[key], bool) or not isinstance(entry[key], (int, np.integer)):
+                    raise TypeError(f"`layers` entry {layer!r}: `{key}` must be an int")
+                entry[key] = int(entry[key])
+            shape = entry['shape']
+            if isinstance(shape, (str, bytes)) or not hasattr(shape, '__iter__') or \
+                    any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in shape):
+                raise TypeError(f"`layers` entry {layer!r}: `shape` must be a sequence of ints")
+            entry['shape'] = tuple(int(d) for d in shape)
             if entry['name'] in self._index: self._layers[self._index[entry['name']]] = entry
             else:
                 self._index[entry['name']] = len(self._layers)
@@ -484,7 +493,10 @@ def load(path) -> GradRecord:
         raise ValueError(f"{str(path/_FILES['meta'])!r} is not valid JSON: {e}") from None
     if not isinstance(meta, dict) or meta.get('format') != 'fastai_gradstats.record':
         raise ValueError(f"{str(path)!r} is not a saved GradStats run (meta.json has no GradStats format)")
-    if meta.get('format_version', 0) > FORMAT_VERSION:
+    version = meta.get('format_version', 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{str(path/_FILES['meta'])!r} has an invalid `format_version`: {version!r}")
+    if version > FORMAT_VERSION:
         raise ValueError(f"{str(path)!r} was written by a newer fastai_gradstats (format {meta['format_version']})")
     layers = meta.get('layers')
     if not isinstance(layers, list) or not all(isinstance(l, dict) for l in layers):

@@ -350,3 +350,24 @@ def test_docstrings_list_the_columns_of_steps():
         assert [c for c in merged if f'`{c}`' not in doc] == [], doc
     layer_doc = _section(GradRecord.__doc__, '- `layers`', '\n\n')
     assert [c for c in record.layers.columns if f'`{c}`' not in layer_doc] == []
+
+
+def test_a_corrupt_meta_json_is_named_with_the_field(tmp_path):
+    "A saved run whose meta.json has a string format_version or layer depth: a ValueError naming the file and the field."
+    record = GradRecord(ONE_LAYER)
+    record.add_step(0, 0, 0.1, 1.0, record.layer_index(['a']), np.ones((1, len(METRICS))))
+    path = record.save(tmp_path / 'run')
+    meta_file = path / 'meta.json'
+    good = json.loads(meta_file.read_text())
+    for key, change in (('format_version', lambda m: m.update(format_version='1')),
+                        ('depth', lambda m: m['layers'][0].update(depth='0')),
+                        ('shape', lambda m: m['layers'][0].update(shape='22')),
+                        ('name', lambda m: m['layers'][0].update(name=3))):
+        meta = json.loads(json.dumps(good))
+        change(meta)
+        meta_file.write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=rf"meta\.json.*`{key}`"): fastai_gradstats.load(path)
+    meta_file.write_text(json.dumps(good))
+    assert fastai_gradstats.load(path).df.equals(record.df)
+    with pytest.raises(TypeError, match='`numel`'):
+        GradRecord([{'name': 'a', 'module': 'Linear', 'shape': (2,), 'numel': 2.0, 'depth': 0}])
