@@ -2,7 +2,8 @@
 
 - `gradstats demo [--out DIR] [--quick]`: train the forum experiments, save runs, figures and a report;
 - `gradstats report RUN... [--out FILE]`: one self-contained HTML report from saved runs;
-- `gradstats summary RUN`: the health summary of a saved run in the terminal.
+- `gradstats summary RUN [--all]`: the health summary of a saved run in the terminal
+  (`--all`: also list the checks that found nothing).
 
 A missing or unreadable run gives a one-line error and exit code 2, never a traceback.
 """
@@ -36,12 +37,19 @@ def _load(path):
 
 
 def _names(paths):
-    "Run names for the report: directory names, made unique."
-    names, seen = [], {}
-    for p in paths:
-        base = Path(p).resolve().name or str(p)
-        seen[base] = seen.get(base, 0) + 1
-        names.append(base if seen[base] == 1 else f'{base} ({seen[base]})')
+    """Run names for the report: directory names, made unique. A name met again gets ' (2)', ' (3)', ...: the
+    first that is neither another run's directory name nor a name given already."""
+    bases = [Path(p).resolve().name or str(p) for p in paths]
+    names, seen, taken = [], set(), set(bases)
+    for base in bases:
+        name = base
+        if base in seen:
+            k = 2
+            while f'{base} ({k})' in taken: k += 1
+            name = f'{base} ({k})'
+            taken.add(name)
+        seen.add(base)
+        names.append(name)
     return names
 
 

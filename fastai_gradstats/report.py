@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +21,7 @@ from .plots import compare, gradient_flow, heatmap, magnitude_hist
 from .record import GradRecord
 
 __all__ = ['run_figures', 'write_report', 'overview']
+_SECTIONS = ('heatmap', 'magnitude_hist', 'gradient_flow')
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -41,22 +43,77 @@ def _png(fig, path=None) -> str:
     return base64.b64encode(data).decode('ascii')
 
 
+def _check_record(record, name='record') -> GradRecord:
+    "`record` when it is a GradRecord with at least one recorded step; else a TypeError or ValueError naming `name`."
+    if not isinstance(record, GradRecord):
+        raise TypeError(f"`{name}` must be a GradRecord, got {type(record).__name__}")
+    if not len(record): raise ValueError(f"`{name}` is empty: no step was recorded")
+    return record
+
+
+def _check_records(records) -> dict:
+    """`records` (a dict of run name (a non-empty str) -> GradRecord with at least one step, or one GradRecord,
+    then named 'run') as a dict; else a TypeError or ValueError naming `records`."""
+    if isinstance(records, GradRecord): records = {'run': records}
+    if not isinstance(records, dict):
+        raise TypeError(f"`records` must be a dict of run name -> GradRecord, got {type(records).__name__}")
+    if not records: raise ValueError("`records` must hold at least one run, got an empty dict")
+    for name, record in records.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"`records` must be keyed by run names (non-empty str), got the key {name!r}")
+        _check_record(record, f'records[{name!r}]')
+    return records
+
+
+def _check_path(value, name, allow_none=False):
+    "`value` as a Path (or None when `allow_none`); else a TypeError naming `name`."
+    if value is None and allow_none: return None
+    if not isinstance(value, (str, Path)):
+        kind = 'a str or Path, or None' if allow_none else 'a str or Path'
+        raise TypeError(f"`{name}` must be {kind}, got {type(value).__name__}")
+    return Path(value)
+
+
+def _safe_stem(name: str) -> str:
+    "`name` for a file name: every character outside [A-Za-z0-9._ -] (path separators included) replaced with '_'."
+    return re.sub(r'[^A-Za-z0-9._ -]', '_', name)
+
+
+def _unique(stem: str, used: set, files) -> str:
+    """`stem`, or `stem_2`, `stem_3`, ... the first whose file names `files(stem)` are all unused in `used`
+    (compared case-insensitively, as on macOS and Windows); adds them to `used`."""
+    candidate, k = stem, 1
+    while any(f.lower() in used for f in files(candidate)):
+        k += 1
+        candidate = f'{stem}_{k}'
+    used.update(f.lower() for f in files(candidate))
+    return candidate
+
+
 def run_figures(record: GradRecord, name: str, figures_dir=None) -> dict:
     """The figures of one run as base64 PNG, by section name (`heatmap`, `magnitude_hist`, `gradient_flow`);
-    also written as `<figures_dir>/<name>_<section>.png` when `figures_dir` is given."""
+    also written as `<figures_dir>/<name>_<section>.png` when `figures_dir` is given (the folder is created if
+    needed; characters of `name` outside [A-Za-z0-9._ -], path separators included, become '_')."""
+    _check_record(record)
+    if not isinstance(name, str) or not name: raise TypeError(f"`name` must be a non-empty str, got {name!r}")
+    figures_dir = _check_path(figures_dir, 'figures_dir', allow_none=True)
+    if figures_dir is not None: figures_dir.mkdir(parents=True, exist_ok=True)
+    stem = _safe_stem(name)
     figures = {}
     makers = {'heatmap': lambda: heatmap(record, 'grad_norm', weights_only=False).figure,
               'gradient_flow': lambda: gradient_flow(record).figure}
     if record.has_hist: makers['magnitude_hist'] = lambda: magnitude_hist(record).figure
-    for section in ('heatmap', 'magnitude_hist', 'gradient_flow'):
+    for section in _SECTIONS:
         if section not in makers: continue
-        path = None if figures_dir is None else Path(figures_dir)/f'{name}_{section}.png'
+        path = None if figures_dir is None else figures_dir/f'{stem}_{section}.png'
         figures[section] = _png(makers[section](), path)
     return figures
 
 
 def overview(records: dict):
-    "One row per run: steps recorded, first and last loss, peak total norm, and how many findings of each status."
+    """One row per run of `records` (a dict of run name -> GradRecord, or one GradRecord, named 'run'): steps
+    recorded, first and last loss, peak total norm, and how many findings of each status."""
+    records = _check_records(records)
     rows = []
     for name, record in records.items():
         steps = record.steps
@@ -87,32 +144,48 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _check_records(records):
-    if isinstance(records, GradRecord): records = {'run': records}
-    if not isinstance(records, dict) or not records:
-        raise ValueError("`records` must be a non-empty dict of run name -> GradRecord")
-    for name, record in records.items():
-        if not isinstance(record, GradRecord):
-            raise TypeError(f"`records[{name!r}]` must be a GradRecord, got {type(record).__name__}")
-        if not len(record): raise ValueError(f"run {name!r} is empty: no step was recorded")
-    return records
+def _check_comparisons(comparisons, records) -> list:
+    "`comparisons` as a list of tuples of run names of `records`; else a TypeError or ValueError naming `comparisons`."
+    if comparisons is None: return [tuple(records)] if len(records) > 1 else []
+    expected = "`comparisons` must be a list of tuples of two or more run names"
+    if not isinstance(comparisons, (list, tuple)):
+        raise TypeError(f"{expected}, got {type(comparisons).__name__} {comparisons!r}")
+    out = []
+    for names in comparisons:
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"{expected}, got the entry {names!r} (one comparison: put it in a list, [('a', 'b')])")
+        if len(names) < 2: raise ValueError(f"{expected}, got the entry {tuple(names)!r}")
+        unknown = [n for n in names if n not in records]
+        if unknown: raise ValueError(f"`comparisons` names unknown run(s) {unknown}; the runs are {list(records)}")
+        out.append(tuple(names))
+    return out
 
 
 def write_report(records, out='report.html', comparisons=None, figures_dir=None,
                  title='Gradient statistics report') -> Path:
-    """Write one self-contained HTML report of `records` (a dict of run name -> GradRecord) to `out`.
+    """Write one self-contained HTML report of `records` (a dict of run name -> GradRecord, or one GradRecord,
+    named 'run') to `out` (a str or Path).
 
     Sections: an overview, then per run its claim (if the run came from the demo), health summary
-    and table, heatmap, magnitude histogram and gradient flow; then one comparison figure per pair
-    in `comparisons` (default: all runs together when there are several). Figures are embedded as
-    base64 PNG, and also written to `figures_dir` when given. Returns the path written."""
+    and table, heatmap, magnitude histogram and gradient flow; then one comparison figure per entry
+    of `comparisons`, a list of tuples of two or more run names drawn together (default: all runs in
+    one figure when there are several; `[]`: none). Figures are embedded as base64 PNG, and also
+    written to `figures_dir` when given, as `<name>_<section>.png` and `compare_<a>_vs_<b>.png`, where
+    characters outside [A-Za-z0-9._ -] become '_' and a name whose files would clash with another's
+    gets `_2`, `_3`, ...; the report shows the names as given. Returns the path written."""
     records = _check_records(records)
-    out = Path(out)
+    comparisons = _check_comparisons(comparisons, records)
+    out = _check_path(out, 'out')
+    figures_dir = _check_path(figures_dir, 'figures_dir', allow_none=True)
+    if not isinstance(title, str): raise TypeError(f"`title` must be a str, got {type(title).__name__}")
     if out.exists() and out.is_dir(): raise ValueError(f"`out` {str(out)!r} is a directory; give a file name")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if figures_dir is not None: Path(figures_dir).mkdir(parents=True, exist_ok=True)
-    if comparisons is None: comparisons = [tuple(records)] if len(records) > 1 else []
-    comparisons = [c for c in comparisons if all(n in records for n in c)]
+    if figures_dir is not None: figures_dir.mkdir(parents=True, exist_ok=True)
+    used = set()   # figure file names taken, lower case
+    stems = {name: _unique(_safe_stem(name), used, lambda s: [f'{s}_{section}.png' for section in _SECTIONS])
+             for name in records}
+    compare_stems = [_unique('compare_' + '_vs_'.join(stems[n] for n in names), used, lambda s: [f'{s}.png'])
+                     for names in comparisons]
     with matplotlib.rc_context({'figure.max_open_warning': 0}):
         parts = [f'<h1>{html.escape(title)}</h1>',
                  '<nav>' + ''.join(f'<a href="#run-{html.escape(n)}">{html.escape(n)}</a>' for n in records) +
@@ -126,15 +199,15 @@ def write_report(records, out='report.html', comparisons=None, figures_dir=None,
                              f'{html.escape(str(claim))}</p>')
             parts.append(f'<h3>Summary</h3><pre class="summary">{html.escape(summary(record))}</pre>')
             parts.append('<h3>Health</h3>' + _table(health(record), classes_from='status'))
-            for section, data in run_figures(record, name, figures_dir).items():
+            for section, data in run_figures(record, stems[name], figures_dir).items():
                 parts.append(f'<h3>{section.replace("_", " ")}</h3><img alt="{html.escape(name)} {section}" '
                              f'class="figure {section}" src="data:image/png;base64,{data}">')
         if comparisons:
             parts.append('<h2 id="comparisons">Comparisons</h2>')
-            for names in comparisons:
+            for names, stem in zip(comparisons, compare_stems):
                 label = ' vs '.join(names)
                 fig = compare([records[n] for n in names], 'grad_rms', labels=list(names))
-                path = None if figures_dir is None else Path(figures_dir)/f'compare_{"_vs_".join(names)}.png'
+                path = None if figures_dir is None else figures_dir/f'{stem}.png'
                 parts.append(f'<h3>{html.escape(label)}</h3><img alt="compare {html.escape(label)}" class="figure compare" '
                              f'src="data:image/png;base64,{_png(fig, path)}">')
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

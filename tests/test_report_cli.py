@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from bs4 import BeautifulSoup
 
-from fastai_gradstats import Thresholds, cli, load
+from fastai_gradstats import Thresholds, cli, load, overview, run_figures, write_report
 from fastai_gradstats.demo import COMPARISONS, EXPERIMENTS
 from fastai_gradstats.health import CHECKS
 
@@ -370,3 +370,155 @@ def test_demo_runs_are_reproducible():
     pd.testing.assert_frame_equal(a.df, b.df)
     # the explosion is not borderline: the first step's total norm is far above the critical threshold
     assert a.steps['grad_norm'].iloc[0] > 10 * Thresholds().total_norm_critical
+
+
+# --- the report and the command on small runs (no demo): names, file names, argument checks ---------------------
+@pytest.fixture(scope='module')
+def small_runs():
+    "Three short fits of a tiny MLP on 32, 48 and 64 digits in batches of 16: 2, 3 and 4 recorded steps."
+    import warnings
+    from fastai.basics import SGD, CrossEntropyLossFlat, Learner
+    from fastai_gradstats import GradStats
+    from helpers import small_dls, tiny_mlp
+    runs = []
+    for n_train in (32, 48, 64):
+        learn = Learner(small_dls(n_train=n_train), tiny_mlp(), loss_func=CrossEntropyLossFlat(), opt_func=SGD)
+        with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            learn.fit(1, 1e-2, cbs=GradStats(hist=True))
+        runs.append(learn.grad_stats)
+    assert [len(r.steps) for r in runs] == [2, 3, 4]
+    return runs
+
+
+def overview_table(soup):
+    return parse_table(next(el for el in section(soup, 'overview') if el.name == 'table'))[0]
+
+
+def test_report_command_keeps_every_run_when_a_made_up_name_is_taken(small_runs, tmp_path):
+    "`runA`, `sub/runA` and a directory called `runA (2)`: three runs in the report, none dropped."
+    dirs = [tmp_path/'runA', tmp_path/'sub'/'runA', tmp_path/'runA (2)']
+    for record, d in zip(small_runs, dirs): record.save(d)
+    target = tmp_path/'r.html'
+    assert cli.main(['report', *map(str, dirs), '--out', str(target)]) == 0
+    soup = check_self_contained(target.read_text(encoding='utf-8'))
+    table = overview_table(soup)
+    names = list(table['run'])
+    assert len(names) == 3 and len(set(names)) == 3
+    assert names[0] == 'runA' and names[2] == 'runA (2)'       # a name free to take is the directory's own
+    assert [int(s) for s in table['steps']] == [2, 3, 4]       # each run once, in the order given
+    for name in names: assert section(soup, f'run-{name}')
+    assert [el.get_text() for el in section(soup, 'comparisons') if el.name == 'h3'] == [' vs '.join(names)]
+
+
+def test_write_report_draws_each_comparison_of_two_or_more_runs(small_runs, tmp_path):
+    records = dict(zip('abc', small_runs))
+    soup = check_self_contained(write_report(records, tmp_path/'r.html', comparisons=[('a', 'b', 'c'), ['c', 'a']])
+                                .read_text(encoding='utf-8'))
+    assert [el.get_text() for el in section(soup, 'comparisons') if el.name == 'h3'] == ['a vs b vs c', 'c vs a']
+    soup = BeautifulSoup(write_report(records, tmp_path/'none.html', comparisons=[]).read_text(encoding='utf-8'),
+                         'html.parser')
+    assert soup.find('h2', id='comparisons') is None
+
+
+EXPECTED_COMPARISONS = "`comparisons` must be a list of tuples of two or more run names"
+
+
+@pytest.mark.parametrize('comparisons, error, message', [
+    ([('a', 'bb')], ValueError, "`comparisons` names unknown run(s) ['bb']"),
+    ([('a', 'b'), ('b', 'c', 'x')], ValueError, "`comparisons` names unknown run(s) ['x']"),
+    (('a', 'b'), TypeError, EXPECTED_COMPARISONS),
+    ([('a',)], ValueError, EXPECTED_COMPARISONS),
+    ([()], ValueError, EXPECTED_COMPARISONS),
+    (5, TypeError, EXPECTED_COMPARISONS),
+    ('ab', TypeError, EXPECTED_COMPARISONS),
+    ([('a', 1)], TypeError, EXPECTED_COMPARISONS),
+], ids=['misspelled', 'misspelled_in_second', 'flat_tuple', 'one_run', 'empty_tuple', 'int', 'str', 'not_a_name'])
+def test_write_report_rejects_bad_comparisons(small_runs, tmp_path, comparisons, error, message):
+    target = tmp_path/'r.html'
+    with pytest.raises(error) as info:
+        write_report(dict(zip('abc', small_runs)), target, comparisons=comparisons)
+    assert message in str(info.value)
+    assert not target.exists()
+
+
+def bad_calls(r, t):
+    "(call, exception, the argument named in the message) for arguments of the wrong type or value."
+    from fastai_gradstats import GradRecord
+    return {
+        'run_figures_record_str': (lambda: run_figures('x', 'a'), TypeError, '`record`'),
+        'run_figures_record_empty': (lambda: run_figures(GradRecord(), 'a'), ValueError, '`record`'),
+        'run_figures_name_int': (lambda: run_figures(r, 5), TypeError, '`name`'),
+        'run_figures_figures_dir_int': (lambda: run_figures(r, 'a', 3), TypeError, '`figures_dir`'),
+        'overview_list': (lambda: overview([r]), TypeError, '`records`'),
+        'overview_empty_dict': (lambda: overview({}), ValueError, '`records`'),
+        'overview_value_str': (lambda: overview({'a': 'x'}), TypeError, "`records['a']`"),
+        'overview_empty_record': (lambda: overview({'a': GradRecord()}), ValueError, "`records['a']`"),
+        'write_report_title_none': (lambda: write_report({'a': r}, t, title=None), TypeError, '`title`'),
+        'write_report_int_key': (lambda: write_report({1: r}, t), TypeError, '`records`'),
+        'write_report_empty_key': (lambda: write_report({'': r}, t), TypeError, '`records`'),
+        'write_report_out_int': (lambda: write_report({'a': r}, 3), TypeError, '`out`'),
+        'write_report_out_none': (lambda: write_report({'a': r}, None), TypeError, '`out`'),
+        'write_report_figures_dir_int': (lambda: write_report({'a': r}, t, figures_dir=3), TypeError, '`figures_dir`'),
+    }
+
+
+@pytest.mark.parametrize('case', list(bad_calls(None, None)))
+def test_bad_arguments_give_an_error_naming_the_argument(small_runs, tmp_path, case):
+    call, error, argument = bad_calls(small_runs[0], tmp_path/'r.html')[case]
+    with pytest.raises(error) as info: call()
+    assert argument in str(info.value)
+    assert not (tmp_path/'r.html').exists()
+
+
+def test_overview_of_one_record_is_the_run_named_run(small_runs):
+    r = small_runs[1]
+    table = overview(r)
+    assert list(table['run']) == ['run'] and list(table['steps']) == [3]
+    assert table['first_loss'].iloc[0] == float(r.steps['loss'].iloc[0])
+    pd.testing.assert_frame_equal(table, overview({'run': r}))
+
+
+def test_run_figures_creates_its_folder(small_runs, tmp_path):
+    folder = tmp_path/'new'/'figures'
+    figures = run_figures(small_runs[0], 'a/b', folder)
+    assert set(figures) == set(SECTIONS)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f'a_b_{s}.png' for s in SECTIONS)
+    for s, data in figures.items():
+        png = base64.b64decode(data)
+        assert png[:8] == PNG_MAGIC and (folder/f'a_b_{s}.png').read_bytes() == png
+
+
+def test_figure_files_are_safe_and_one_per_figure(small_runs, tmp_path):
+    """Names with path separators or other characters keep their display name; their files stay in `figures_dir`,
+    and names that would share a file (`a/b`, `a_b`, `a?b`; comparisons `a_vs_b`+`c` and `a`+`b_vs_c`) do not."""
+    a, b, c = small_runs
+    records = {'a/b': a, 'a_b': b, 'a?b': c, '../up': a, 'a': a, 'b': b, 'c': c, 'a_vs_b': b, 'b_vs_c': c}
+    comparisons = [('a/b', 'a_b'), ('a_vs_b', 'c'), ('a', 'b_vs_c'), ('a', 'b_vs_c')]
+    folder = tmp_path/'figs'
+    out = write_report(records, tmp_path/'r.html', comparisons=comparisons, figures_dir=folder)
+    assert [p for p in tmp_path.rglob('*.png') if p.parent != folder] == []
+    soup = check_self_contained(out.read_text(encoding='utf-8'))
+    assert [h.get_text() for h in soup.find_all('h2')][1:-1] == list(records)
+    images = [base64.b64decode(img['src'].split(',', 1)[1]) for img in soup.find_all('img')]
+    assert len(images) == len(records) * len(SECTIONS) + len(comparisons)
+    files = sorted(folder.iterdir())
+    assert len(files) == len(images)                       # no figure overwrote another's file
+    on_disk = [p.read_bytes() for p in files]
+    assert all(image in on_disk for image in images)
+    assert (folder/'a_b_heatmap.png').is_file() and (folder/'compare_a_vs_b_vs_c.png').is_file()
+
+
+def test_documented_commands_list_every_option():
+    "README and the module docstring show each option of each command; `summary --all` with its --help text."
+    readme = (Path(__file__).parent.parent/'README.md').read_text(encoding='utf-8')
+    commands = cli._parser()._subparsers._group_actions[0].choices
+    for name, parser in commands.items():
+        for action in parser._actions:
+            for flag in (f for f in action.option_strings if f.startswith('--') and f != '--help'):
+                line = next(l for l in readme.splitlines() if l.startswith(f'gradstats {name} '))
+                assert flag in line, (name, flag)
+                doc = next(l for l in cli.__doc__.split('\n- ') if l.startswith(f'`gradstats {name} '))
+                assert flag in doc, (name, flag)
+    help_all = next(a.help for a in commands['summary']._actions if '--all' in a.option_strings)
+    assert f'--all: {help_all}' in readme and f'`--all`: {help_all}' in cli.__doc__
