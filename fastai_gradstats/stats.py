@@ -339,6 +339,7 @@ class LayerStats:
         self.n_units = np.array([s[0] if len(s) >= 2 else math.nan for s in self.shapes], np.float64)
         # `refine`'s cancellation test as std < grad_norm * this (0: never for one element, whose std is NaN)
         self._cancel_scale = np.sqrt(1e-3 / np.maximum(self.numel - 1, 1)) * (self.numel > 1)
+        self._nonempty = _nonempty(self.numel)
         self._layouts, self._last, self._work_bytes = {}, None, {}
 
     def __len__(self): return len(self.shapes)
@@ -353,6 +354,8 @@ class LayerStats:
         "As `__getstate__`; an object pickled by an older version may hold layouts, which read their result differently: dropped."
         self.__dict__.update(state)
         self._layouts, self._last, self._work_bytes = {}, None, {}
+        if '_nonempty' not in state:  # pickled before it existed
+            self._nonempty = _nonempty(self.numel)
 
     @property
     def work_bytes(self) -> int:
@@ -489,16 +492,19 @@ class LayerStats:
             if not layout.keeps_rows:
                 torch._foreach_sub_(layout.kept_tensors, params)  # in place: the copies now hold before - after
                 norms = torch.stack(_norms(layout.kept_tensors))
-                return _exact_norms(norms, layout.kept_tensors) if on_cpu else norms
+                if not on_cpu: return norms
+                norms = norms.to(torch.float64)
+                if not _within_float32_range(norms.numpy()[self._nonempty]): _exact_norms(norms, layout.kept_tensors)
+                return norms
             for c in layout.chunks:
                 torch._foreach_sub_(c.kept_targets, c.pieces_of(params))
                 torch.linalg.vector_norm(c.kept, dim=1, out=c.update_rows)
                 if c.update_staged is not None: c.update_staged.copy_(c.update_rows)
-            if on_cpu: _exact_row_norms(layout)
-            # per tensor: the squares of its rows' norms summed in float64 (a tall narrow tensor adds up millions of
-            # rows one by one); empty tensors: 0
-            squares = layout.update_rows.square_()
-            return layout.update_sums.zero_().index_add_(0, layout.row_owner_index, squares).sqrt()
+            norms = _sum_row_norms(layout)
+            if on_cpu and not _within_float32_range(norms.numpy()[self._nonempty]):
+                _exact_row_norms(layout)
+                norms = _sum_row_norms(layout)
+            return norms
         finally:
             torch.set_grad_enabled(grad_mode)
 
@@ -825,25 +831,37 @@ def _norms(tensors):
     return out
 
 
+def _nonempty(numel: np.ndarray):
+    "Where the tensors of `numel` elements have any (empty ones have no update norm to check): an index, or all."
+    return np.flatnonzero(numel > 0) if (numel == 0).any() else slice(None)
+
+
+def _within_float32_range(norms: np.ndarray) -> bool:
+    """Whether every one of `norms` lies in [TINY_NORM, HUGE_NORM], where float32 sums of squares lose nothing to
+    underflow or overflow (False with a NaN): two numpy calls, whatever the number of tensors."""
+    return len(norms) == 0 or bool(norms.min() >= TINY_NORM and norms.max() <= HUGE_NORM)
+
+
 def _exact_norms(norms, tensors):
-    """`norms` (the float32 or float64 L2 norms of `tensors`, on the CPU) as float64, those of float32 tensors below
-    `TINY_NORM` or above `HUGE_NORM` (lost to underflow or overflow) taken again in float64."""
+    "Take again in float64, in place in `norms` (float64, on the CPU), those of float32 `tensors` outside [TINY_NORM, HUGE_NORM]."
     suspect = (norms < TINY_NORM) | (norms > HUGE_NORM)
-    norms = norms.to(torch.float64)
-    if not suspect.any(): return norms
     for i in torch.nonzero(suspect).flatten().tolist():
         if tensors[i].dtype != torch.float64: norms[i] = torch.linalg.vector_norm(tensors[i], dtype=torch.float64)
-    return norms
+
+
+def _sum_row_norms(layout):
+    """Per tensor, the update norm from its rows' (`layout.update_rows`): their squares summed in float64 (a tall
+    narrow tensor adds up millions of rows one by one); 0 for an empty tensor."""
+    squares = layout.update_rows.square()
+    return layout.update_sums.zero_().index_add_(0, layout.row_owner_index, squares).sqrt()
 
 
 def _exact_row_norms(layout):
     """Take again in float64 the update norms of the rows (`layout.update_rows`, of the kept differences `c.kept`, on
-    the CPU) of float32 chunks that read below `TINY_NORM` or above `HUGE_NORM`. When no row does, that costs one
-    comparison per step; rows that did not move (dead units under plain SGD, every row after a skipped step) read 0,
-    so they are taken again every time (a gather and a norm of those rows)."""
+    the CPU) of float32 chunks that read below `TINY_NORM` or above `HUGE_NORM`: a gather and a norm of those rows.
+    Called only when some tensor's norm is outside that range, as `refine` redoes only such gradients."""
     rows = layout.update_rows
     suspect = (rows < TINY_NORM) | (rows > HUGE_NORM)
-    if not suspect.any(): return
     at = 0
     for c in layout.chunks:
         if c.dtype != torch.float64:

@@ -1,6 +1,7 @@
 """`fastai_gradstats.stats` on bare tensors: every column of `METRICS` against a float64 reference
 computed from the definitions (numpy), NaN/Inf propagation, exact counts, bad arguments."""
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -810,6 +811,21 @@ def test_tiny_and_huge_update_norms_are_taken_in_float64(monkeypatch, by_rows):
     moved = plan.update_norms(params)
     assert moved.dtype == torch.float64 and (expected > 0).all() and np.isfinite(expected).all()
     np.testing.assert_allclose(moved.numpy(), expected, rtol=1e-6, atol=0)
+
+
+def test_a_plan_pickled_before_the_update_check_measures_updates():
+    """A `LayerStats` pickled by the version before the update norms' range check (no `_nonempty`) loads and measures
+    update norms, an empty tensor among them, against float64."""
+    params = [torch.zeros(8, 4), torch.zeros(0, 3), torch.randn(6)]
+    plan = LayerStats([p.shape for p in params])
+    state = plan.__getstate__()
+    del state['_nonempty']
+    loaded = LayerStats.__new__(LayerStats)
+    loaded.__setstate__(pickle.loads(pickle.dumps(state)))
+    loaded.collect([torch.ones_like(p) for p in params], params, keep_params=True)
+    before = [p.clone() for p in params]
+    params[0].add_(1e-24); params[2].add_(0.5)
+    np.testing.assert_allclose(loaded.update_norms(params).numpy(), _float64_distances(before, params), rtol=1e-6)
 
 
 def test_update_norms_of_tall_narrow_and_wide_tensors_sum_their_rows_in_float64():
