@@ -24,7 +24,8 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
     (NaN when no tensor of the group has units), `update_norm` as the norm of the group's step and `update_ratio` as ||Δw|| / ||w||. NaN and Inf
     propagate (a NaN in one tensor makes the group's norm NaN), as they would in the concatenated gradient.
     Returns a DataFrame with the columns of `record.df`, ordered by step and then by the group's
-    first parameter from input to output."""
+    first parameter from input to output. In a merge of data-parallel ranks (`merge`) each rank's
+    tensors are combined apart, and the rows keep their `rank` (ordered by step, rank, group)."""
     if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
     if not isinstance(groups, dict): raise TypeError(f"`groups` must be a dict of parameter name -> group name, got {type(groups).__name__}")
     df = record.df
@@ -48,8 +49,12 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
         'mean_i': f('grad_mean')})
     if 'update_norm' in df: work['d2'] = f('update_norm') ** 2
     first = {g: i for i, g in reversed(list(enumerate(group)))}
-    keys = [work['step'], work['layer']]
-    sums = _reduce_groups(work[[c for c in work.columns if c not in ('step', 'epoch', 'layer', 'grad_max', 'mean_i')]], keys, 'sum')
+    # a merge of ranks (`merge`): each rank's tensors are combined apart, as each rank's gradients are its own
+    ids = ['rank', 'step', 'layer'] if 'rank' in df else ['step', 'layer']
+    if 'rank' in df: work.insert(0, 'rank', df['rank'].to_numpy())
+    keys = [work[c] for c in ids]
+    sums = _reduce_groups(work[[c for c in work.columns if c not in ('rank', 'step', 'epoch', 'layer', 'grad_max', 'mean_i')]],
+                          keys, 'sum')
     out = pd.DataFrame(index=sums.index)
     out['epoch'] = work.groupby(keys, sort=False)['epoch'].first()
     out['grad_norm'] = np.sqrt(sums['g2'])
@@ -57,7 +62,7 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
     out['grad_max'] = _reduce_groups(work[['grad_max']], keys, 'max')['grad_max']
     out['grad_mean'] = sums['sum'] / sums['numel']
     # pooled variance: within-tensor sums of squares plus between-tensor spread of the means
-    work['between'] = work['numel'] * (work['mean_i'] - (out['grad_mean'].reindex(pd.MultiIndex.from_frame(work[['step', 'layer']])).to_numpy())) ** 2
+    work['between'] = work['numel'] * (work['mean_i'] - (out['grad_mean'].reindex(pd.MultiIndex.from_frame(work[ids])).to_numpy())) ** 2
     between = _reduce_groups(work[['between']], keys, 'sum')['between']
     out['grad_std'] = np.sqrt((sums['ss_within'] + between) / (sums['numel'] - 1))
     out['zero_frac'] = sums['zeros'] / sums['numel']
@@ -71,8 +76,8 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
         with np.errstate(divide='ignore', invalid='ignore'): out['update_ratio'] = out['update_norm'] / out['param_norm']
     out = out.reset_index()
     out['order'] = out['layer'].map(first)
-    out = out.sort_values(['step', 'order'], kind='stable').drop(columns='order').reset_index(drop=True)
-    columns = ['step', 'epoch', 'layer'] + [c for c in record.df.columns if c in out and c not in ('step', 'epoch', 'layer')]
+    out = out.sort_values(['step'] + ids[:-2] + ['order'], kind='stable').drop(columns='order').reset_index(drop=True)
+    columns = ids[:-2] + ['step', 'epoch', 'layer'] + [c for c in record.df.columns if c in out and c not in ('rank', 'step', 'epoch', 'layer')]
     return out[columns]
 
 

@@ -43,6 +43,9 @@ def _frame(record, what='record'):
     else:
         raise TypeError(f"`{what}` must be a GradRecord or a DataFrame, got {type(record).__name__}")
     if df.empty: raise ValueError(f"`{what}` is empty: no step was recorded")
+    if 'rank' in df and df['rank'].nunique() > 1:
+        raise ValueError(f"`{what}` is a merge of {df['rank'].nunique()} ranks, which would draw over each other: draw one "
+                         "rank's rows, e.g. `df[df['rank'] == 0]` of its `.df`")
     return df, order
 
 
@@ -70,10 +73,16 @@ def _select_layers(order, layers, argname='layers'):
 
 
 def metric_table(record, metric='grad_norm', weights_only=False, by_module=False) -> pd.DataFrame:
-    """The layer x step table that `heatmap` draws: one row per layer from input to output, one column per step.
+    """The layer x step table that `heatmap` draws: one row per layer from input to output, one column per step;
+    NaN where the metric is NaN and where the layer was not recorded at that step.
 
     `weights_only` keeps the parameters named `weight...` (`is_weight`); `by_module` combines each module's
     parameters first (see `fastai_gradstats.aggregate.by_module`)."""
+    return _metric_table(record, metric, weights_only, by_module)[0]
+
+
+def _metric_table(record, metric, weights_only, by_module):
+    "`metric_table`, and a boolean array of the same shape: whether the layer was recorded at that step."
     if by_module:
         from .aggregate import by_module as _by_module
         record = _by_module(record)
@@ -84,7 +93,9 @@ def metric_table(record, metric='grad_norm', weights_only=False, by_module=False
         if not order: raise ValueError("`weights_only=True` left no layer: no parameter is named 'weight...'")
     table = df.pivot_table(index='layer', columns='step', values=metric, aggfunc='first', observed=True, dropna=False)
     table.index = table.index.astype(str)
-    return table.reindex(order).astype(float)
+    table = table.reindex(order).astype(float)
+    seen = pd.crosstab(df['layer'].astype(str), df['step']).reindex(index=table.index, columns=table.columns, fill_value=0)
+    return table, seen.to_numpy() > 0
 
 
 def _new_ax(ax, figsize):
@@ -104,11 +115,27 @@ def _layer_ticks(ax, labels, axis='y', max_labels=40):
         ax.set_xticks(ticks); ax.set_xticklabels([labels[i] for i in ticks], fontsize=size, rotation=90)
 
 
+def _uneven(steps) -> bool:
+    "Whether the recorded `steps` are not evenly spaced (as after `keep_last` thinned the older ones)."
+    steps = np.asarray(steps, float)
+    return len(steps) > 2 and not np.allclose(np.diff(steps), steps[1] - steps[0])
+
+
 def _step_extent(steps):
-    "imshow extent so that column j is centred on step `steps[j]`, also when steps are not evenly spaced."
+    """imshow's x extent for equally wide columns, one per step of `steps`: centred on the step numbers when they are
+    evenly spaced, else on the columns' positions 0, 1, ... (`_label_steps` then writes the step numbers there)."""
+    if _uneven(steps): return -0.5, len(steps) - 0.5
     steps = np.asarray(steps, float)
     half = (steps[1] - steps[0]) / 2 if len(steps) > 1 else 0.5
     return steps[0] - half, steps[-1] + half
+
+
+def _label_steps(ax, steps, max_labels=12):
+    "The x axis of a step heatmap whose steps are unevenly spaced: the step numbers written under their columns."
+    if not _uneven(steps): return
+    ticks = np.unique(np.linspace(0, len(steps) - 1, min(max_labels, len(steps))).round().astype(int))
+    ax.set_xticks(ticks); ax.set_xticklabels([str(steps[i]) for i in ticks], fontsize=7)
+    ax.set_xlabel('step (one column per recorded step; unevenly spaced)')
 
 
 def _wants_log(values, log):
@@ -133,12 +160,12 @@ def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=F
     `max_labels` (a positive int) caps the layer names written on the axis.
     Returns the Axes; `ax.images[0]` holds the metric, `ax.images[1]` (if any) the special cells."""
     max_labels = _positive_int(max_labels, 'max_labels')
-    table = metric_table(record, metric, weights_only, by_module)
+    table, recorded = _metric_table(record, metric, weights_only, by_module)
     values = table.to_numpy()
     use_log = _wants_log(values, log)
     finite = np.isfinite(values)
     special = np.full(values.shape, np.nan)
-    special[np.isnan(values)] = 1
+    special[np.isnan(values) & recorded] = 1  # a layer not recorded at a step (added later, frozen) stays blank
     special[np.isinf(values)] = 2
     hidden = ~finite
     if use_log:
@@ -163,6 +190,7 @@ def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=F
     bar.set_label(f"{metric}{' (log scale)' if use_log else ''}")
     _layer_ticks(ax, list(table.index), 'y', max_labels)
     ax.set_xlabel('step'); ax.set_ylabel('layer (input at top)')
+    _label_steps(ax, list(table.columns))
     ax.set_title(f'{metric} per layer and step' + (' (by module)' if by_module else ''))
     return ax
 
@@ -227,6 +255,7 @@ def magnitude_hist(record, layer=None, ax=None, cmap='magma'):
     ax.set_yticks(ticks); ax.set_yticklabels([labels[i] for i in ticks], fontsize=7)
     ax.set_ylabel('|g| bin (decade: 1e-3 holds 0.001 <= |g| < 0.01)')
     ax.set_xlabel('step')
+    _label_steps(ax, list(table.columns))
     ax.set_title('gradient magnitudes' + (f' of {layer}' if layer else ' (whole model)'))
     ax.figure.colorbar(image, ax=ax).set_label('fraction of elements (log scale)')
     return ax

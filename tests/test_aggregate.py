@@ -253,3 +253,29 @@ def test_by_param_group_follows_the_optimizer_groups():
     assert list(record.layers.set_index('name')['group'].loc[['0.weight', '3.bias', '5.weight']]) == [0, 0, 1]
     groups = {n: ('group 0' if n.split('.')[0] in ('0', '1', '3') else 'group 1') for n in cap.grads[0]}
     check(by_param_group(record), reference(cap, groups, ['group 0', 'group 1']))
+
+
+def test_a_merge_of_ranks_is_combined_rank_by_rank():
+    """Two ranks with different gradients: each rank's modules are combined from its own tensors (not pooled across
+    ranks) and keep their `rank`, equal to combining that rank's record alone."""
+    from fastai_gradstats import GradRecord, merge
+    from fastai_gradstats.stats import METRICS
+    layers = [{'name': 'fc.weight', 'module': 'Linear', 'shape': (2, 3), 'numel': 6, 'depth': 0},
+              {'name': 'fc.bias', 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': 1}]
+    def one_rank(scale):
+        record = GradRecord(layers)
+        for step in range(2):
+            values = np.full((2, len(METRICS)), 0.25 * scale)
+            values[:, METRICS.index('grad_norm')] = [3.0 * scale * (step + 1), 4.0 * scale * (step + 1)]
+            values[:, METRICS.index('dead_frac')] = [0.5, np.nan]
+            record.add_step(step, 0, 1e-3, 1.0, record.layer_index(['fc.weight', 'fc.bias']), values)
+        return record
+    ranks = [one_rank(1.0), one_rank(2.0)]
+    merged = by_module(merge(ranks))
+    assert list(merged[['rank', 'step']].itertuples(index=False, name=None)) == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert list(merged.columns[:4]) == ['rank', 'step', 'epoch', 'layer']
+    np.testing.assert_allclose(merged['grad_norm'], [5.0, 10.0, 10.0, 20.0])   # sqrt(3^2 + 4^2) per rank, not pooled
+    for rank, record in enumerate(ranks):
+        alone = by_module(record)
+        mine = merged[merged['rank'] == rank].drop(columns='rank').reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, alone, check_dtype=False)

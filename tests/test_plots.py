@@ -834,3 +834,55 @@ def test_heatmap_max_labels_caps_the_labels(run):
     labels = [t.get_text() for t in ax.get_yticklabels()]
     every = math.ceil(len(names) / 2)
     assert labels == names[::every] and len(labels) <= 2
+
+
+def _hand_record(steps_of_layer, names=('a.weight', 'a.bias')):
+    "A record where layer `names[i]` is recorded at the steps `steps_of_layer[i]`, grad_norm = step + 1 + i / 10."
+    layers = [{'name': n, 'module': 'Linear', 'shape': (2, 2) if n.endswith('weight') else (2,), 'numel': 4, 'depth': i}
+              for i, n in enumerate(names)]
+    record = GradRecord(layers)
+    for step in sorted(set().union(*steps_of_layer)):
+        here = [n for n, steps in zip(names, steps_of_layer) if step in steps]
+        values = np.full((len(here), len(METRICS)), 0.5)
+        values[:, METRICS.index('grad_norm')] = [step + 1 + names.index(n) / 10 for n in here]
+        record.add_step(step, 0, 1e-3, 1.0, record.layer_index(here), values)
+    return record
+
+
+def test_a_layer_not_recorded_at_a_step_is_blank_not_nan():
+    "a.bias appears from step 1 on: its step-0 cell is neither drawn nor called NaN; a real NaN still is."
+    record = _hand_record([{0, 1, 2}, {1, 2}])
+    ax = plots.heatmap(record)
+    assert len(ax.images) == 1 and ax.get_legend() is None   # no special cell at all
+    drawn = ax.images[0].get_array()
+    assert drawn.mask[1, 0] and not drawn.mask[1, 1:].any()
+    np.testing.assert_allclose(drawn[1, 1:].data, [2.1, 3.1])
+    values = np.full((2, len(METRICS)), 0.5)
+    values[:, METRICS.index('grad_norm')] = [np.nan, 4.1]
+    record.add_step(3, 0, 1e-3, 1.0, record.layer_index(['a.weight', 'a.bias']), values)
+    ax = plots.heatmap(record)
+    special = ax.images[1].get_array()
+    assert special[0, 3] == 1 and special.mask[1, 0]   # the recorded NaN is marked; the unrecorded cell is not
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ['NaN']
+    plt.close('all')
+
+
+def test_unevenly_spaced_steps_are_labelled_under_their_columns():
+    "Steps 0, 1, 2, 10 (as thinned by keep_last): four equal columns, each labelled with its own step number."
+    record = _hand_record([{0, 1, 2, 10}, {0, 1, 2, 10}])
+    ax = plots.heatmap(record)
+    assert ax.images[0].get_extent()[:2] == [-0.5, 3.5]
+    assert list(ax.get_xticks()) == [0, 1, 2, 3] and [t.get_text() for t in ax.get_xticklabels()] == ['0', '1', '2', '10']
+    even = plots.heatmap(_hand_record([{0, 2, 4}, {0, 2, 4}]))
+    assert even.images[0].get_extent()[:2] == [-1.0, 5.0]   # evenly spaced: centred on the step numbers, as before
+    plt.close('all')
+
+
+def test_a_merge_of_ranks_is_drawn_one_rank_at_a_time():
+    record = fastai_gradstats.merge([_hand_record([{0, 1}, {0, 1}]), _hand_record([{0, 1}, {0, 1}])])
+    for draw in (plots.heatmap, plots.layer_curves, plots.gradient_flow):
+        with pytest.raises(ValueError, match='merge of 2 ranks'): draw(record)
+    df = record.df
+    ax = plots.heatmap(df[df['rank'] == 1])
+    np.testing.assert_allclose(ax.images[0].get_array().data, [[1.0, 2.0], [1.1, 2.1]])
+    plt.close('all')
