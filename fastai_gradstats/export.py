@@ -15,6 +15,7 @@ from fastai.callback.core import Callback
 from fastcore.basics import store_attr
 
 from .callback import GradStats
+from .record import COUNT_COLUMNS
 from .stats import HIST_BINS, HIST_DECADES, METRICS, _positive_int
 
 __all__ = ['TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'SCALARS']
@@ -28,8 +29,26 @@ def _ratio(a, b) -> float:
     with np.errstate(divide='ignore', invalid='ignore'): return float(np.float64(a) / np.float64(b))
 
 
+STEP_SCALAR_COLUMNS = (*METRICS, 'grad_param_ratio', *COUNT_COLUMNS, 'update_ratio')
+"The per-layer columns `step_scalars` can send: `SCALARS` plus the other stored metrics (`param_norm`, ...)."
+_LAST_KEYS = ('grad_norm', 'loss', 'lr', 'layers', 'values', 'counts')
+
+
 def step_scalars(last: dict, columns=SCALARS) -> dict:
-    "The scalars of one recorded step (`GradRecord.last()`): `{'grad_norm/total': ..., 'grad_norm/<layer>': ...}`."
+    """The scalars of one recorded step: `{'grad_norm/total': ..., 'loss': ..., 'lr': ..., 'grad_norm/<layer>': ...}`.
+
+    `last` is the dict `GradRecord.last()` returns (not `record.df`, nor the None of `last(complete=True)`
+    when no step is complete). `columns` is a list or tuple of per-layer columns to send as `<column>/<layer>`,
+    each one of `STEP_SCALAR_COLUMNS`; `update_ratio` is sent only when the record has `update_norm`,
+    and `dead_frac` not where it is NaN (1-D parameters)."""
+    if not isinstance(last, dict):
+        raise TypeError(f"`last` must be the dict of one recorded step (`GradRecord.last()`), got {type(last).__name__}")
+    missing = [k for k in _LAST_KEYS if k not in last]
+    if missing: raise ValueError(f"`last` lacks {missing}: pass the dict of one recorded step (`GradRecord.last()`)")
+    if not isinstance(columns, (list, tuple)):
+        raise TypeError(f"`columns` must be a list or tuple of column names, got {type(columns).__name__} {columns!r}")
+    unknown = [c for c in columns if c not in STEP_SCALAR_COLUMNS]
+    if unknown: raise ValueError(f"unknown `columns` {unknown}; known: {', '.join(STEP_SCALAR_COLUMNS)}")
     values, counts = last['values'], last['counts']
     out = {'grad_norm/total': last['grad_norm'], 'loss': last['loss'], 'lr': last['lr']}
     width = values.shape[1]
@@ -106,14 +125,14 @@ class TensorBoardGradStats(_Exporter):
     def send(self, step, scalars, hists):
         for tag, value in scalars.items(): self.writer.add_scalar(tag, value, step)
         for layer, counts in (hists or {}).items():
+            for name in ('zero', 'inf', 'nan'): self.writer.add_scalar(f'hist_{name}/{layer}', float(counts[HIST_BINS.index(name)]), step)
             edges, inner = log10_histogram(counts)
-            if inner.sum() == 0: continue
+            if inner.sum() == 0: continue   # nothing finite and non-zero to draw (an all-zero or all-NaN layer)
             centres = (edges[:-1] + edges[1:]) / 2
             self.writer.add_histogram_raw(f'grad_log10_abs/{layer}', min=float(edges[0]), max=float(edges[-1]),
                                           num=int(inner.sum()), sum=float((centres * inner).sum()),
                                           sum_squares=float((centres ** 2 * inner).sum()),
                                           bucket_limits=edges[1:].tolist(), bucket_counts=inner.tolist(), global_step=step)
-            for name in ('zero', 'inf', 'nan'): self.writer.add_scalar(f'hist_{name}/{layer}', float(counts[HIST_BINS.index(name)]), step)
 
     def close(self):
         self.writer.flush()

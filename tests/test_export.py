@@ -136,3 +136,65 @@ def test_step_scalars_divide_by_a_zero_parameter_as_the_record_does():
     assert scalars['update_ratio/0.bias'] == math.inf == row['update_ratio']
     for layer, r in record.df.set_index('layer').iterrows():   # the other layers: the plain ratio
         np.testing.assert_allclose(scalars[f'grad_param_ratio/{layer}'], r['grad_norm'] / r['param_norm'], rtol=1e-6)
+
+
+def _fake_step(hist_rows):
+    "A `GradRecord.last()`-shaped step with the given histogram rows, one layer per row."
+    from fastai_gradstats.stats import METRICS
+    layers = [f'{i}.weight' for i in range(len(hist_rows))]
+    return {'step': 7, 'epoch': 0, 'lr': 1e-3, 'loss': 0.5, 'skipped': False, 'grad_norm': 1.0, 'layers': layers,
+            'values': np.ones((len(layers), len(METRICS)), np.float32), 'counts': np.zeros((len(layers), 2), np.int64),
+            'hist': np.asarray(hist_rows, np.int64)}
+
+
+def test_histogram_bin_counts_are_sent_for_all_zero_and_all_nan_layers():
+    """A dead layer (all-zero gradient) and an all-NaN one have nothing finite and non-zero to draw, but their
+    `hist_zero/`, `hist_inf/`, `hist_nan/` scalars are still sent, equal to the histogram row's counts."""
+    pytest.importorskip('tensorboard'); pytest.importorskip('wandb')
+    from fastai_gradstats import step_scalars
+    zero, inf, nan, tiny = (HIST_BINS.index(b) for b in ('zero', 'inf', 'nan', 'tiny'))
+    rows = np.zeros((3, len(HIST_BINS)), np.int64)
+    rows[0, zero] = 40                                  # all zero
+    rows[1, nan], rows[1, inf] = 30, 2                  # all non-finite
+    rows[2, zero], rows[2, tiny], rows[2, HIST_BINS.index('1e-3')], rows[2, nan] = 3, 1, 5, 1   # a normal layer
+    last = _fake_step(rows)
+
+    class Writer:
+        def __init__(self): self.scalars, self.hists = {}, {}
+        def add_scalar(self, tag, value, step): self.scalars[tag] = (value, step)
+        def add_histogram_raw(self, tag, **kwargs): self.hists[tag] = kwargs
+
+    class Run:
+        def log(self, data, step): self.data, self.step = data, step
+
+    writer, run = Writer(), Run()
+    hists = dict(zip(last['layers'], last['hist']))
+    TensorBoardGradStats(writer=writer).send(7, step_scalars(last), hists)
+    WandbGradStats(wandb_run=run).send(7, step_scalars(last), hists)
+    for layer, row in hists.items():
+        for name in ('zero', 'inf', 'nan'):
+            assert writer.scalars[f'hist_{name}/{layer}'] == (float(row[HIST_BINS.index(name)]), 7)
+        assert f'grad_log10_abs/{layer}' in run.data       # W&B takes an empty histogram as it is
+    assert set(writer.hists) == {'grad_log10_abs/2.weight'}   # TensorBoard draws only what has finite non-zero counts
+    assert writer.hists['grad_log10_abs/2.weight']['num'] == 6
+
+
+def test_step_scalars_rejects_what_is_not_a_step_or_a_column():
+    from fastai_gradstats import step_scalars
+    from fastai_gradstats.export import STEP_SCALAR_COLUMNS
+    record = _fit(n_train=64, hist=False)
+    with pytest.raises(TypeError, match='`last`.*GradRecord.last'): step_scalars(None)
+    with pytest.raises(TypeError, match='`last`.*DataFrame'): step_scalars(record.df)
+    with pytest.raises(ValueError, match=r"`last` lacks \['values', 'counts'\]"):
+        step_scalars({k: v for k, v in record.last().items() if k not in ('values', 'counts')})
+    with pytest.raises(ValueError, match=r"unknown `columns` \['grad_nrom'\]; known: grad_norm, param_norm"):
+        step_scalars(record.last(), columns=('grad_nrom',))
+    with pytest.raises(TypeError, match='`columns` must be a list or tuple'): step_scalars(record.last(), columns='grad_norm')
+    # every known column is accepted and sent (update_ratio only with update_norm recorded)
+    scalars = step_scalars(record.last(), columns=list(STEP_SCALAR_COLUMNS))
+    row = record.df.set_index('layer').loc['0.weight']
+    for column in STEP_SCALAR_COLUMNS:
+        if column != 'update_ratio': assert scalars[f'{column}/0.weight'] == pytest.approx(float(row[column]), rel=1e-6)
+    assert not any(k.startswith('update_ratio/') for k in scalars)
+    assert step_scalars(record.last(), columns=['param_norm']).keys() == {'grad_norm/total', 'loss', 'lr', *(
+        f'param_norm/{l}' for l in record.layers['name'])}
