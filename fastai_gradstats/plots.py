@@ -1,6 +1,7 @@
 """Pictures of a record: layer x iteration heatmaps, magnitude histograms, gradient flow, curves.
 
-Every function takes a `GradRecord` (live or loaded) or its tidy `.df`, draws on `ax` when
+Every function takes a `GradRecord` (live or loaded) or its tidy `.df` (`magnitude_hist` the record or its
+`.hist`; `by_module=True` needs the record, whose layer table it reads), draws on `ax` when
 given (else on a new figure), returns the Axes (or the Figure, for several panels) and never
 calls `plt.show()`. Nothing here knows fastai. The same functions are methods of the record:
 `record.plot_heatmap(...)` is `heatmap(record, ...)`.
@@ -13,6 +14,7 @@ import numbers
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap, LogNorm, Normalize
 from matplotlib.patches import Patch
 
@@ -65,8 +67,12 @@ def _check_metric(df, metric, argname='metric'):
 
 
 def _select_layers(order, layers, argname='layers'):
+    "The layers of `order` named in `layers` (None: all; one name or a list of names), in `order`'s order."
     if layers is None: return order
     if isinstance(layers, str): layers = [layers]
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(l, str) for l in layers):
+        raise TypeError(f"`{argname}` must be None, a layer name or a list of layer names, got {layers!r}")
+    if not layers: raise ValueError(f"`{argname}` is empty: give at least one layer, or None for all")
     unknown = [l for l in layers if l not in order]
     if unknown: raise ValueError(f"unknown `{argname}` {unknown}; recorded layers: {', '.join(order)}")
     return [l for l in order if l in set(layers)]
@@ -99,7 +105,9 @@ def _metric_table(record, metric, weights_only, by_module):
 
 
 def _new_ax(ax, figsize):
+    "`ax`, or a new figure's Axes when it is None."
     if ax is None: _, ax = plt.subplots(figsize=figsize)
+    elif not isinstance(ax, Axes): raise TypeError(f"`ax` must be a matplotlib Axes or None, got {type(ax).__name__}")
     return ax
 
 
@@ -139,6 +147,9 @@ def _label_steps(ax, steps, max_labels=12):
 
 
 def _wants_log(values, log):
+    "Whether to draw `values` on a log scale: `log` when True/False (checked against them), else by their spread."
+    if log is not None and not isinstance(log, (bool, np.bool_)):
+        raise TypeError(f"`log` must be True, False or None, got {log!r}")
     finite = values[np.isfinite(values)]
     positive = finite[finite > 0]
     if log is not None:
@@ -307,7 +318,10 @@ def layer_curves(record, layers=None, metrics='grad_norm', ax=None, log=None):
 
     Returns the Axes for one metric, else the Figure (one panel per metric; `ax` then not allowed)."""
     df, order = _frame(record)
-    metric_list = [metrics] if isinstance(metrics, str) else list(metrics)
+    metric_list = [metrics] if isinstance(metrics, str) else metrics
+    if not isinstance(metric_list, (list, tuple)):
+        raise TypeError(f"`metrics` must be a metric name or a list of them, got {metrics!r}")
+    metric_list = list(metric_list)
     if not metric_list: raise ValueError("`metrics` is empty")
     for m in metric_list: _check_metric(df, m, 'metrics')
     chosen = _select_layers(order, layers)
@@ -316,7 +330,7 @@ def layer_curves(record, layers=None, metrics='grad_norm', ax=None, log=None):
         fig, axes = plt.subplots(len(metric_list), 1, figsize=(9, 3 * len(metric_list)), squeeze=False, sharex=True)
         axes = list(axes[:, 0])
     else:
-        axes = [ax]
+        axes = [_new_ax(ax, None)]
     colors = plt.get_cmap('viridis')(np.linspace(0, 1, max(len(chosen), 2)))
     names = df['layer'].astype(str)
     for a, m in zip(axes, metric_list):
@@ -380,8 +394,11 @@ def compare_table(records, metric='grad_rms', labels=None, weights_only=True):
     if isinstance(records, (GradRecord, pd.DataFrame)) or not hasattr(records, '__len__'):
         raise TypeError("`records` must be a list of GradRecords or DataFrames")
     if len(records) < 2: raise ValueError(f"`records` needs two or more runs to compare, got {len(records)}")
+    if labels is not None and (not isinstance(labels, (list, tuple)) or not all(isinstance(l, str) for l in labels)):
+        raise TypeError(f"`labels` must be None or a list of names (str), got {labels!r}")
     labels = [f'run {i}' for i in range(len(records))] if labels is None else list(labels)
     if len(labels) != len(records): raise ValueError(f"`labels` has {len(labels)} names for {len(records)} records")
+    if len(set(labels)) != len(labels): raise ValueError(f"`labels` must be distinct, got {labels}")
     frames = []
     for rec in records:
         df, order = _frame(rec, 'records')

@@ -886,3 +886,24 @@ def test_a_merge_of_ranks_is_drawn_one_rank_at_a_time():
     ax = plots.heatmap(df[df['rank'] == 1])
     np.testing.assert_allclose(ax.images[0].get_array().data, [[1.0, 2.0], [1.1, 2.1]])
     plt.close('all')
+
+
+def test_plot_arguments_of_the_wrong_kind_are_named():
+    record = _hand_record([{0, 1, 2}, {0, 1, 2}])
+    cases = [(plots.layer_curves, {'layers': 5}, TypeError, '`layers`'),
+             (plots.layer_curves, {'layers': (l for l in ['a.weight'])}, TypeError, '`layers`'),
+             (plots.layer_curves, {'layers': []}, ValueError, '`layers`'),
+             (plots.layer_curves, {'metrics': None}, TypeError, '`metrics`'),
+             (plots.layer_curves, {'metrics': 5}, TypeError, '`metrics`'),
+             (plots.layer_curves, {'ax': 'x'}, TypeError, '`ax`'),
+             (plots.heatmap, {'ax': 'x'}, TypeError, '`ax`'),
+             (plots.gradient_flow, {'ax': 'x'}, TypeError, '`ax`'),
+             (plots.heatmap, {'log': 'no'}, TypeError, '`log`'),
+             (plots.layer_curves, {'log': 1}, TypeError, '`log`')]
+    for draw, kwargs, error, name in cases:
+        with pytest.raises(error, match=name): draw(record, **kwargs)
+    for labels, error in (('ab', TypeError), (['a', 'a'], ValueError), ([1, 2], TypeError)):
+        with pytest.raises(error, match='`labels`'): plots.compare_table([record, record], labels=labels)
+    ax = plots.layer_curves(record, layers=('a.bias',), log=False)   # a tuple of names is fine
+    assert [l.get_label() for l in ax.lines] == ['a.bias'] and ax.get_yscale() == 'linear'
+    plt.close('all')
