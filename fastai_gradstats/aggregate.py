@@ -28,6 +28,8 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
     tensors are combined apart, and the rows keep their `rank` (ordered by step, rank, group)."""
     if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
     if not isinstance(groups, dict): raise TypeError(f"`groups` must be a dict of parameter name -> group name, got {type(groups).__name__}")
+    bad = {k: v for k, v in groups.items() if not isinstance(v, str)}
+    if bad: raise TypeError(f"`groups` must map parameter names to group names (str), got {bad}")
     df = record.df
     if df.empty: raise ValueError("`record` is empty: no step was recorded")
     layers = record.layers.set_index('name')

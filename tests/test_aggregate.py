@@ -279,3 +279,16 @@ def test_a_merge_of_ranks_is_combined_rank_by_rank():
         alone = by_module(record)
         mine = merged[merged['rank'] == rank].drop(columns='rank').reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, alone, check_dtype=False)
+
+
+def test_group_names_must_be_strings():
+    "A group name of None or an int (a typo for leaving a parameter out) is a TypeError, not a pandas index error."
+    from fastai_gradstats import GradRecord
+    from fastai_gradstats.stats import METRICS
+    layers = [{'name': 'l.weight', 'module': 'Linear', 'shape': (2, 2), 'numel': 4, 'depth': 0},
+              {'name': 'l.bias', 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': 1}]
+    record = GradRecord(layers)
+    record.add_step(0, 0, 1e-3, 1.0, record.layer_index(['l.weight', 'l.bias']), np.ones((2, len(METRICS))))
+    for groups in ({'l.weight': 1, 'l.bias': None}, {'l.weight': 'a', 'l.bias': None}):
+        with pytest.raises(TypeError, match='`groups`'): combine(record, groups)
+    assert list(combine(record, {'l.weight': 'a', 'l.bias': 'a'})['layer']) == ['a']
