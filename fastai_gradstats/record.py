@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .stats import HIST_BINS, METRICS, _positive_int
+from .stats import HIST_BINS, METRICS, _is_int, _positive_int
 
 __all__ = ['GradRecord', 'load', 'merge', 'record_method', 'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS', 'EXTRA_COLUMNS']
 
@@ -147,12 +147,12 @@ class GradRecord:
             entry = {k: layer.get(k, -1) for k in LAYER_COLUMNS}
             if not isinstance(entry['name'], str): raise TypeError(f"`layers` entry {layer!r}: `name` must be a str")
             for key in ('numel', 'depth', 'group'):
-                if isinstance(entry[key], bool) or not isinstance(entry[key], (int, np.integer)):
+                if not _is_int(entry[key]):
                     raise TypeError(f"`layers` entry {layer!r}: `{key}` must be an int")
                 entry[key] = int(entry[key])
             shape = entry['shape']
             if isinstance(shape, (str, bytes)) or not hasattr(shape, '__iter__') or \
-                    any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in shape):
+                    not all(map(_is_int, shape)):
                 raise TypeError(f"`layers` entry {layer!r}: `shape` must be a sequence of ints")
             entry['shape'] = tuple(int(d) for d in shape)
             if entry['name'] in self._index: self._layers[self._index[entry['name']]] = entry

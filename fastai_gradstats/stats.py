@@ -43,11 +43,16 @@ def check_zero_tol(zero_tol) -> float:
     return float(zero_tol)
 
 
+def _is_int(value) -> bool:
+    "Whether `value` is an integer, Python or numpy, and not a bool."
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _positive_int(value, name: str, allow_none: bool = False) -> int | None:
     """`value` as an int when it is a positive integer (Python or numpy; not a bool), or None when `allow_none`;
     else a TypeError (not an integer) or ValueError (below 1) naming the argument `name`."""
     if value is None and allow_none: return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not _is_int(value):
         kind = 'a positive int or None' if allow_none else 'a positive int'
         raise TypeError(f"`{name}` must be {kind}, got {type(value).__name__} {value!r}")
     if value < 1: raise ValueError(f"`{name}` must be >= 1, got {value!r}")
@@ -61,7 +66,7 @@ def _check_shapes(shapes) -> list:
     out = []
     for s in shapes:
         if isinstance(s, (torch.Tensor, str)) or not isinstance(s, Sequence) or \
-                any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) for d in s):
+                not all(map(_is_int, s)):
             raise TypeError(f"`shapes` must hold shapes (sequences of ints, as `tensor.shape`), got {s!r}")
         if any(d < 0 for d in s): raise ValueError(f"`shapes` must hold sizes >= 0, got {tuple(s)!r}")
         out.append(torch.Size(int(d) for d in s))
@@ -943,7 +948,7 @@ class MagnitudeHistogram:
     """
     def __init__(self, shapes: Sequence[torch.Size], zero_tol: float = 0.0, sample: int | None = 2048, seed: int = 0):
         sample = _positive_int(sample, 'sample', allow_none=True)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        if not _is_int(seed):
             raise TypeError(f"`seed` must be an int, got {type(seed).__name__} {seed!r}")
         seed = int(seed)
         self.zero_tol, self.sample = check_zero_tol(zero_tol), sample
