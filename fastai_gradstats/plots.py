@@ -276,7 +276,9 @@ def magnitude_hist(record, layer=None, ax=None, cmap='magma'):
 def flow_table(record, step=None, steps=None) -> pd.DataFrame:
     """Per layer (input to output): `grad_rms` averaged and `grad_max` maximised over the chosen steps.
 
-    `step` picks one recorded step, `steps` a `(first, last)` window (inclusive); neither: all steps."""
+    `step` picks one recorded step, `steps` a `(first, last)` window (inclusive); neither: all steps. A NaN step
+    is left out of a layer's mean and max (its bar shows the finite steps; `health`'s nonfinite check reports
+    NaN and Inf), while an Inf makes them Inf."""
     df, order = _frame(record)
     if step is not None and steps is not None: raise ValueError("give `step` or `steps`, not both")
     if step is not None:
@@ -415,7 +417,8 @@ def compare_table(records, metric='grad_rms', labels=None, weights_only=True):
 
 def compare(records, metric='grad_rms', labels=None, weights_only=True):
     """Two or more runs side by side, layers aligned: mean and median over iterations of `metric` per layer,
-    and the median across layers at each step. Returns the Figure (three panels)."""
+    and the median across all of a run's layers at each step (`weights_only`, for the first two panels, keeps
+    the weights when a run has any). Returns the Figure (three panels)."""
     table = compare_table(records, metric, labels, weights_only)
     labels = list(table.columns.get_level_values(0).unique())
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -432,7 +435,7 @@ def compare(records, metric='grad_rms', labels=None, weights_only=True):
         df, _ = _frame(rec, 'records')
         per_step = df.groupby('step')[metric].median()
         axes[2].plot(per_step.index.to_numpy(), per_step.to_numpy(float), label=label)
-    axes[2].set_title(f'median of {metric} across layers'); axes[2].set_xlabel('step')
+    axes[2].set_title(f'median of {metric} across all layers'); axes[2].set_xlabel('step')
     if all((_frame(r, 'records')[0][metric] > 0).all() for r in records): axes[2].set_yscale('log')
     axes[2].legend(fontsize=8)
     fig.tight_layout()
