@@ -907,4 +907,3 @@ def test_plot_arguments_of_the_wrong_kind_are_named():
     ax = plots.layer_curves(record, layers=('a.bias',), log=False)   # a tuple of names is fine
     assert [l.get_label() for l in ax.lines] == ['a.bias'] and ax.get_yscale() == 'linear'
     plt.close('all')
-
