@@ -83,12 +83,15 @@ def metric_table(record, metric='grad_norm', weights_only=False, by_module=False
     NaN where the metric is NaN and where the layer was not recorded at that step.
 
     `weights_only` keeps the parameters named `weight...` (`is_weight`); `by_module` combines each module's
-    parameters first (see `fastai_gradstats.aggregate.by_module`)."""
+    parameters first (see `fastai_gradstats.aggregate.by_module`); the two exclude each other."""
     return _metric_table(record, metric, weights_only, by_module)[0]
 
 
 def _metric_table(record, metric, weights_only, by_module):
     "`metric_table`, and a boolean array of the same shape: whether the layer was recorded at that step."
+    if by_module and weights_only:
+        raise ValueError("`weights_only=True` and `by_module=True` do not go together: `by_module` combines each "
+                         "module's weight and bias into one row; pass one of them")
     if by_module:
         from .aggregate import by_module as _by_module
         record = _by_module(record)
@@ -391,7 +394,8 @@ def update_ratio(record, layers=None, ax=None, band=(1e-4, 1e-2)):
 def compare_table(records, metric='grad_rms', labels=None, weights_only=True):
     """Per run and aligned layer, the mean and the median over iterations of `metric`.
 
-    Layers are aligned by name when the runs share names, else by position from the input.
+    Layers are aligned by name when the runs share names, else by position from the input (`'layer 0'`, ...;
+    a shorter run's missing layers are NaN). `weights_only` keeps the weights, when every run has some.
     Returns a DataFrame indexed by the aligned layer with columns (run label, 'mean'|'median')."""
     if isinstance(records, (GradRecord, pd.DataFrame)) or not hasattr(records, '__len__'):
         raise TypeError("`records` must be a list of GradRecords or DataFrames")
@@ -401,24 +405,24 @@ def compare_table(records, metric='grad_rms', labels=None, weights_only=True):
     labels = [f'run {i}' for i in range(len(records))] if labels is None else list(labels)
     if len(labels) != len(records): raise ValueError(f"`labels` has {len(labels)} names for {len(records)} records")
     if len(set(labels)) != len(labels): raise ValueError(f"`labels` must be distinct, got {labels}")
-    frames = []
-    for rec in records:
-        df, order = _frame(rec, 'records')
-        _check_metric(df, metric)
-        if weights_only: order = [l for l in order if is_weight(l)] or order
-        stats = df.groupby(df['layer'].astype(str))[metric].agg(['mean', 'median']).reindex(order)
-        frames.append(stats)
-    same_names = all(list(f.index) == list(frames[0].index) for f in frames)
-    if not same_names:
-        n = min(len(f) for f in frames)
-        frames = [f.iloc[:n].set_axis([f'layer {i}' for i in range(n)]) for f in frames]
+    runs = [_frame(rec, 'records') for rec in records]
+    for df, _ in runs: _check_metric(df, metric)
+    orders = [order for _, order in runs]
+    weights = [[l for l in order if is_weight(l)] for order in orders]
+    # all runs or none: one run's weights must not line up with another's biases
+    if weights_only and all(weights): orders = weights
+    frames = [df.groupby(df['layer'].astype(str))[metric].agg(['mean', 'median']).reindex(order)
+              for (df, _), order in zip(runs, orders)]
+    if not all(list(f.index) == list(frames[0].index) for f in frames):
+        positions = [f'layer {i}' for i in range(max(len(f) for f in frames))]
+        frames = [f.set_axis(positions[:len(f)]).reindex(positions) for f in frames]
     return pd.concat(frames, axis=1, keys=labels)
 
 
 def compare(records, metric='grad_rms', labels=None, weights_only=True):
     """Two or more runs side by side, layers aligned: mean and median over iterations of `metric` per layer,
     and the median across all of a run's layers at each step (`weights_only`, for the first two panels, keeps
-    the weights when a run has any). Returns the Figure (three panels)."""
+    the weights when every run has some). Returns the Figure (three panels); see `compare_table`."""
     table = compare_table(records, metric, labels, weights_only)
     labels = list(table.columns.get_level_values(0).unique())
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

@@ -222,6 +222,12 @@ def test_heatmap_weights_only_and_by_module(run, tmp_path):
     assert [t.get_text() for t in ax.get_yticklabels()] == modules
     save_png(ax.figure, tmp_path, 'by_module')
 
+    # a module's row holds its weight and bias together, so keeping only weights cannot apply to it
+    with pytest.raises(ValueError, match='weights_only.*by_module'):
+        plots.heatmap(record, 'grad_norm', weights_only=True, by_module=True)
+    with pytest.raises(ValueError, match='weights_only.*by_module'):
+        plots.metric_table(record, 'grad_norm', weights_only=True, by_module=True)
+
 
 def test_heatmap_nan_cells_in_the_nan_colour(run, tmp_path):
     "dead_frac is NaN for 1-D tensors (biases): those cells are drawn in the NaN colour and named in the legend."
@@ -541,12 +547,32 @@ def test_compare_aligns_different_architectures_by_position(run, tmp_path):
     fig = plots.compare([r1, r3], labels=['mlp', 'small'])
     w1 = [n for n in depth_order(r1) if n.endswith('weight')]
     w3 = [n for n in depth_order(r3) if n.endswith('weight')]
-    n = min(len(w1), len(w3))
+    assert len(w3) < len(w1)
     for cap, names, label in ((c1, w1, 'mlp'), (c3, w3, 'small')):
         mean = [l for l in fig.axes[0].lines if l.get_label() == label][0]
-        expected = [np.mean([np.linalg.norm(g[w].astype(np.float64)) / math.sqrt(g[w].size) for g in cap.grads]) for w in names[:n]]
-        np.testing.assert_allclose(mean.get_ydata(), expected, rtol=1e-5)
+        expected = [np.mean([np.linalg.norm(g[w].astype(np.float64)) / math.sqrt(g[w].size) for g in cap.grads]) for w in names]
+        # every layer of the deeper run is kept; the shallower one's missing layers are NaN
+        assert len(mean.get_ydata()) == len(w1)
+        np.testing.assert_allclose(mean.get_ydata()[:len(names)], expected, rtol=1e-5)
+        assert np.isnan(mean.get_ydata()[len(names):]).all()
     save_png(fig, tmp_path, 'compare_arch')
+
+
+def test_compare_table_weights_only_needs_weights_in_every_run(run):
+    "A run without weights keeps all its layers, and then so do the others: a weight never lines up with a bias."
+    r1, c1 = run
+    df = r1.df
+    no_weights = df[~df['layer'].astype(str).str.endswith('weight')].copy()
+    no_weights['layer'] = no_weights['layer'].astype(str).str.replace('bias', 'shift')
+    table = plots.compare_table([r1, no_weights], metric='grad_norm', labels=['a', 'b'])
+    names = depth_order(r1)
+    shifts = [n for n in names if n.endswith('bias')]
+    assert len(table) == len(names)
+    expected = [np.mean([np.linalg.norm(g[n].astype(np.float64)) for g in c1.grads]) for n in names]
+    np.testing.assert_allclose(table[('a', 'mean')].to_numpy(float), expected, rtol=1e-5)
+    expected = [np.mean([np.linalg.norm(g[n].astype(np.float64)) for g in c1.grads]) for n in shifts]
+    np.testing.assert_allclose(table[('b', 'mean')].to_numpy(float)[:len(shifts)], expected, rtol=1e-5)
+    assert np.isnan(table[('b', 'mean')].to_numpy(float)[len(shifts):]).all()
 
 
 def test_compare_needs_two_runs(run):
