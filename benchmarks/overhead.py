@@ -389,7 +389,8 @@ def main(argv=None):
     parser.add_argument('--rounds', type=int, default=None, help='interleaved rounds (default 21: the machine drifts '
                         'from fit to fit, and many short rounds resolve a few percent better than a few long ones)')
     parser.add_argument('--steps', type=int, default=None, help='training steps per fit (default 50)')
-    parser.add_argument('--out', default=str(Path(__file__).parent/'RESULTS.md'))
+    parser.add_argument('--out', default=None, help='write the table here (default benchmarks/RESULTS.md; with --quick, '
+                        'only where given: a smoke run must not overwrite the measurements)')
     args = parser.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 21)
     n_batches = args.steps or (20 if args.quick else 50)
@@ -471,7 +472,8 @@ def main(argv=None):
             lines.append(f'| {n} | {n_tensors} | {us:.0f} | {us / n_tensors:.1f} | {early:.0f} | {late:.0f} | {ratio:.3f}x |')
         lines += ['', 'The ratio is 1 + (GradStats\' cost per step) / (the median forward + backward + Adam step of that '
                   'MLP of width 16 on a batch of 32), timed in the same loop.']
-    Path(args.out).write_text('\n'.join(lines) + '\n')
+    out = args.out or (None if args.quick else Path(__file__).parent/'RESULTS.md')
+    if out is not None: Path(out).write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
     return 0
 
