@@ -54,3 +54,23 @@ def test_version_comes_from_settings_ini_installed_or_not():
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=root)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+def test_every_third_party_import_is_a_declared_requirement():
+    "What the package imports (outside the standard library and the optional extras) is in settings.ini's requirements."
+    import ast, re, sys
+    from configparser import ConfigParser
+    from pathlib import Path
+    package = Path(fastai_gradstats.__file__).parent
+    imported = set()
+    for path in package.glob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+            if isinstance(node, ast.Import): imported.update(a.name.split('.')[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0: imported.add(node.module.split('.')[0])
+    third_party = imported - set(sys.stdlib_module_names) - {'fastai_gradstats', '__future__'}
+    config = ConfigParser(delimiters=['='])
+    config.read(package.parent/'settings.ini', encoding='utf-8')
+    declared = {re.split(r'[<>=!~ ]', r)[0].lower() for r in config['DEFAULT']['requirements'].split()}
+    distribution = {'sklearn': 'scikit-learn'}   # import name -> the name pip installs
+    assert third_party, 'no import found: the scan is broken'
+    assert {distribution.get(m, m) for m in third_party} <= declared, third_party
