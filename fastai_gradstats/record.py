@@ -79,6 +79,23 @@ class _Growable:
     def __len__(self): return self.n
 
 
+def _rows(value, dtype, width: int, name: str, n_rows: int | None = None) -> np.ndarray:
+    "`value` as an array of rows of `width` (`n_rows` of them when given); else a TypeError or ValueError naming `name`."
+    try: array = np.asarray(value, dtype)
+    except (TypeError, ValueError) as e: raise TypeError(f"`{name}` must be an array of numbers: {e}") from None
+    if array.size % width or (n_rows is not None and array.size != n_rows * width):
+        raise ValueError(f"`{name}` must have {'' if n_rows is None else f'{n_rows} rows of '}{width} columns, "
+                         f"got shape {array.shape}")
+    return array.reshape(-1, width)
+
+
+def _scalar(value, kind, name: str):
+    "`value` as an int or float (`kind`); else a TypeError naming `name`."
+    if kind is int and not _is_int(value): raise TypeError(f"`{name}` must be an int, got {value!r}")
+    try: return kind(value)
+    except (TypeError, ValueError): raise TypeError(f"`{name}` must be a number, got {value!r}") from None
+
+
 class GradRecord:
     """Per-layer gradient statistics of a training run, one entry per recorded optimizer step.
 
@@ -97,8 +114,12 @@ class GradRecord:
     - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`, `group`
       (the optimizer's parameter group, -1 when unknown).
 
-    `args` is a dict of the callback's arguments (saved with the run); `hist_dtype`, an integer numpy
-    dtype (`GradStats` uses uint16 or int64), makes the record keep magnitude histograms of that dtype.
+    Arguments: `layers`, the layer table (dicts with the `layers` columns, or set later with `set_layers`);
+    `args`, a dict of the callback's arguments (saved with the run); `extra_columns`, value columns after
+    `METRICS` (only `'update_norm'`); `hist_dtype`, an integer numpy dtype (`GradStats` uses uint16 or int64)
+    that makes the record keep magnitude histograms of that dtype; `keep_last`, keep every step of the last
+    `keep_last` recorded and thin older ones geometrically (None: keep all); `every`, the stride at which
+    the steps are recorded (the `kept_every` of steps that were not thinned).
     """
     _deferred = None  # records pickled before `set_last_later` existed have no such attribute of their own
     _waiting = None   # nor before `hold` existed
@@ -172,20 +193,26 @@ class GradRecord:
     def add_step(self, step, epoch, lr, loss, layer_index, values, counts=None, skipped=False, hist=None, pending=False):
         """Append one recorded optimizer step.
 
+        `step` (an int, larger than the last step's) and `epoch` number it; `lr` and `loss` are the
+        learning rate and loss of that step; `skipped`: the optimizer did not apply it.
         `layer_index` (from `layer_index`) says which layer each row of `values` belongs to;
         `values` has one column per entry of `value_columns` (NaN for an extra column not known
         yet, see `set_last`); `counts` one per `COUNT_COLUMNS` (zeros when omitted); `hist`, when
-        the record keeps histograms, one per `HIST_BINS`; `pending`: its extra columns come later (`set_last`)."""
+        the record keeps histograms, one per `HIST_BINS`; `pending`: its extra columns come later (`set_last`).
+        Nothing is added when an argument is wrong (a TypeError or ValueError naming it)."""
         self._add_waiting()
-        values = np.asarray(values, np.float32).reshape(-1, len(self.value_columns))
+        values = _rows(values, np.float32, len(self.value_columns), 'values')
         layer_index = np.asarray(layer_index, np.int32).reshape(-1)
         if len(layer_index) != len(values):
             raise ValueError(f"`layer_index` has {len(layer_index)} entries for {len(values)} rows of `values`")
-        if counts is None: counts = np.zeros((len(values), len(COUNT_COLUMNS)), np.int64)
+        counts = (np.zeros((len(values), len(COUNT_COLUMNS)), np.int64) if counts is None
+                  else _rows(counts, np.int64, len(COUNT_COLUMNS), 'counts', len(values)))
         if (hist is None) != (self._hist is None):
             raise ValueError("`hist` must be given exactly when the record keeps histograms (`hist_dtype` set)")
+        if hist is not None: hist = _rows(hist, self._hist.data.dtype, len(HIST_BINS), 'hist', len(values))
         # scalars first: a bad one must fail before any column grows
-        step, epoch, lr, loss, skipped = int(step), int(epoch), float(lr), float(loss), bool(skipped)
+        step, epoch = _scalar(step, int, 'step'), _scalar(epoch, int, 'epoch')
+        lr, loss, skipped = _scalar(lr, float, 'lr'), _scalar(loss, float, 'loss'), bool(skipped)
         if self._deferred is not None: self.fetch_pending()  # they belong to the step before this one
         columns = self._step_cols
         if len(columns['step']):
@@ -401,13 +428,14 @@ class GradRecord:
 
     @property
     def hist(self) -> pd.DataFrame:
-        """Magnitude histograms: one row per (recorded step, layer), as in `df`, with `step`, `layer` and
-        one count column per bin of `fastai_gradstats.stats.HIST_BINS`."""
+        """Magnitude histograms: one row per (recorded step, layer), as in `df`, with `step`, `layer` (first `rank` in
+        a merge of several ranks) and one count column per bin of `fastai_gradstats.stats.HIST_BINS`."""
         if self._hist is None: raise ValueError("this record has no histograms: record with `GradStats(hist=True)`")
         if 'hist' not in self._cache:
             df = self.df
             counts = pd.DataFrame(self._hist.view, columns=list(HIST_BINS))
-            self._cache['hist'] = pd.concat([df[['step', 'layer']], counts], axis=1)
+            keys = ['rank', 'step', 'layer'] if self.multi_rank else ['step', 'layer']
+            self._cache['hist'] = pd.concat([df[keys], counts], axis=1)
         return self._cache['hist']
 
     @property
@@ -437,8 +465,11 @@ class GradRecord:
     def save(self, path) -> Path:
         """Write the record to the directory `path` (created if needed) and return it.
 
-        The directory holds `stats.parquet` (the `df`), `steps.parquet` (the `steps`) and
-        `meta.json` (format and package version, the callback's arguments, the layer table)."""
+        The directory holds `stats.parquet` (the `df` less the columns `load` derives again: `grad_param_ratio`,
+        `grad_rms`, `update_ratio`), `steps.parquet` (the `steps` less its total `grad_norm`), `hist.parquet` (the
+        histogram counts, when the record keeps them) and `meta.json` (format and package version, `args`, the
+        layer table). `args` holds what the callback recorded with (`every`, `zero_tol`, `hist`, `hist_sample`,
+        `update_ratio`, `keep_last`) and whatever was added to it, not its alert settings."""
         if not isinstance(path, (str, Path)): raise TypeError(f"`path` must be a str or Path, got {type(path).__name__}")
         path = Path(path)
         if path.exists() and not path.is_dir(): raise ValueError(f"`path` {str(path)!r} exists and is not a directory")

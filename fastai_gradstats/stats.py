@@ -304,7 +304,8 @@ class LayerStats:
     - `dead_frac`: fraction of units (slices along dim 0 of a tensor with 2+ dims: output
       neurons or channels) whose whole gradient is <= `zero_tol`; NaN for 0-D and 1-D tensors.
     An empty tensor has norms 0 and NaN for every other statistic.
-    With `hist=True` it also counts each gradient's log10 |g| histogram, as `MagnitudeHistogram` does.
+    With `hist=True` it also counts each gradient's log10 |g| histogram, as `MagnitudeHistogram` does, on at most
+    `hist_sample` fixed, evenly spread elements of each tensor (None: all of them).
 
     How it is fast: the gradients' rows are copied, grouped by row length, into one reusable work
     buffer of at most `chunk_elements` elements (one batched copy per block); narrow rows join a
@@ -446,10 +447,10 @@ class LayerStats:
     def _check(self, grads, params):
         _check_tensors(grads, 'grads'); _check_tensors(params, 'params')
         if len(grads) != len(self.shapes) or len(params) != len(self.shapes):
-            raise ValueError(f"expected {len(self.shapes)} gradients and parameters, "
+            raise ValueError(f"`grads` and `params` must hold {len(self.shapes)} tensors each (the planned shapes), "
                              f"got {len(grads)} and {len(params)}")
-        for g, p, s in zip(grads, params, self.shapes):
-            if g.shape != s: raise ValueError(f"a gradient has shape {tuple(g.shape)} where {tuple(s)} was planned")
+        for i, (g, p, s) in enumerate(zip(grads, params, self.shapes)):
+            if g.shape != s: raise ValueError(f"`grads[{i}]` has shape {tuple(g.shape)} where {tuple(s)} was planned")
             if p.shape != s: raise ValueError(f"`params` must have their gradients' shapes: got {tuple(p.shape)} for {tuple(s)}")
 
     def collect(self, grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor], extra=None,
@@ -970,7 +971,7 @@ class MagnitudeHistogram:
         "Counts as an int64 tensor of shape `(len(grads), len(HIST_BINS))`."
         _check_tensors(grads, 'grads')
         if len(grads) != len(self.index):
-            raise ValueError(f"expected {len(self.index)} gradients, got {len(grads)}")
+            raise ValueError(f"`grads` must hold {len(self.index)} tensors (the planned shapes), got {len(grads)}")
         if not grads: return torch.zeros(0, len(HIST_BINS), dtype=torch.long)
         index, owner_offset = self._meta(grads[0].device)
         with torch.no_grad():

@@ -297,8 +297,22 @@ def test_add_step_keeps_every_column_and_rejects_steps_that_do_not_increase():
     assert last['layers'] == ['b', 'a'] and (last['values'] == values + 16).all() and (last['counts'] == 16).all()
     for bad in (48, 47):
         with pytest.raises(ValueError, match='step'): record.add_step(bad, 4, 0.1, 1.0, index, values)
-    with pytest.raises((TypeError, ValueError)): record.add_step(51, 4, 'fast', 1.0, index, values)  # a bad lr
+    hist_record = GradRecord(layers, hist_dtype=np.uint16)
+    bad_calls = [((51, 4, 'fast', 1.0, index, values), {}, TypeError, '`lr`'),
+                 ((51, 4, 0.1, None, index, values), {}, TypeError, '`loss`'),
+                 (('51', 4, 0.1, 1.0, index, values), {}, TypeError, '`step`'),
+                 ((51.0, 4, 0.1, 1.0, index, values), {}, TypeError, '`step`'),
+                 ((51, 'four', 0.1, 1.0, index, values), {}, TypeError, '`epoch`'),
+                 ((51, 4, 0.1, 1.0, index, values[:, :3]), {}, ValueError, '`values`'),
+                 ((51, 4, 0.1, 1.0, index, [['x'] * len(METRICS)] * 2), {}, TypeError, '`values`'),
+                 ((51, 4, 0.1, 1.0, index, values, np.zeros((2, 3))), {}, ValueError, '`counts` must have 2 rows of 2'),
+                 ((51, 4, 0.1, 1.0, index, values, np.zeros((1, 2))), {}, ValueError, '`counts`')]
+    for args, kwargs, error, message in bad_calls:
+        with pytest.raises(error, match=message): record.add_step(*args, **kwargs)
+    with pytest.raises(ValueError, match='`hist` must have 2 rows of 25'):
+        hist_record.add_step(0, 0, 0.1, 1.0, index, values, hist=np.zeros((2, 24)))
     assert len(record) == 17 and len(record.df) == 2 * 17   # nothing half-written
+    assert len(hist_record) == 0 and len(hist_record.df) == 0
     record.add_step(51, 4, 0.1, 1.0, index, values)
     assert len(record) == 18 and len(record.df) == 2 * 18
 

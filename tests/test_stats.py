@@ -184,9 +184,10 @@ def test_bad_zero_tol(zero_tol):
 def test_wrong_number_of_tensors():
     stats = LayerStats([(2, 2), (2,)])
     g, b = torch.ones(2, 2), torch.ones(2)
-    with pytest.raises(ValueError, match='grad'): stats([g], [g, b])
-    with pytest.raises(ValueError, match='grad'): stats([g, b], [g])
-    with pytest.raises(ValueError, match='grad'): stats([g, b, b], [g, b, b])
+    with pytest.raises(ValueError, match='`grads` and `params` must hold 2 tensors'): stats([g], [g, b])
+    with pytest.raises(ValueError, match='`grads` and `params` must hold 2 tensors'): stats([g, b], [g])
+    with pytest.raises(ValueError, match='`grads` and `params` must hold 2 tensors'): stats([g, b, b], [g, b, b])
+    with pytest.raises(ValueError, match=r'`grads\[1\]` has shape \(3,\)'): stats([g, torch.zeros(3)], [g, b])
 
 
 def test_non_list_inputs():
