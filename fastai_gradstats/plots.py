@@ -45,10 +45,15 @@ def _frame(record, what='record'):
     else:
         raise TypeError(f"`{what}` must be a GradRecord or a DataFrame, got {type(record).__name__}")
     if df.empty: raise ValueError(f"`{what}` is empty: no step was recorded")
+    _check_one_rank(df, what, 'df')
+    return df, order
+
+
+def _check_one_rank(df, what, table):
+    "Refuse the rows of several ranks, which would be drawn over (or added to) each other."
     if 'rank' in df and df['rank'].nunique() > 1:
         raise ValueError(f"`{what}` is a merge of {df['rank'].nunique()} ranks, which would draw over each other: draw one "
-                         "rank's rows, e.g. `df[df['rank'] == 0]` of its `.df`")
-    return df, order
+                         f"rank's rows, e.g. `{table}[{table}['rank'] == 0]` of its `.{table}`")
 
 
 def is_weight(name: str) -> bool:
@@ -170,8 +175,9 @@ def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=F
     Layers run from input (top) to output (bottom), steps from left to right. The colour scale is
     logarithmic when the metric is positive and spans two decades or more (`log=True/False` forces
     it); NaN, ±Inf (and, on a log scale, exact zeros) are drawn in `SPECIAL_COLORS` and named in the
-    legend. `weights_only` keeps only weights; `by_module` combines each module's parameters.
-    `max_labels` (a positive int) caps the layer names written on the axis.
+    legend. `weights_only` keeps only weights; `by_module` combines each module's parameters (not both at
+    once). `cmap` is the matplotlib colormap; `max_labels` (a positive int) caps the layer names written on
+    the axis.
     Returns the Axes; `ax.images[0]` holds the metric, `ax.images[1]` (if any) the special cells."""
     max_labels = _positive_int(max_labels, 'max_labels')
     table, recorded = _metric_table(record, metric, weights_only, by_module)
@@ -217,6 +223,7 @@ def _hist_frame(record):
         layers = record.layers.set_index('name')
         sample = record.args.get('hist_sample')
         if hist.empty: raise ValueError("`record` is empty: no step was recorded")
+        _check_one_rank(hist, 'record', 'hist')
         counted = hist[list(HIST_BINS)].sum(axis=1).to_numpy(float)
         numel = layers.loc[hist['layer'].astype(str), 'numel'].to_numpy(float)
         weight = np.where(counted > 0, numel / np.maximum(counted, 1), 0) if sample is not None else np.ones(len(hist))
@@ -225,6 +232,7 @@ def _hist_frame(record):
         missing = [c for c in ('step', 'layer', *HIST_BINS) if c not in record]
         if missing: raise ValueError(f"`record` must be a GradRecord or its `.hist`; the DataFrame lacks {missing[:3]}")
         if record.empty: raise ValueError("`record` is empty: no step was recorded")
+        _check_one_rank(record, 'record', 'hist')
         return record, np.ones(len(record))
     raise TypeError(f"`record` must be a GradRecord or its `.hist` DataFrame, got {type(record).__name__}")
 
@@ -250,8 +258,8 @@ def magnitude_hist(record, layer=None, ax=None, cmap='magma'):
     """How gradient elements spread over orders of magnitude at each step: a log10 |g| bins x iteration heatmap.
 
     Rows are the bins of `HIST_BINS` (zero at the bottom, NaN at the top), colour the fraction of
-    elements (log scale), for the whole model or one `layer`; the line |g| = 1 is marked, which
-    answers at a glance whether gradients are ever larger than 1. Returns the Axes."""
+    elements (log scale, matplotlib colormap `cmap`), for the whole model or one `layer`; the line |g| = 1
+    is marked, which answers at a glance whether gradients are ever larger than 1. Returns the Axes."""
     table = hist_table(record, layer)
     values = table.to_numpy()
     ax = _new_ax(ax, (10, 5))
@@ -301,7 +309,8 @@ def gradient_flow(record, step=None, steps=None, ax=None, weights_only=False):
     """Mean (root mean square) and max |gradient| per layer from input to output, on a log scale.
 
     For one `step`, a `(first, last)` window of `steps`, or all steps: vanishing with depth shows
-    as values falling towards the input (left). Returns the Axes."""
+    as values falling towards the input (left). `weights_only` leaves out the biases and other
+    non-weights (`is_weight`). Returns the Axes."""
     table = flow_table(record, step, steps)
     if weights_only: table = table[[is_weight(i) for i in table.index]]
     ax = _new_ax(ax, (max(6, 0.3 * len(table) + 3), 4))
@@ -321,7 +330,9 @@ def gradient_flow(record, step=None, steps=None, ax=None, weights_only=False):
 def layer_curves(record, layers=None, metrics='grad_norm', ax=None, log=None):
     """Per-layer curves over iterations: one panel per metric in `metrics`, one line per layer in `layers`.
 
-    Returns the Axes for one metric, else the Figure (one panel per metric; `ax` then not allowed)."""
+    `log` (True/False) forces a log or linear y scale; None: log when the metric is positive and spans
+    two decades or more. Returns the Axes for one metric, else the Figure (one panel per metric; `ax`
+    then not allowed)."""
     df, order = _frame(record)
     metric_list = [metrics] if isinstance(metrics, str) else metrics
     if not isinstance(metric_list, (list, tuple)):
@@ -396,7 +407,7 @@ def compare_table(records, metric='grad_rms', labels=None, weights_only=True):
 
     Layers are aligned by name when the runs share names, else by position from the input (`'layer 0'`, ...;
     a shorter run's missing layers are NaN). `weights_only` keeps the weights, when every run has some.
-    Returns a DataFrame indexed by the aligned layer with columns (run label, 'mean'|'median')."""
+    `labels` names the runs (distinct str; default `'run 0'`, `'run 1'`, ...). Returns a DataFrame indexed by the aligned layer with columns (run label, 'mean'|'median')."""
     if isinstance(records, (GradRecord, pd.DataFrame)) or not hasattr(records, '__len__'):
         raise TypeError("`records` must be a list of GradRecords or DataFrames")
     if len(records) < 2: raise ValueError(f"`records` needs two or more runs to compare, got {len(records)}")

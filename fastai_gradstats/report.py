@@ -51,6 +51,15 @@ def _check_record(record, name='record') -> GradRecord:
     return record
 
 
+def _check_drawable(record, name='record') -> GradRecord:
+    "`_check_record`, and not a merge of several ranks, whose figures would draw the ranks over each other."
+    _check_record(record, name)
+    if record.multi_rank:
+        raise ValueError(f"`{name}` is a merge of several ranks, which one figure cannot show: give each rank's own "
+                         "record (the records that were merged) as a run of its own")
+    return record
+
+
 def _check_records(records) -> dict:
     """`records` (a dict of run name (a non-empty str) -> GradRecord with at least one step, or one GradRecord,
     then named 'run') as a dict; else a TypeError or ValueError naming `records`."""
@@ -91,10 +100,11 @@ def _unique(stem: str, used: set, files) -> str:
 
 
 def run_figures(record: GradRecord, name: str, figures_dir=None) -> dict:
-    """The figures of one run as base64 PNG, by section name (`heatmap`, `magnitude_hist`, `gradient_flow`);
-    also written as `<figures_dir>/<name>_<section>.png` when `figures_dir` is given (the folder is created if
-    needed; characters of `name` outside [A-Za-z0-9._ -], path separators included, become '_')."""
-    _check_record(record)
+    """The figures of one run as base64 PNG, by section name (`heatmap`, `gradient_flow`, and `magnitude_hist` when
+    the record keeps histograms); also written as `<figures_dir>/<name>_<section>.png` when `figures_dir` is given
+    (the folder is created if needed; characters of `name` outside [A-Za-z0-9._ -], path separators included,
+    become '_'). A merge of several ranks is refused (ValueError): draw each rank's own record."""
+    _check_drawable(record)
     if not isinstance(name, str) or not name: raise TypeError(f"`name` must be a non-empty str, got {name!r}")
     figures_dir = _check_path(figures_dir, 'figures_dir', allow_none=True)
     if figures_dir is not None: figures_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +122,7 @@ def run_figures(record: GradRecord, name: str, figures_dir=None) -> dict:
 
 def overview(records: dict):
     """One row per run of `records` (a dict of run name -> GradRecord, or one GradRecord, named 'run'): steps
-    recorded, first and last loss, peak total norm, and how many findings of each status."""
+    recorded, first and last loss, peak total norm, and how many findings are critical and how many warnings."""
     records = _check_records(records)
     rows = []
     for name, record in records.items():
@@ -167,13 +177,15 @@ def write_report(records, out='report.html', comparisons=None, figures_dir=None,
     named 'run') to `out` (a str or Path).
 
     Sections: an overview, then per run its claim (if the run came from the demo), health summary
-    and table, heatmap, magnitude histogram and gradient flow; then one comparison figure per entry
+    and table, heatmap, gradient flow and, when the run keeps histograms, magnitude histogram; then one comparison figure per entry
     of `comparisons`, a list of tuples of two or more run names drawn together (default: all runs in
     one figure when there are several; `[]`: none). Figures are embedded as base64 PNG, and also
     written to `figures_dir` when given, as `<name>_<section>.png` and `compare_<a>_vs_<b>.png`, where
     characters outside [A-Za-z0-9._ -] become '_' and a name whose files would clash with another's
-    gets `_2`, `_3`, ...; the report shows the names as given. Returns the path written."""
+    gets `_2`, `_3`, ...; the report shows the names as given. `title` heads the page. A merge of several
+    ranks is refused (ValueError): give each rank's own record as a run. Returns the path written."""
     records = _check_records(records)
+    for name, record in records.items(): _check_drawable(record, f'records[{name!r}]')
     comparisons = _check_comparisons(comparisons, records)
     out = _check_path(out, 'out')
     figures_dir = _check_path(figures_dir, 'figures_dir', allow_none=True)
@@ -195,8 +207,8 @@ def write_report(records, out='report.html', comparisons=None, figures_dir=None,
             claim = record.args.get('claim')
             parts.append(f'<h2 id="run-{html.escape(name)}">{html.escape(name)}</h2>')
             if claim:
-                parts.append(f'<p class="claim">Seed thread {html.escape(str(record.args.get("seed_thread", "")))}: '
-                             f'{html.escape(str(claim))}</p>')
+                source = record.args.get('source') or f'seed thread {record.args.get("seed_thread", "")}'
+                parts.append(f'<p class="claim">{html.escape(str(claim))} (from the {html.escape(str(source))})</p>')
             parts.append(f'<h3>Summary</h3><pre class="summary">{html.escape(summary(record))}</pre>')
             parts.append('<h3>Health</h3>' + _table(health(record), classes_from='status'))
             for section, data in run_figures(record, stems[name], figures_dir).items():

@@ -914,6 +914,30 @@ def test_a_merge_of_ranks_is_drawn_one_rank_at_a_time():
     plt.close('all')
 
 
+def test_a_merge_of_ranks_with_histograms_is_drawn_one_rank_at_a_time():
+    "Histogram counts of two ranks are not added together: refused whole, drawn per rank from `.hist`'s `rank` column."
+    from fastai_gradstats.stats import HIST_BINS
+    def one_rank(bin_index):
+        record = GradRecord([{'name': 'a.weight', 'module': 'Linear', 'shape': (2, 2), 'numel': 4, 'depth': 0}],
+                            args={'hist_sample': None}, hist_dtype=np.int64)
+        counts = np.zeros((1, len(HIST_BINS)), np.int64)
+        counts[0, bin_index] = 4
+        for step in (0, 1):
+            record.add_step(step, 0, 1e-3, 1.0, record.layer_index(['a.weight']), np.full((1, len(METRICS)), 0.5), hist=counts)
+        return record
+    record = fastai_gradstats.merge([one_rank(3), one_rank(5)])
+    hist = record.hist
+    assert list(hist.columns[:3]) == ['rank', 'step', 'layer'] and list(hist['rank']) == [0, 1, 0, 1]
+    for draw in (plots.magnitude_hist, plots.hist_table):
+        with pytest.raises(ValueError, match='merge of 2 ranks'): draw(record)
+        with pytest.raises(ValueError, match='merge of 2 ranks'): draw(hist)
+    table = plots.hist_table(hist[hist['rank'] == 1])
+    expected = np.zeros((len(HIST_BINS), 2))
+    expected[5] = 1.0   # rank 1 put every element of both steps in bin 5
+    np.testing.assert_allclose(table.to_numpy(float), expected)
+    plt.close('all')
+
+
 def test_plot_arguments_of_the_wrong_kind_are_named():
     record = _hand_record([{0, 1, 2}, {0, 1, 2}])
     cases = [(plots.layer_curves, {'layers': 5}, TypeError, '`layers`'),

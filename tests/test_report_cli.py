@@ -522,3 +522,17 @@ def test_documented_commands_list_every_option():
                 assert flag in doc, (name, flag)
     help_all = next(a.help for a in commands['summary']._actions if '--all' in a.option_strings)
     assert f'--all: {help_all}' in readme and f'`--all`: {help_all}' in cli.__doc__
+
+
+def test_a_merge_of_ranks_is_refused_by_the_figures_and_summed_up_by_the_overview(small_runs, tmp_path):
+    "A merge would draw its ranks over each other: the report asks for each rank's own record, and writes nothing."
+    from fastai_gradstats import merge
+    merged = merge(small_runs[:2])
+    out = tmp_path/'report.html'
+    with pytest.raises(ValueError, match=r"records\['both'\]` is a merge of several ranks"):
+        write_report({'both': merged}, out)
+    assert not out.exists()
+    with pytest.raises(ValueError, match='merge of several ranks'): run_figures(merged, 'both')
+    assert list(overview(merged)['steps']) == [len(small_runs[0].steps) + len(small_runs[1].steps)]
+    write_report({'rank 0': small_runs[0], 'rank 1': small_runs[1]}, out)   # the ranks one by one
+    assert out.exists()
