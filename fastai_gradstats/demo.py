@@ -1,4 +1,4 @@
-"""The main job: the forum experiments of `shared/seeds`, reproduced with `GradStats` on real data.
+"""The main job: the experiments of the forum threads and posts in `SOURCES`, reproduced with `GradStats` on real data.
 
 Every experiment trains on scikit-learn's 8x8 digits (shipped with it: no download) with a
 fastai `Learner`, and `run_demo` writes each run's record, the figures as PNG and one
@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ['digits_dls', 'TensorPairs', 'mlp', 'GeneralRelu', 'RowRNN', 'Experiment', 'EXPERIMENTS', 'COMPARISONS', 'run_experiment',
+__all__ = ['SOURCES', 'digits_dls', 'TensorPairs', 'mlp', 'GeneralRelu', 'RowRNN', 'Experiment', 'EXPERIMENTS', 'COMPARISONS', 'run_experiment',
            'run_demo']
 
 
@@ -79,7 +79,7 @@ def mlp(depth: int = 4, width: int = 64, act: Callable[[], nn.Module] = nn.ReLU,
 class RowRNN(nn.Module):
     """A ReLU RNN over the digits as 16 steps of 4 pixels, whose recurrent weight is an orthogonal matrix
     times `scale`: every singular value is `scale`, so gradients through time grow as scale**steps
-    above 1 and shrink below 1 (seed 003)."""
+    above 1 and shrink below 1 (the blog post of `SOURCES['003']`)."""
     def __init__(self, scale: float = 1.0, hidden: int = 64, n_in: int = 4, n_out: int = 10):
         super().__init__()
         self.rnn = nn.RNN(n_in, hidden, nonlinearity='relu', batch_first=True)
@@ -94,11 +94,22 @@ class RowRNN(nn.Module):
         return self.head(out[:, -1])
 
 
+SOURCES = {
+    '000': 'fastai forum thread "Why NN gradients are less than 1?"',
+    '001': 'fastai forum thread "Are vanishing gradients a sign of good training? [Lesson 10]"',
+    '002': 'Q&A thread "Why does Geoffrey Hinton say in his Coursera course that gradient magnitudes can vary widely '
+           'when training Neural Networks?"',
+    '003': 'blog post "Exploding and Vanishing Gradients" (2022)',
+    '004': 'textbook section 8.3 "Gradient Statistics"',
+}
+"The threads, post and textbook section the demo and the default `Thresholds` answer, by the id an `Experiment` gives."
+
+
 @dataclass
 class Experiment:
     "One training run of the demo: what it reproduces and how it is trained."
     name: str
-    seed_thread: str              # which thread of shared/seeds it answers
+    seed_thread: str              # which source it answers: a key of `SOURCES`
     claim: str                    # what the thread says, checked by the run
     model: Callable[[], nn.Module]
     lr: float
@@ -132,7 +143,7 @@ EXPERIMENTS = [
                lambda: RowRNN(3.0), lr=1e-3, epochs=3, quick_epochs=1, sequence=True,
                expect={'exploding': 'critical'}),
 ]
-"The demo's runs, in the order of the seed threads."
+"The demo's runs, in the order of their `SOURCES`."
 
 COMPARISONS = [('lr_reasonable', 'lr_too_high'), ('relu_default_init', 'generalrelu_kaiming'),
                ('sigmoid_deep', 'relu_deep'), ('rnn_scale_below_1', 'rnn_scale_above_1')]
@@ -160,7 +171,8 @@ def run_experiment(exp: Experiment, quick: bool = False, progress: bool = True, 
         else:
             with learn.no_bar(), learn.no_logging(): learn.fit(exp.quick_epochs if quick else exp.epochs, exp.lr, cbs=cb)
     record = learn.grad_stats
-    record.args.update({'experiment': exp.name, 'seed_thread': exp.seed_thread, 'claim': exp.claim,
+    record.args.update({'experiment': exp.name, 'seed_thread': exp.seed_thread, 'source': SOURCES[exp.seed_thread],
+                        'claim': exp.claim,
                         'lr': exp.lr, 'opt': exp.opt})
     return record
 
@@ -175,7 +187,7 @@ def run_demo(out='gradstats-demo', quick: bool = False, progress: bool = True) -
     out.mkdir(parents=True, exist_ok=True)
     records, started = {}, time.perf_counter()
     for exp in EXPERIMENTS:
-        print(f"\n== {exp.name} (seed {exp.seed_thread}): {exp.claim}")
+        print(f"\n== {exp.name}: {exp.claim}\n   (from the {SOURCES[exp.seed_thread]})")
         record = run_experiment(exp, quick=quick, progress=progress)
         record.save(out/exp.name)
         records[exp.name] = record

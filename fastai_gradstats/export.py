@@ -3,8 +3,8 @@
 The exporters are small companion callbacks: add them next to `GradStats` and they read the step
 it just recorded (no extra device-to-host copy), write the per-step scalars under the names people
 expect (`grad_norm/<layer>`, `grad_norm/total`, ...) and, every `hist_every` recorded steps, the
-log10 |g| histograms. Neither tensorboard nor wandb is required: install the extra you use,
-`pip install "fastai_gradstats[tensorboard]"` or `"fastai_gradstats[wandb]"`.
+log10 |g| histograms. Neither tensorboard nor wandb is required: install the one you use
+(`pip install tensorboard`, or the extra from a clone: `pip install -c constraints.txt -e ".[tensorboard]"`).
 """
 from __future__ import annotations
 
@@ -104,7 +104,9 @@ class _Exporter(Callback):
 def _need(module, extra, who):
     try: return __import__(module, fromlist=['_'])
     except ImportError as e:
-        raise ImportError(f"{who} needs {module.split('.')[0]}: pip install \"fastai_gradstats[{extra}]\"") from e
+        package = extra  # the extra is named after the package it installs (torch.utils.tensorboard needs tensorboard)
+        raise ImportError(f"{who} needs {package}: `pip install {package}`, or from a clone of fastai_gradstats "
+                          f"`pip install -c constraints.txt -e \".[{extra}]\"` (the constraints keep torch pinned)") from e
 
 
 class TensorBoardGradStats(_Exporter):
@@ -120,9 +122,11 @@ class TensorBoardGradStats(_Exporter):
         self._own = writer is None
 
     def open(self):
+        "At the start of a fit: open a `SummaryWriter` on `log_dir` unless one was given."
         if self.writer is None: self.writer = self._summary_writer(self.log_dir)
 
     def send(self, step, scalars, hists):
+        "Write one recorded step: `scalars` (tag -> number, from `step_scalars`) and `hists` (layer -> bin counts, or None)."
         for tag, value in scalars.items(): self.writer.add_scalar(tag, value, step)
         for layer, counts in (hists or {}).items():
             for name in ('zero', 'inf', 'nan'): self.writer.add_scalar(f'hist_{name}/{layer}', float(counts[HIST_BINS.index(name)]), step)
@@ -135,6 +139,7 @@ class TensorBoardGradStats(_Exporter):
                                           bucket_limits=edges[1:].tolist(), bucket_counts=inner.tolist(), global_step=step)
 
     def close(self):
+        "At the end of a fit: flush the writer, and close it when this callback opened it."
         self.writer.flush()
         if self._own: self.writer.close(); self.writer = None
 
@@ -150,10 +155,12 @@ class WandbGradStats(_Exporter):
         store_attr('hist_every,wandb_run')  # not `run`: fastai's Callback.run switches a callback off
 
     def open(self):
+        "At the start of a fit: check there is a wandb run to log to (ValueError otherwise)."
         if self.wandb_run is None and self._wandb.run is None:
             raise ValueError("WandbGradStats needs a wandb run: call wandb.init(...) first or pass `wandb_run=`")
 
     def send(self, step, scalars, hists):
+        "Log one recorded step: `scalars` (tag -> number, from `step_scalars`) and `hists` (layer -> bin counts, or None)."
         run = self.wandb_run or self._wandb.run
         data = dict(scalars)
         for layer, counts in (hists or {}).items():
@@ -161,4 +168,5 @@ class WandbGradStats(_Exporter):
             data[f'grad_log10_abs/{layer}'] = self._wandb.Histogram(np_histogram=(inner.tolist(), edges.tolist()))
         run.log(data, step=int(step))
 
-    def close(self): pass
+    def close(self):
+        "At the end of a fit: nothing to do (the wandb run belongs to the caller, who finishes it)."

@@ -2,9 +2,9 @@
 
 `health(record)` returns one row per finding; `summary(record)` says the same in a few lines.
 Both read only the record's DataFrames, so they work the same on a live and on a loaded run.
-Thresholds come from `Thresholds` (seed 004's table); the loss in `record.steps` separates
-convergence (small gradients, low flat loss) from being stuck (small gradients, high loss)
-and from vanishing, as the forum thread of seed 001 asks.
+Thresholds come from `Thresholds` (the textbook table of `demo.SOURCES['004']`); the loss in
+`record.steps` separates convergence (small gradients, low flat loss) from being stuck (small
+gradients, high loss) and from vanishing, as the forum thread of `demo.SOURCES['001']` asks.
 """
 from __future__ import annotations
 
@@ -335,7 +335,8 @@ _CHECKS = (_check_nonfinite, _check_exploding, _check_total_norm, _check_spikes,
 
 
 def health(record, thresholds: Thresholds | None = None) -> pd.DataFrame:
-    """Diagnose `record`: one row per finding, worst first.
+    """Diagnose `record` (a GradRecord, live or loaded) against `thresholds` (a `Thresholds`; None: the
+    defaults): one row per finding, worst first.
 
     Columns: `check` (one of `CHECKS`), `layer` (a parameter name or `'model'`), `status`
     (`critical`, `warning`, `ok`), `value` (what was measured), `threshold` (what it was held
@@ -353,9 +354,10 @@ def health(record, thresholds: Thresholds | None = None) -> pd.DataFrame:
 
 def suggest_clip(record, thresholds: Thresholds | None = None) -> dict:
     """A `GradientClip` max_norm for this model: the `clip_percentile` of the total norm over healthy steps
-    (finite, applied, not spikes), as AutoClip does, and how many recorded steps it would have clipped.
+    (finite, applied, not spikes), as AutoClip does, and how many applied steps it would have clipped
+    (steps the grad scaler skipped are left out of both). `thresholds`: a `Thresholds` (None: the defaults).
 
-    Returns a dict with `max_norm`, `n_clipped`, `n_steps` and `percentile`."""
+    Returns a dict with `max_norm`, `n_clipped`, `n_steps` (the applied steps) and `percentile`."""
     _, steps, _, t = _inputs(record, thresholds)
     norms = steps.loc[~steps['skipped'], 'grad_norm'].to_numpy(float)
     finite = norms[np.isfinite(norms)]
@@ -371,7 +373,7 @@ def suggest_clip(record, thresholds: Thresholds | None = None) -> dict:
 
 def summary(record, thresholds: Thresholds | None = None, show_ok: bool = False) -> str:
     """A short text of `health`, worst first, for notebooks and terminals; with clipping advice when the
-    gradients explode or spike. `show_ok` also lists the checks that found nothing. Of several layers with
+    gradients explode, spike or turn NaN/Inf. `thresholds`: a `Thresholds` (None: the defaults). `show_ok` also lists the checks that found nothing. Of several layers with
     one finding, the worst named is the one farthest from its threshold (by ratio, either way)."""
     if not isinstance(show_ok, bool): raise TypeError(f"`show_ok` must be True or False, got {show_ok!r}")
     table = health(record, thresholds)

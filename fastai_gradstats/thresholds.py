@@ -1,7 +1,7 @@
 """`Thresholds`: the numbers the diagnosis holds the record against, in one documented place.
 
-Defaults follow the summary table of the textbook section on gradient statistics (seed 004 in
-`shared/seeds`: gradient norm healthy 0.1-10, warning 10-100, critical >100 or NaN; zero ratio
+Defaults follow the summary table of the textbook section on gradient statistics (section 8.3,
+"Gradient Statistics", `demo.SOURCES['004']`: gradient norm healthy 0.1-10, warning 10-100, critical >100 or NaN; zero ratio
 <5%, 5-20%, >20%; layer spread <10x, 10-100x, >100x; gradient-to-parameter ratio around 1e-3,
 >1 too large, <1e-6 too small; vanishing below 1e-7; dead neurons warning >20%, critical >50%).
 The rest (spikes, trends, loss context) are this package's choices, documented per field.
@@ -19,17 +19,17 @@ __all__ = ['Thresholds']
 @dataclass(frozen=True)
 class Thresholds:
     "Thresholds of the gradient health checks (see the module docstring for their sources)."
-    total_norm_low: float = 0.1          # seed 004: total gradient norm healthy from 0.1 ...
+    total_norm_low: float = 0.1          # textbook: total gradient norm healthy from 0.1 ...
     total_norm_warning: float = 10.0     # ... to 10; warning from 10 ...
     total_norm_critical: float = 100.0   # ... critical above 100 (likely to explode)
-    vanishing_norm: float = 1e-7         # seed 004: a norm below 1e-7 is vanishing, no learning
-    zero_frac_warning: float = 0.05      # seed 004: zero ratio healthy < 5% ...
+    vanishing_norm: float = 1e-7         # textbook: a norm below 1e-7 is vanishing, no learning
+    zero_frac_warning: float = 0.05      # textbook: zero ratio healthy < 5% ...
     zero_frac_critical: float = 0.20     # ... critical > 20%
-    layer_spread_warning: float = 10.0   # seed 004: max/min layer norm healthy < 10x ...
+    layer_spread_warning: float = 10.0   # textbook: max/min layer norm healthy < 10x ...
     layer_spread_critical: float = 100.0 # ... critical > 100x
-    ratio_high: float = 1.0              # seed 004: grad/param ratio > 1: gradients too large (reduce LR)
-    ratio_low: float = 1e-6              # seed 004: grad/param ratio < 1e-6: too small (raise LR or fix the architecture)
-    dead_warning: float = 0.20           # seed 004: dead neurons warning > 20% ...
+    ratio_high: float = 1.0              # textbook: grad/param ratio > 1: gradients too large (reduce LR)
+    ratio_low: float = 1e-6              # textbook: grad/param ratio < 1e-6: too small (raise LR or fix the architecture)
+    dead_warning: float = 0.20           # textbook: dead neurons warning > 20% ...
     dead_critical: float = 0.50          # ... critical > 50% (model not learning)
     depth_ratio_warning: float = 10.0    # vanishing with depth: output-most / input-most weight rms gradient ...
     depth_ratio_critical: float = 100.0  # ... with norms falling steadily towards the input
@@ -38,7 +38,7 @@ class Thresholds:
     spike_window: int = 20               # steps in the rolling median of the spike check
     loss_fall: float = 0.1               # the loss "is falling" when the late loss is this fraction below the early one
     loss_converged: float = 0.5          # "converged": the late loss is at most this fraction of the early loss ...
-    loss_flat: float = 0.05              # ... and changes by at most this fraction across the late window
+    loss_flat: float = 0.05              # ... and moves across the late window by at most this fraction of the first loss
     clip_percentile: float = 95.0        # clipping advice: this percentile of the total norm over healthy steps
 
     def __post_init__(self):
