@@ -74,6 +74,7 @@ WAITING_BYTES = 2 ** 22
 `MAX_WAITING` steps); a model whose copy is larger than half of this adds every step as it comes."""
 MAX_WAITING = 16
 "Most recorded steps that wait to be assembled together."
+_STRIDED = torch.strided
 
 
 class _Waiting:
@@ -97,12 +98,38 @@ class _Waiting:
         self.steps.append((step, epoch, lr, carries_update))
 
 
+class _FitScope:
+    """A callback mixin: `start_fit` at the first `before_train` of a fit, `end_fit` at that fit's `after_fit`.
+
+    fastai's `validate`, `get_preds`, `predict` and `Learner.summary` send `before_fit` and `after_fit` too, with
+    no `before_train` between, also from inside a running fit (a callback that validates after each epoch): those
+    pairs must neither reset nor end what the fit set up. A fit stopped by an exception other than fastai's
+    cancellations (KeyboardInterrupt) never sends `after_fit`: the next fit starts afresh all the same."""
+    _fits = None  # per `before_fit` not yet closed by its `after_fit`: whether its fit started (`start_fit` ran)
+
+    def before_fit(self):
+        if self._fits is None: object.__setattr__(self, '_fits', [])
+        self._fits.append(False)
+
+    def before_train(self):
+        fits = self._fits
+        if fits and not fits[-1]:
+            fits[-1] = True
+            self.start_fit()
+
+    def after_fit(self):
+        if self._fits and self._fits.pop(): self.end_fit()
+
+    def start_fit(self): pass
+    def end_fit(self): pass
+
+
 _BOOKKEEPING = frozenset({'step_count', 'stopped_at', '_active', '_params', '_module_of', '_plan', '_plan_key', '_plan_devices', '_plan_index', '_plan_params',
-                           '_depth_known', '_recorded_step', '_pending_update', '_kept_params', '_alerted', '_waiting',
+                           '_placed', '_recorded_step', '_pending_update', '_kept_params', '_alerted', '_waiting',
                            '_not_routine', '_checks_to_skip'})
 
 
-class GradStats(Callback):
+class GradStats(_FitScope, Callback):
     "Record per-layer gradient statistics of every `every`-th optimizer step into `learn.grad_stats`"
     # Gradients are final between MixedPrecision (order 10), which unscales them in its
     # before_step, and GradientClip (order 11), which clips them: record the true, pre-clip values.
@@ -112,6 +139,7 @@ class GradStats(Callback):
     _kept_params = None  # a callback pickled (`learn.export`) by a version without it reads this
     _waiting = None      # nor these
     _not_routine = _checks_to_skip = 0
+    _placed = frozenset()
 
     def __init__(self,
         every:int=1,             # Record optimizer steps 0, `every`, 2*`every`, ... (steps count from 0 across fits)
@@ -163,6 +191,13 @@ class GradStats(Callback):
 
     # --- events --------------------------------------------------------------------------
     def before_fit(self):
+        super().before_fit()
+        self.learn.grad_stats = self.record  # there from the start (a fit sets up at its first `before_train`)
+        if not self.record.depth_of():  # the layer table, even for a fit that never trains (`fit(0)`)
+            self._read_model()
+            self._params = self._module_of = None
+
+    def start_fit(self):
         self._active = not hasattr(self.learn, 'lr_finder')  # lr_find trains a throwaway copy
         if not self._active: return
         # Under DDP the gradients at before_step are already averaged over ranks: rank 0 alone has the
@@ -173,24 +208,19 @@ class GradStats(Callback):
             self.learn.grad_stats, self._active = self.record, False
             return
         self.record._add_waiting()  # steps an interrupted fit left waiting
-        if self._recorded_step:  # the last fit stopped inside a recorded step: that step is over
+        if self._recorded_step:  # the last fit was interrupted (no after_fit) inside a recorded step: that step is over
             self.step_count += 1
             self._recorded_step = False
             # whether the optimizer applied it is unknown: its update norm stays NaN rather than take the next step's
             self._kept_params = None
         self.learn.grad_stats = self.record
-        model = self.learn.model
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module  # names as in one process
-        self._params = list(model.named_parameters())
-        self._module_of = {}
-        for mod_name, module in model.named_modules():
-            for p_name, _ in module.named_parameters(recurse=False):
-                self._module_of[f'{mod_name}.{p_name}' if mod_name else p_name] = module
-        self._describe_layers(order=None)
-        self._plan, self._plan_key, self._plan_params, self._depth_known = None, None, None, False
+        self._read_model()
+        self._plan, self._plan_key, self._plan_params, self._placed = None, None, None, frozenset()
 
     def before_step(self):
-        if self._active: self._record(skipped=False)
+        if not self._active: return
+        if self._recorded_step: self._end_cancelled_step()
+        self._record(skipped=False)
 
     def after_cancel_step(self):
         if not self._active: return
@@ -203,24 +233,59 @@ class GradStats(Callback):
         self.step_count += 1
         self._recorded_step = False
 
-    def after_cancel_fit(self):
-        # stopped between recording a step and applying it (e.g. stop_on_critical): the optimizer never applied it
-        if self._active and self._recorded_step: self.record.mark_skipped()
-        self._flush_update()
-
-    def after_fit(self):
+    def end_fit(self):
+        if self._active and self._recorded_step: self._end_cancelled_step()
         self._flush_update()
         self._params, self._plan, self._plan_params, self._module_of, self._active = None, None, None, None, False
         self._kept_params = None
         if self._waiting is not None: self._waiting.plan = self._waiting.layout = None  # its array serves the next fit
 
     # --- helpers -------------------------------------------------------------------------
+    def _read_model(self):
+        "The model's parameters by name, each one's module, and the layer table in the record."
+        model = self.learn.model
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module  # names as in one process
+        self._params = list(model.named_parameters())
+        self._module_of = {}
+        for mod_name, module in model.named_modules():
+            for p_name, _ in module.named_parameters(recurse=False):
+                self._module_of[f'{mod_name}.{p_name}' if mod_name else p_name] = module
+        self._describe_layers(order=None)
+
+    def _with_grads(self) -> list:
+        """(name, parameter, gradient) of the parameters with a gradient this step (frozen ones may keep a stale one),
+        in depth order; each `.grad` read once. A sparse gradient (`nn.Embedding(sparse=True)`) is measured dense."""
+        return [(n, p, g if g.layout is _STRIDED else g.to_dense())
+                for n, p in self._params if (g := p.grad) is not None and p.requires_grad]
+
+    def _place_by_depth(self, key):
+        """Read the depth of every parameter from this step's autograd graph (the loss outlives backward): at the first
+        recorded step of a fit, and again when parameters first get a gradient later in it (gradual unfreezing, a
+        branch used late), since frozen parameters are not in the graph."""
+        loss = getattr(self.learn, 'loss_grad', None)
+        if isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+            self._describe_layers(input_to_output(loss, [p for _, p in self._params]))
+        self._placed = self._placed | set(key)  # also when there is no graph to read: try once per parameter
+
+    def _end_cancelled_step(self):
+        """The step recorded last got no `after_step`: a cancellation (CancelBatchException and the like from a later
+        callback's `before_step`, `stop_on_critical`'s CancelFitException) left it before the optimizer applied it.
+        It stays in the record, flagged `skipped`, and counts as a step, as one the fp16 grad scaler skips."""
+        self.record.mark_skipped()
+        self.step_count += 1
+        self._recorded_step, self._kept_params = False, None
+
     def _describe_layers(self, order):
         """Describe every parameter; `depth` runs from input to output: from `order` (parameter ids, input first)
-        where known, else the registration order of `model.named_parameters()`."""
-        rank = {pid: i for i, pid in enumerate(order or [])}
+        where known; without an `order`, the depth the record already knows (from an earlier fit); else the
+        registration order of `model.named_parameters()`."""
         named_order = {n: i for i, (n, _) in enumerate(self._params)}
-        by_depth = sorted(self._params, key=lambda item: (rank.get(id(item[1]), len(rank)), named_order[item[0]]))
+        if order is not None:
+            rank = {pid: i for i, pid in enumerate(order)}
+            by_depth = sorted(self._params, key=lambda item: (rank.get(id(item[1]), len(rank)), named_order[item[0]]))
+        else:
+            known = self.record.depth_of()
+            by_depth = sorted(self._params, key=lambda item: (known.get(item[0], math.inf), named_order[item[0]]))
         self._params = by_depth
         opt = getattr(self.learn, 'opt', None)
         groups = getattr(opt, 'param_lists', None) or [g['params'] for g in getattr(opt, 'param_groups', [])]
@@ -232,16 +297,15 @@ class GradStats(Callback):
 
     def _record(self, skipped):
         if self.step_count % self.every: return
-        if not self._depth_known:
-            self._depth_known = True
-            loss = getattr(self.learn, 'loss_grad', None)
-            if isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
-                self._describe_layers(input_to_output(loss, [p for _, p in self._params]))
-        # the parameters with a gradient this step (frozen ones may keep a stale one); read each .grad once
-        chosen = [(n, p, g) for n, p in self._params if (g := p.grad) is not None and p.requires_grad and not g.is_sparse]
+        chosen = self._with_grads()
         params, grads = [p for _, p, _ in chosen], [g for _, _, g in chosen]
         if self._plan_params is None or len(params) != len(self._plan_params) or not all(map(operator.is_, params, self._plan_params)):
             key = tuple(n for n, _, _ in chosen)
+            if not self._placed.issuperset(key):  # parameters training for the first time in this fit: place them by depth
+                self._place_by_depth(key)
+                chosen = self._with_grads()  # in the new order
+                params, grads = [p for _, p, _ in chosen], [g for _, _, g in chosen]
+                key = tuple(n for n, _, _ in chosen)
             devices = [p.device for p in params]
             if key != self._plan_key or devices != self._plan_devices:
                 shapes, settings = [p.shape for p in params], (self.zero_tol, self.hist, self.hist_sample)
@@ -255,6 +319,11 @@ class GradStats(Callback):
         if loss.numel() != 1: loss = loss.detach().float().mean()
         # the last step's update norms (measured on the device at its after_step) ride along in this step's copy
         update, self._pending_update = self._pending_update, None
+        if update is not None and len(update) != len(params):
+            # other parameters have a gradient than at the step before (unfrozen, or first used): its update norms
+            # cannot ride along in rows laid out for this step, so they go to it now, with a copy of their own
+            self.record.set_last('update_norm', _to_host(update))
+            update = None
         extra = [loss] if update is None else [loss, update]
         # the one copy of this step (lists we built: no argument checks)
         if isinstance(self._plan, LayerStats) and grads and not skipped:
@@ -356,7 +425,7 @@ class GradStats(Callback):
                 warnings.warn(f"GradStats: {message}" + (': stopping before this step is applied' if self.stop_on_critical else ''),
                               GradientAlert, stacklevel=2)
         if self.stop_on_critical:
-            self.stopped_at = self.step_count
+            self.stopped_at = self.record.stopped_at = self.step_count
             raise CancelFitException()
 
     def _measure_update(self):

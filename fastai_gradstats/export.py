@@ -14,7 +14,7 @@ import numpy as np
 from fastai.callback.core import Callback
 from fastcore.basics import store_attr
 
-from .callback import GradStats
+from .callback import GradStats, _FitScope
 from .record import COUNT_COLUMNS
 from .stats import HIST_BINS, HIST_DECADES, METRICS, _positive_int
 
@@ -73,12 +73,13 @@ def log10_histogram(counts: np.ndarray):
     return edges, np.asarray(inner, np.float64)
 
 
-class _Exporter(Callback):
-    "Reads the step `GradStats` just recorded (after its `after_step`) and hands it to `send`."
+class _Exporter(_FitScope, Callback):
+    """Reads the step `GradStats` just recorded (after its `after_step`) and hands it to `send`; opens at the start of
+    a fit and closes at its end (`validate` and `get_preds`, which send `before_fit`/`after_fit` too, open nothing)."""
     order = GradStats.order + 1
     run_valid = False
 
-    def before_fit(self):
+    def start_fit(self):
         self._sent = None
         self._n_sent = 0
         self.open()
@@ -96,7 +97,7 @@ class _Exporter(Callback):
         self._n_sent += 1
         self.send(last['step'], step_scalars(last), None if hist is None else dict(zip(last['layers'], hist)))
 
-    def after_fit(self):
+    def end_fit(self):
         self._send_new()  # GradStats (earlier in order) has completed the last step by now
         self.close()
 

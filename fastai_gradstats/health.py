@@ -32,6 +32,14 @@ def _inputs(record, thresholds):
     return record.df, record.steps, record.layers, thresholds
 
 
+def _applied(steps, record):
+    """Which `steps` count as applied: those the optimizer applied, and the one `GradStats(stop_on_critical=True)` stopped
+    at (flagged skipped, since it was never applied, but its gradients are the finding, not an fp16 overflow)."""
+    applied = ~steps['skipped'].to_numpy(bool)
+    if record.stopped_at is not None: applied |= steps['step'].to_numpy() == record.stopped_at
+    return applied
+
+
 def _finding(check, status, reason, layer=MODEL, value=np.nan, threshold=np.nan, first_step=None, last_step=None):
     return {'check': check, 'layer': layer, 'status': status, 'value': float(value), 'threshold': float(threshold),
             'first_step': first_step, 'last_step': last_step, 'reason': reason}
@@ -44,9 +52,9 @@ def _span(steps):
 
 class _Run:
     "What several checks share: applied steps, windows, loss context, weight layers in depth order."
-    def __init__(self, df, steps, layers, t):
-        self.t, self.df, self.layers = t, df, layers
-        self.applied = steps[~steps['skipped']]
+    def __init__(self, df, steps, layers, t, applied, stopped_at=None):
+        self.t, self.df, self.layers, self.stopped_at = t, df, layers, stopped_at
+        self.applied = steps[applied]
         self.all_steps = steps
         norms = self.applied['grad_norm'].to_numpy(float)
         self.norms = norms
@@ -87,7 +95,7 @@ def _check_nonfinite(run):
     bad = df[(df['n_nan'] > 0) | (df['n_inf'] > 0)]
     applied_bad = bad[bad['step'].isin(run.applied['step'])]
     findings = []
-    skipped = run.all_steps[run.all_steps['skipped']]
+    skipped = run.all_steps[run.all_steps['skipped'] & (run.all_steps['step'] != run.stopped_at)]
     if len(skipped):
         first, last = _span(skipped['step'])
         findings.append(_finding('nonfinite', 'ok', f"{len(skipped)} step(s) were skipped by the optimizer (e.g. the "
@@ -102,9 +110,11 @@ def _check_nonfinite(run):
     nearest_output = max(at_first['layer'].astype(str), key=lambda n: depth[n])
     first, last = _span(applied_bad['step'])
     n_steps = applied_bad['step'].nunique()
+    stopped = (f", where GradStats stopped training (stop_on_critical)" if run.stopped_at is not None
+               and (applied_bad['step'] == run.stopped_at).any() else '')
     findings.append(_finding('nonfinite', 'critical',
         f"NaN/Inf gradients first at step {first_step} in {nearest_output} (nearest the output, where backward "
-        f"starts) and in {n_steps} applied step(s): lower the learning rate, add GradientClip, check the loss and inputs",
+        f"starts) and in {n_steps} step(s){stopped}: lower the learning rate, add GradientClip, check the loss and inputs",
         layer=nearest_output, value=n_steps, threshold=0, first_step=first, last_step=last))
     return findings
 
@@ -272,14 +282,16 @@ def _per_layer(run, column, high, low=None, only_weights=False, high_status=("wa
     if only_weights: rows = rows[rows['layer'].astype(str).isin(run.weights)]
     rows = rows[np.isfinite(rows[column])]
     names = rows['layer'].astype(str)
-    med = rows.groupby(names)[column].median().reindex([n for n in run.order if n in set(names)])
+    by_layer = rows.groupby(names)
+    present = set(by_layer.groups)  # once: a set per layer made this quadratic in the number of layers
+    med = by_layer[column].median().reindex([n for n in run.order if n in present])
     found = []
     for layer, value in med.items():
-        part = rows[names == layer]
         if high[1] is not None and value > high[1]: status, threshold, above = high_status[1], high[1], True
         elif value > high[0]: status, threshold, above = high_status[0], high[0], True
         elif low is not None and value < low: status, threshold, above = 'warning', low, False
         else: continue
+        part = by_layer.get_group(layer)
         where = part['step'][(part[column] > threshold) if above else (part[column] < threshold)]
         first, last = _span(where)
         found.append((layer, status, float(value), threshold, first, last))
@@ -343,7 +355,7 @@ def health(record, thresholds: Thresholds | None = None) -> pd.DataFrame:
     against), `first_step`, `last_step` (where the finding holds) and `reason` (one line with a
     remedy). Every check has at least one row, `ok` when it found nothing."""
     df, steps, layers, t = _inputs(record, thresholds)
-    run = _Run(df, steps, layers, t)
+    run = _Run(df, steps, layers, t, _applied(steps, record), record.stopped_at)
     rows = [f for check in _CHECKS for f in check(run)]
     out = pd.DataFrame(rows, columns=list(HEALTH_COLUMNS))
     out['first_step'] = out['first_step'].astype('Int64'); out['last_step'] = out['last_step'].astype('Int64')
@@ -359,7 +371,7 @@ def suggest_clip(record, thresholds: Thresholds | None = None) -> dict:
 
     Returns a dict with `max_norm`, `n_clipped`, `n_steps` (the applied steps) and `percentile`."""
     _, steps, _, t = _inputs(record, thresholds)
-    norms = steps.loc[~steps['skipped'], 'grad_norm'].to_numpy(float)
+    norms = steps.loc[_applied(steps, record), 'grad_norm'].to_numpy(float)
     finite = norms[np.isfinite(norms)]
     if not len(finite): raise ValueError("`record` has no finite total norm to base a clipping value on")
     series = pd.Series(finite)

@@ -112,7 +112,9 @@ class GradRecord:
       (the stride at which steps around this one are kept: `every`, or more where `keep_last` thinned
       old steps), and first a `rank` column in a merge of several ranks (`merge`);
     - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`, `group`
-      (the optimizer's parameter group, -1 when unknown).
+      (the optimizer's parameter group, -1 when unknown);
+    - `stopped_at`: the step at which `GradStats(stop_on_critical=True)` stopped training (recorded, flagged
+      `skipped`, never applied; the diagnosis reads its gradients), or None.
 
     Arguments: `layers`, the layer table (dicts with the `layers` columns, or set later with `set_layers`);
     `args`, a dict of the callback's arguments (saved with the run); `extra_columns`, value columns after
@@ -122,6 +124,7 @@ class GradRecord:
     the steps are recorded (the `kept_every` of steps that were not thinned).
     """
     _deferred = None  # records pickled before `set_last_later` existed have no such attribute of their own
+    stopped_at = None  # nor before `stopped_at`
     _waiting = None   # nor before `hold` existed
     _pending_last = False
 
@@ -129,6 +132,7 @@ class GradRecord:
         self.keep_last, self.every = _positive_int(keep_last, 'keep_last', allow_none=True), _positive_int(every, 'every')
         self.rank = None        # the process rank under data parallel (None: one process)
         self.multi_rank = False # a merge of several ranks: `df` and `steps` get a `rank` column
+        self.stopped_at = None  # the step `GradStats(stop_on_critical=True)` stopped training at (recorded, not applied)
         self._unthinned = 0
         self._layers = []
         self._index = {}
@@ -161,7 +165,11 @@ class GradRecord:
     def set_layers(self, layers):
         """Add the parameter tensors described by `layers` (dicts with the keys of `LAYER_COLUMNS`).
 
-        A layer already known by name keeps its index and takes the new description."""
+        A layer already known by name keeps its index and takes the new description, unless its shape changed
+        after steps were recorded (a replaced head, one callback on another model): then it is another tensor,
+        added as a new layer, and the rows recorded so far stay with the old one, renamed `'<name> (<shape>)'`
+        (e.g. `'2.weight (2x16)'`), so that their `grad_rms` and the like keep its size."""
+        self._add_waiting()  # the steps waiting refer to the layers as they are
         for layer in layers:
             missing = set(LAYER_COLUMNS) - set(layer) - {'group'}
             if missing: raise ValueError(f"`layers` entry {layer!r} lacks {sorted(missing)}")
@@ -176,11 +184,29 @@ class GradRecord:
                     not all(map(_is_int, shape)):
                 raise TypeError(f"`layers` entry {layer!r}: `shape` must be a sequence of ints")
             entry['shape'] = tuple(int(d) for d in shape)
-            if entry['name'] in self._index: self._layers[self._index[entry['name']]] = entry
+            known = self._index.get(entry['name'])
+            if known is not None and (self._layers[known]['shape'] == entry['shape'] or
+                                      not (self._row_layer.view == known).any()):
+                self._layers[known] = entry
             else:
+                if known is not None: self._rename_layer(known)
                 self._index[entry['name']] = len(self._layers)
                 self._layers.append(entry)
         self._cache.clear()
+
+    def _rename_layer(self, index):
+        "Give the layer at `index` the name `'<name> (<shape>)'`, free of any other layer's, and its name to the next."
+        old = self._layers[index]
+        base = f"{old['name']} ({'x'.join(map(str, old['shape']))})"
+        name, k = base, 1
+        while name in self._index: k += 1; name = f'{base} #{k}'
+        del self._index[old['name']]
+        self._layers[index] = dict(old, name=name)
+        self._index[name] = index
+
+    def depth_of(self) -> dict:
+        "The known layers' depths, by name."
+        return {l['name']: l['depth'] for l in self._layers}
 
     def layer_index(self, names):
         "Indices of the layers called `names`, for `add_step`."
@@ -349,9 +375,12 @@ class GradRecord:
         self.set_last(column, fetch())
 
     def mark_skipped(self):
-        "Flag the last recorded step as one the optimizer did not apply."
+        "Flag the last recorded step as one the optimizer did not apply (its `update_norm`, if recorded, is then 0)."
         if not len(self): raise ValueError("no step recorded yet")
         self._step_cols['skipped'].view[-1] = True
+        if 'update_norm' in self.value_columns:
+            n = int(self._step_cols['n_rows'].view[-1])
+            if n: self._values.view[-n:, self.value_columns.index('update_norm')] = 0
         self.pending_last, self._deferred = False, None  # the optimizer did not apply it: its update is 0, not pending
         self._cache.clear()
 
@@ -477,7 +506,7 @@ class GradRecord:
         from . import __version__
         meta = {'format': 'fastai_gradstats.record', 'format_version': FORMAT_VERSION, 'version': __version__,
                 'args': self.args, 'extra_columns': self.value_columns[len(METRICS):], 'rank': self.rank,
-                'multi_rank': self.multi_rank,
+                'multi_rank': self.multi_rank, 'stopped_at': self.stopped_at,
                 'hist_dtype': None if self._hist is None else self._hist.data.dtype.name,
                 'layers': [dict(l, shape=list(l['shape'])) for l in self._layers]}
         (path/_FILES['meta']).write_text(json.dumps(meta, indent=1, default=_json_default))
@@ -537,6 +566,7 @@ def load(path) -> GradRecord:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(path/_FILES['meta'])!r} is not a valid GradStats run: {e}") from None
     record.rank, record.multi_rank = meta.get('rank'), bool(meta.get('multi_rank', False))
+    record.stopped_at = meta.get('stopped_at')
     try:
         stats, steps = pd.read_parquet(path/_FILES['stats']), pd.read_parquet(path/_FILES['steps'])
         hist = pd.read_parquet(path/_HIST_FILE) if record.has_hist else None
@@ -579,6 +609,8 @@ def merge(records) -> GradRecord:
     out = GradRecord(list(layers.values()), first.args, first.value_columns[len(METRICS):],
                      None if first._hist is None else first._hist.data.dtype)
     out.multi_rank = True
+    stops = [r.stopped_at for r in records if r.stopped_at is not None]
+    out.stopped_at = min(stops) if stops else None  # the earliest stop
     parts = []
     for rank, r in zip(ranks, records):
         n_rows = r._step_cols['n_rows'].view

@@ -271,7 +271,7 @@ def test_stop_on_critical_stops_before_the_step_is_applied():
     assert any('stopping' in str(w.message) for w in alerts)
 
 
-def test_stop_on_critical_at_the_first_nan():
+def test_stop_on_critical_at_the_first_nan(tmp_path):
     "With the explosion threshold out of reach, the first critical step is the first NaN/Inf gradient."
     model = diverging_model()
     learn, cap, cb = fit(model, regression_dls(), 0.05, 3, opt=SGD, loss=MSELossFlat(), stop_on_critical=True,
@@ -285,6 +285,13 @@ def test_stop_on_critical_at_the_first_nan():
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all()
         np.testing.assert_array_equal(p.detach().double().numpy(), cap.before[first][name])
+    # the stopped step is flagged skipped (never applied), but it is the finding, not an fp16 overflow
+    assert record.stopped_at == first and bool(record.steps['skipped'].iloc[-1])
+    for run in (record, load(record.save(tmp_path/'stopped'))):
+        assert run.stopped_at == first
+        nonfinite = run.health().query("check == 'nonfinite'")
+        assert nonfinite['status'].tolist() == ['critical'] and nonfinite['first_step'].tolist() == [first]
+        assert 'stopped training' in run.summary()
 
 
 # --- dead units ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class _Counting:
                 if self.active: self.calls[_m] += 1
                 return _orig(t, *a, **k)
             monkeypatch.setattr(torch.Tensor, m, counted)
-        for event in ('before_step', 'after_step', 'after_cancel_step', 'after_fit', 'after_cancel_fit'):
+        for event in ('before_fit', 'before_train', 'before_step', 'after_step', 'after_cancel_step', 'after_fit'):
             original = getattr(GradStats, event)
             def wrapped(cb, _orig=original):
                 self.active = True
