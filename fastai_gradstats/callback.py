@@ -125,7 +125,7 @@ class _FitScope:
 
 
 _BOOKKEEPING = frozenset({'step_count', 'stopped_at', '_active', '_params', '_module_of', '_plan', '_plan_key', '_plan_devices', '_plan_index', '_plan_params',
-                           '_placed', '_recorded_step', '_pending_update', '_kept_params', '_alerted', '_waiting',
+                           '_placed', '_in_step', '_stopping', '_recorded_step', '_pending_update', '_kept_params', '_alerted', '_waiting',
                            '_not_routine', '_checks_to_skip'})
 
 
@@ -140,6 +140,8 @@ class GradStats(_FitScope, Callback):
     _waiting = None      # nor these
     _not_routine = _checks_to_skip = 0
     _placed = frozenset()
+    _in_step = None    # (epoch, iter) of the batch whose step began (before_step) and has not ended (after_step)
+    _stopping = False  # stop_on_critical raised CancelFitException in this fit
 
     def __init__(self,
         every:int=1,             # Record optimizer steps 0, `every`, 2*`every`, ... (steps count from 0 across fits)
@@ -208,33 +210,41 @@ class GradStats(_FitScope, Callback):
             self.learn.grad_stats, self._active = self.record, False
             return
         self.record._add_waiting()  # steps an interrupted fit left waiting
-        if self._recorded_step:  # the last fit was interrupted (no after_fit) inside a recorded step: that step is over
-            self.step_count += 1
-            self._recorded_step = False
-            # whether the optimizer applied it is unknown: its update norm stays NaN rather than take the next step's
-            self._kept_params = None
+        # the last fit was interrupted (no after_fit) inside a step, maybe inside the optimizer's: its update stays unknown
+        if self._in_step is not None: self._end_unfinished_step(measure_update=False)
+        del self._fits[:-1]  # fits that never ended (interrupted): only this one is open now
         self.learn.grad_stats = self.record
         self._read_model()
         self._plan, self._plan_key, self._plan_params, self._placed = None, None, None, frozenset()
 
     def before_step(self):
         if not self._active: return
-        if self._recorded_step: self._end_cancelled_step()
+        if self._in_step is not None: self._end_unfinished_step()
+        self._in_step = (self.learn.epoch, self.learn.iter)  # this batch's step, until its after_step
         self._record(skipped=False)
 
     def after_cancel_step(self):
         if not self._active: return
-        if self._recorded_step: self.record.mark_skipped()
-        else: self._record(skipped=True)
+        batch = (self.learn.epoch, self.learn.iter)
+        if self._in_step is not None and self._in_step != batch: self._end_unfinished_step()  # an earlier batch's
+        if self._in_step is None:  # cancelled before our before_step (the fp16 grad scaler's skip): record it now
+            self._in_step = batch
+            self._record(skipped=True)
+        elif self._recorded_step: self.record.mark_skipped()
 
     def after_step(self):
         if not self._active: return
         if self._kept_params is not None: self._measure_update()
         self.step_count += 1
-        self._recorded_step = False
+        self._recorded_step, self._in_step = False, None
 
     def end_fit(self):
-        if self._active and self._recorded_step: self._end_cancelled_step()
+        if self._active and self._in_step is not None:
+            if self._stopping:  # stop_on_critical stopped before this step was applied
+                self.record.mark_skipped()
+                self.learn.opt.zero_grad()  # fastai leaves the gradients: the next fit must not add onto them
+            self._end_unfinished_step()
+        self._stopping = False
         self._flush_update()
         self._params, self._plan, self._plan_params, self._module_of, self._active = None, None, None, None, False
         self._kept_params = None
@@ -267,13 +277,15 @@ class GradStats(_FitScope, Callback):
             self._describe_layers(input_to_output(loss, [p for _, p in self._params]))
         self._placed = self._placed | set(key)  # also when there is no graph to read: try once per parameter
 
-    def _end_cancelled_step(self):
-        """The step recorded last got no `after_step`: a cancellation (CancelBatchException and the like from a later
-        callback's `before_step`, `stop_on_critical`'s CancelFitException) left it before the optimizer applied it.
-        It stays in the record, flagged `skipped`, and counts as a step, as one the fp16 grad scaler skips."""
-        self.record.mark_skipped()
+    def _end_unfinished_step(self, measure_update=True):
+        """The step of an earlier batch got no `after_step`: a CancelBatch/Epoch/Train/FitException from another
+        callback (in a later one's `before_step`, or an earlier one's `after_step`) or an interrupted fit. It counts
+        as a step; if recorded, it stays as recorded, not flagged skipped: whether the optimizer applied it cannot be
+        told from here. With `update_ratio` its update norm is measured now, as far as the weights moved (0 if the
+        step was not applied); after an interrupted fit (`measure_update=False`) it stays NaN."""
+        if measure_update and self._kept_params is not None: self._measure_update()
         self.step_count += 1
-        self._recorded_step, self._kept_params = False, None
+        self._in_step, self._recorded_step, self._kept_params = None, False, None
 
     def _describe_layers(self, order):
         """Describe every parameter; `depth` runs from input to output: from `order` (parameter ids, input first)
@@ -425,7 +437,9 @@ class GradStats(_FitScope, Callback):
                 warnings.warn(f"GradStats: {message}" + (': stopping before this step is applied' if self.stop_on_critical else ''),
                               GradientAlert, stacklevel=2)
         if self.stop_on_critical:
-            self.stopped_at = self.record.stopped_at = self.step_count
+            self.stopped_at = self.step_count
+            self.record.stopped_steps.append(self.step_count)
+            self._stopping = True
             raise CancelFitException()
 
     def _measure_update(self):

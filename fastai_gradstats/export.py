@@ -78,26 +78,36 @@ class _Exporter(_FitScope, Callback):
     a fit and closes at its end (`validate` and `get_preds`, which send `before_fit`/`after_fit` too, open nothing)."""
     order = GradStats.order + 1
     run_valid = False
+    _sent = None        # the last step sent, kept from fit to fit (the record counts on) ...
+    _sent_from = None   # ... of this record
+    _n_sent = 0
+    _active = False     # in a fit it sends from (not lr_find's)
 
     def start_fit(self):
-        self._sent = None
-        self._n_sent = 0
-        self.open()
+        self._active = not hasattr(self.learn, 'lr_finder')  # lr_find trains a throwaway copy: nothing to send
+        if self._active: self.open()
 
-    def after_step(self): self._send_new()
+    def after_step(self):
+        if self._active: self._send_new()
 
     def _send_new(self):
-        "Send the last complete step if not sent yet (with `update_ratio` on, a step completes one step later)."
+        """Send the complete steps not sent yet, oldest first (with `update_ratio` on, a step completes one step later;
+        a step another callback cancelled completes with the next one)."""
         record = getattr(self.learn, 'grad_stats', None)
         if record is None or not len(record): return
-        last = record.last(complete=True)
-        if last is None or last['step'] == self._sent: return
-        self._sent = last['step']
-        hist = last['hist'] if last['hist'] is not None and self._n_sent % self.hist_every == 0 else None
-        self._n_sent += 1
-        self.send(last['step'], step_scalars(last), None if hist is None else dict(zip(last['layers'], hist)))
+        if record is not self._sent_from: self._sent, self._sent_from = None, record  # another GradStats: steps from 0
+        new = []
+        while (step := record.last(complete=True, back=len(new))) is not None and (self._sent is None or step['step'] > self._sent):
+            new.append(step)
+            if self._sent is None: break  # a record met the first time: from its last step on
+        for last in reversed(new):
+            self._sent = last['step']
+            hist = last['hist'] if last['hist'] is not None and self._n_sent % self.hist_every == 0 else None
+            self._n_sent += 1
+            self.send(last['step'], step_scalars(last), None if hist is None else dict(zip(last['layers'], hist)))
 
     def end_fit(self):
+        if not self._active: return
         self._send_new()  # GradStats (earlier in order) has completed the last step by now
         self.close()
 

@@ -36,7 +36,7 @@ def _applied(steps, record):
     """Which `steps` count as applied: those the optimizer applied, and the one `GradStats(stop_on_critical=True)` stopped
     at (flagged skipped, since it was never applied, but its gradients are the finding, not an fp16 overflow)."""
     applied = ~steps['skipped'].to_numpy(bool)
-    if record.stopped_at is not None: applied |= steps['step'].to_numpy() == record.stopped_at
+    if record.stopped_steps: applied |= np.isin(steps['step'].to_numpy(), record.stopped_steps)
     return applied
 
 
@@ -52,8 +52,8 @@ def _span(steps):
 
 class _Run:
     "What several checks share: applied steps, windows, loss context, weight layers in depth order."
-    def __init__(self, df, steps, layers, t, applied, stopped_at=None):
-        self.t, self.df, self.layers, self.stopped_at = t, df, layers, stopped_at
+    def __init__(self, df, steps, layers, t, applied, stopped_steps=()):
+        self.t, self.df, self.layers, self.stopped_steps = t, df, layers, list(stopped_steps)
         self.applied = steps[applied]
         self.all_steps = steps
         norms = self.applied['grad_norm'].to_numpy(float)
@@ -95,7 +95,7 @@ def _check_nonfinite(run):
     bad = df[(df['n_nan'] > 0) | (df['n_inf'] > 0)]
     applied_bad = bad[bad['step'].isin(run.applied['step'])]
     findings = []
-    skipped = run.all_steps[run.all_steps['skipped'] & (run.all_steps['step'] != run.stopped_at)]
+    skipped = run.all_steps[run.all_steps['skipped'] & ~run.all_steps['step'].isin(run.stopped_steps)]
     if len(skipped):
         first, last = _span(skipped['step'])
         findings.append(_finding('nonfinite', 'ok', f"{len(skipped)} step(s) were skipped by the optimizer (e.g. the "
@@ -110,8 +110,8 @@ def _check_nonfinite(run):
     nearest_output = max(at_first['layer'].astype(str), key=lambda n: depth[n])
     first, last = _span(applied_bad['step'])
     n_steps = applied_bad['step'].nunique()
-    stopped = (f", where GradStats stopped training (stop_on_critical)" if run.stopped_at is not None
-               and (applied_bad['step'] == run.stopped_at).any() else '')
+    stopped = (", where GradStats stopped training (stop_on_critical)"
+               if applied_bad['step'].isin(run.stopped_steps).any() else '')
     findings.append(_finding('nonfinite', 'critical',
         f"NaN/Inf gradients first at step {first_step} in {nearest_output} (nearest the output, where backward "
         f"starts) and in {n_steps} step(s){stopped}: lower the learning rate, add GradientClip, check the loss and inputs",
@@ -355,7 +355,7 @@ def health(record, thresholds: Thresholds | None = None) -> pd.DataFrame:
     against), `first_step`, `last_step` (where the finding holds) and `reason` (one line with a
     remedy). Every check has at least one row, `ok` when it found nothing."""
     df, steps, layers, t = _inputs(record, thresholds)
-    run = _Run(df, steps, layers, t, _applied(steps, record), record.stopped_at)
+    run = _Run(df, steps, layers, t, _applied(steps, record), record.stopped_steps)
     rows = [f for check in _CHECKS for f in check(run)]
     out = pd.DataFrame(rows, columns=list(HEALTH_COLUMNS))
     out['first_step'] = out['first_step'].astype('Int64'); out['last_step'] = out['last_step'].astype('Int64')

@@ -113,8 +113,8 @@ class GradRecord:
       old steps), and first a `rank` column in a merge of several ranks (`merge`);
     - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`, `group`
       (the optimizer's parameter group, -1 when unknown);
-    - `stopped_at`: the step at which `GradStats(stop_on_critical=True)` stopped training (recorded, flagged
-      `skipped`, never applied; the diagnosis reads its gradients), or None.
+    - `stopped_steps`: the steps at which `GradStats(stop_on_critical=True)` stopped training (recorded, flagged
+      `skipped`, never applied; the diagnosis reads their gradients), a list, empty when it never stopped.
 
     Arguments: `layers`, the layer table (dicts with the `layers` columns, or set later with `set_layers`);
     `args`, a dict of the callback's arguments (saved with the run); `extra_columns`, value columns after
@@ -124,7 +124,7 @@ class GradRecord:
     the steps are recorded (the `kept_every` of steps that were not thinned).
     """
     _deferred = None  # records pickled before `set_last_later` existed have no such attribute of their own
-    stopped_at = None  # nor before `stopped_at`
+    stopped_steps = ()  # nor before `stopped_steps`
     _waiting = None   # nor before `hold` existed
     _pending_last = False
 
@@ -132,7 +132,7 @@ class GradRecord:
         self.keep_last, self.every = _positive_int(keep_last, 'keep_last', allow_none=True), _positive_int(every, 'every')
         self.rank = None        # the process rank under data parallel (None: one process)
         self.multi_rank = False # a merge of several ranks: `df` and `steps` get a `rank` column
-        self.stopped_at = None  # the step `GradStats(stop_on_critical=True)` stopped training at (recorded, not applied)
+        self.stopped_steps = []  # where `GradStats(stop_on_critical=True)` stopped training (recorded, not applied)
         self._unthinned = 0
         self._layers = []
         self._index = {}
@@ -384,14 +384,16 @@ class GradRecord:
         self.pending_last, self._deferred = False, None  # the optimizer did not apply it: its update is 0, not pending
         self._cache.clear()
 
-    def last(self, complete: bool = False) -> dict | None:
+    def last(self, complete: bool = False, back: int = 0) -> dict | None:
         """The last recorded step straight from the record's arrays (no DataFrame, no device access):
         `step`, `epoch`, `lr`, `loss`, `grad_norm` (total), `skipped`, `layers` (names), `values`
         (rows x `value_columns`), `counts` (rows x `COUNT_COLUMNS`) and `hist` (rows x `HIST_BINS`, or None).
         With `complete=True`, the last step whose every column is known: the one before while the last
-        one's `update_norm` is still to come (`pending_last`), None if there is none."""
+        one's `update_norm` is still to come (`pending_last`). `back` steps before that one (an int >= 0).
+        None if there is no such step."""
         if not len(self): raise ValueError("no step recorded yet")
-        back = 1 if complete and self.pending_last else 0
+        if not _is_int(back) or back < 0: raise ValueError(f"`back` must be an int >= 0, got {back!r}")
+        back += 1 if complete and self.pending_last else 0
         if back >= len(self): return None
         n_rows = self._step_cols['n_rows'].view
         end = len(self._values) - int(n_rows[len(self) - back:].sum())
@@ -506,7 +508,7 @@ class GradRecord:
         from . import __version__
         meta = {'format': 'fastai_gradstats.record', 'format_version': FORMAT_VERSION, 'version': __version__,
                 'args': self.args, 'extra_columns': self.value_columns[len(METRICS):], 'rank': self.rank,
-                'multi_rank': self.multi_rank, 'stopped_at': self.stopped_at,
+                'multi_rank': self.multi_rank, 'stopped_steps': list(self.stopped_steps),
                 'hist_dtype': None if self._hist is None else self._hist.data.dtype.name,
                 'layers': [dict(l, shape=list(l['shape'])) for l in self._layers]}
         (path/_FILES['meta']).write_text(json.dumps(meta, indent=1, default=_json_default))
@@ -566,7 +568,7 @@ def load(path) -> GradRecord:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(path/_FILES['meta'])!r} is not a valid GradStats run: {e}") from None
     record.rank, record.multi_rank = meta.get('rank'), bool(meta.get('multi_rank', False))
-    record.stopped_at = meta.get('stopped_at')
+    record.stopped_steps = [int(s) for s in meta.get('stopped_steps', [])]
     try:
         stats, steps = pd.read_parquet(path/_FILES['stats']), pd.read_parquet(path/_FILES['steps'])
         hist = pd.read_parquet(path/_HIST_FILE) if record.has_hist else None
@@ -609,8 +611,7 @@ def merge(records) -> GradRecord:
     out = GradRecord(list(layers.values()), first.args, first.value_columns[len(METRICS):],
                      None if first._hist is None else first._hist.data.dtype)
     out.multi_rank = True
-    stops = [r.stopped_at for r in records if r.stopped_at is not None]
-    out.stopped_at = min(stops) if stops else None  # the earliest stop
+    out.stopped_steps = sorted({s for r in records for s in r.stopped_steps})
     parts = []
     for rank, r in zip(ranks, records):
         n_rows = r._step_cols['n_rows'].view

@@ -512,16 +512,18 @@ def test_fit_cancelled_inside_a_step_then_fit_again():
     assert np.all(np.diff(steps) > 0)
 
 
-def test_step_cancelled_by_cancel_fit_is_kept_and_flagged_skipped():
-    "`skipped` means 'the optimizer did not apply this step' (GradRecord docs): true of a step cut by CancelFitException."
+def test_step_cancelled_by_cancel_fit_is_kept_with_its_update_norm():
+    """A step cut by another callback's CancelFitException is kept as recorded. GradStats cannot tell whether the optimizer
+    applied it (an earlier callback may raise after the step), so it is not flagged skipped; its update norm says: 0."""
     learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16))
     cap = Capture()
-    learn.fit(1, 0.1, cbs=[GradStats(), cap, CancelFitInStep(at=2)])
+    learn.fit(1, 0.1, cbs=[GradStats(update_ratio=True), cap, CancelFitInStep(at=2)])
     after = {n: p.detach().double() for n, p in learn.model.named_parameters()}
     assert all(torch.equal(cap.captured[2]['params'][n], after[n]) for n in after)  # step 2 was never applied
     assert learn.grad_stats.steps['step'].tolist() == [0, 1, 2]
-    cap.captured[2]['skipped'] = True
     assert_record_matches(learn.grad_stats, cap.captured)
+    df = learn.grad_stats.df
+    assert (df.loc[df['step'] == 2, 'update_norm'] == 0).all() and (df.loc[df['step'] < 2, 'update_norm'] > 0).all()
 
 
 # --- export -----------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from fastai.basics import (SGD, Callback, CancelBatchException, CancelEpochException, CancelTrainException, params)
+from fastai.basics import (SGD, Callback, CancelBatchException, CancelEpochException, CancelFitException,
+                           CancelStepException, CancelTrainException, params)
 import fastai.callback.all  # noqa: F401  (patches Learner.summary)
 
 from fastai_gradstats import GradStats, load
@@ -89,6 +90,14 @@ def test_tensorboard_export_with_validation_inside_and_after_the_fit(tmp_path):
     assert len(list(tmp_path.glob('events.out.tfevents.*'))) == 1   # a validation opens no writer of its own
 
 
+class WeightsAtEachStep(Callback):
+    order = GradStats.order + 0.05
+
+    def __init__(self): self.before = []
+
+    def before_step(self): self.before.append({n: p.detach().double().clone() for n, p in self.learn.model.named_parameters()})
+
+
 # --- a step cancelled after GradStats recorded it ----------------------------------------------------
 class CancelAfterRecording(Callback):
     """Ordered after GradStats: captures every gradient norm and weight at `before_step`, then raises `error` at the
@@ -105,25 +114,72 @@ class CancelAfterRecording(Callback):
         if self.calls - 1 in self.at: raise self.error()
 
 
+@pytest.mark.parametrize('every', [1, 2])
 @pytest.mark.parametrize('error', [CancelBatchException, CancelEpochException, CancelTrainException])
-def test_a_step_cancelled_after_it_was_recorded_is_kept_and_flagged_skipped(error):
+def test_a_step_cancelled_after_it_began_is_counted_and_kept_as_recorded(error, every):
+    """Counted whether recorded or not (`every`); not flagged skipped, since GradStats cannot tell whether it was applied,
+    but its update norm (0 here: the optimizer never ran) is measured when the next step begins."""
     learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16))   # 4 batches per epoch
     cancel = CancelAfterRecording(error, at={1, 7})                    # 7: the last step the fit reaches
-    fit_quietly(learn, 3, cbs=[GradStats(update_ratio=True), cancel])
+    fit_quietly(learn, 3, cbs=[GradStats(every=every, update_ratio=True), cancel])
     record = learn.grad_stats
     n = cancel.calls
-    assert record.steps['step'].tolist() == list(range(n))            # every step once, counted on
-    cancelled = [i for i in range(n) if i in cancel.at]
-    assert record.steps['skipped'].tolist() == [i in cancel.at for i in range(n)] and cancelled
+    assert record.steps['step'].tolist() == list(range(0, n, every))  # every step counted once, recorded or not
+    assert not record.steps['skipped'].any()
     df = record.df
-    for i, norms in enumerate(cancel.norms):
+    final = {k: p.detach().clone() for k, p in learn.model.named_parameters()}
+    for i in range(0, n, every):
         rows = df[df['step'] == i].set_index(df[df['step'] == i]['layer'].astype(str))
-        for name, norm in norms.items():
+        after = cancel.weights[i + 1] if i + 1 < n else final
+        for name, norm in cancel.norms[i].items():
             np.testing.assert_allclose(rows.loc[name, 'grad_norm'], norm, rtol=1e-5)
-    for i in cancelled:
-        if i + 1 < n:   # the optimizer did not apply it: the weights at the next step are the same
-            assert all(torch.equal(cancel.weights[i][k], cancel.weights[i + 1][k]) for k in cancel.weights[i])
-        assert (df.loc[df['step'] == i, 'update_norm'] == 0).all()
+            moved = float((after[name].double() - cancel.weights[i][name].double()).norm())
+            assert (moved == 0) == (i in cancel.at)
+            np.testing.assert_allclose(rows.loc[name, 'update_norm'], moved, rtol=1e-4)
+
+
+class StopAfterStep(Callback):
+    "Ordered before GradStats: raises CancelFitException in `after_step` of call `at`, after the optimizer applied it."
+    order = 0
+
+    def __init__(self, at): self.at, self.calls = at, 0
+
+    def after_step(self):
+        self.calls += 1
+        if self.calls - 1 == self.at: raise CancelFitException()
+
+
+def test_a_step_applied_before_a_cancellation_is_not_called_skipped():
+    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16), cbs=GradStats(update_ratio=True))
+    weights = WeightsAtEachStep()
+    fit_quietly(learn, 1, cbs=[StopAfterStep(2), weights])
+    record = learn.grad_stats
+    assert record.steps['step'].tolist() == [0, 1, 2] and not record.steps['skipped'].any()
+    moved = [float((p.detach().double() - weights.before[2][n]).norm()) for n, p in learn.model.named_parameters()]
+    assert min(moved) > 0   # it was applied, and its update norm says how far
+    np.testing.assert_allclose(record.df.loc[record.df['step'] == 2, 'update_norm'], moved, rtol=1e-4)
+    fit_quietly(learn, 1)   # the next fit counts on
+    assert record.steps['step'].tolist() == list(range(3 + len(learn.dls.train)))
+
+
+class CancelStepBefore(Callback):
+    "Ordered before GradStats: raises CancelStepException in `before_step` of call `at` (as the fp16 grad scaler does)."
+    order = GradStats.order - 0.2
+
+    def __init__(self, at): self.at, self.calls = at, 0
+
+    def before_step(self):
+        self.calls += 1
+        if self.calls - 1 == self.at: raise CancelStepException()
+
+
+def test_a_step_cancelled_late_then_one_skipped_early_are_both_kept():
+    "A later callback cancels step 2's batch, an earlier one skips step 3: both recorded, only 3 flagged skipped."
+    learn = make_learner(tiny_mlp(), small_dls(n_train=128, bs=16))
+    fit_quietly(learn, 1, cbs=[GradStats(), CancelAfterRecording(CancelBatchException, at={2}), CancelStepBefore(3)])
+    steps = learn.grad_stats.steps
+    assert steps['step'].tolist() == list(range(len(learn.dls.train)))
+    assert steps['skipped'].tolist() == [s == 3 for s in steps['step']]
 
 
 # --- parameters that start training in the middle of a fit --------------------------------------------
@@ -138,14 +194,6 @@ def _two_part_learner(cbs):
     learn = make_learner(model, small_dls(n_train=64, bs=16), splitter=lambda m: [params(m[0]), params(m[1])], cbs=cbs)
     learn.freeze()
     return learn
-
-
-class WeightsAtEachStep(Callback):
-    order = GradStats.order + 0.05
-
-    def __init__(self): self.before = []
-
-    def before_step(self): self.before.append({n: p.detach().double().clone() for n, p in self.learn.model.named_parameters()})
 
 
 def test_unfreezing_inside_a_fit_places_the_new_layers_by_depth_and_keeps_update_norms():
@@ -231,3 +279,51 @@ def test_replaced_layers_keep_their_old_rows_with_their_own_size(tmp_path):
         for (_, row), cap in zip(new.iterrows(), second.captured):
             g = cap['grads']['2.weight']
             np.testing.assert_allclose(row['grad_rms'], float(g.norm()) / g.numel() ** 0.5, rtol=1e-5)
+
+
+# --- stop_on_critical, twice --------------------------------------------------------------------------
+def test_each_stop_is_a_critical_finding_and_the_next_fit_starts_from_clean_gradients(tmp_path):
+    from helpers import InjectNonFinite
+    learn = make_learner(tiny_mlp(), small_dls(n_train=128, bs=16), cbs=GradStats(stop_on_critical=True, alerts=False))
+    fit_quietly(learn, 1, cbs=InjectNonFinite({3}))   # NaN/Inf gradients at step 3: stopped there
+    fit_quietly(learn, 1, cbs=InjectNonFinite({2}))   # the next fit's third step: step 6
+    record = learn.grad_stats
+    assert record.stopped_steps == [3, 6]
+    steps = record.steps
+    assert steps['step'].tolist() == list(range(7)) and steps['skipped'].tolist() == [s in (3, 6) for s in range(7)]
+    df = record.df
+    # fastai leaves the gradients of a cancelled fit in `.grad`: had they stayed, step 4 would have added onto NaN
+    assert (df.loc[df['step'].isin([4, 5]), ['n_nan', 'n_inf']] == 0).all().all()
+    for run in (record, load(record.save(tmp_path/'run'))):
+        assert run.stopped_steps == [3, 6]
+        found = run.health().query("check == 'nonfinite'")
+        assert found['status'].tolist() == ['critical'] and found['first_step'].tolist() == [3]
+        assert found['last_step'].tolist() == [6] and found['value'].tolist() == [2]
+
+
+# --- exporters -------------------------------------------------------------------------------------------
+class SentSteps(Callback):
+    "Stands in for an exporter (the same base class): keeps what it was asked to send, and how often it opened."
+    def __new__(cls, *args, **kwargs):
+        from fastai_gradstats.export import _Exporter
+        class _Sent(_Exporter):
+            def __init__(self): self.hist_every, self.sent, self.opened, self.closed = 1, [], 0, 0
+            def open(self): self.opened += 1
+            def send(self, step, scalars, hists): self.sent.append((step, scalars['grad_norm/total']))
+            def close(self): self.closed += 1
+        return _Sent()
+
+
+@pytest.mark.parametrize('update_ratio', [False, True])
+def test_exporters_send_every_step_once_across_cancellations_and_fits(update_ratio):
+    exporter = SentSteps()
+    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16), cbs=[GradStats(update_ratio=update_ratio), exporter])
+    fit_quietly(learn, 2, cbs=CancelAfterRecording(CancelBatchException, at={2}))
+    fit_quietly(learn, 1)
+    learn.validate(); learn.get_preds()
+    steps = learn.grad_stats.steps
+    assert [s for s, _ in exporter.sent] == steps['step'].tolist() == list(range(12))
+    np.testing.assert_allclose([norm for _, norm in exporter.sent], steps['grad_norm'], rtol=1e-6)
+    assert exporter.opened == exporter.closed == 2   # once per fit, none for the validations
+    learn.lr_find(num_it=5, show_plot=False)          # a throwaway training: nothing sent, nothing opened
+    assert exporter.opened == 2 and len(exporter.sent) == 12

@@ -286,9 +286,9 @@ def test_stop_on_critical_at_the_first_nan(tmp_path):
         assert torch.isfinite(p).all()
         np.testing.assert_array_equal(p.detach().double().numpy(), cap.before[first][name])
     # the stopped step is flagged skipped (never applied), but it is the finding, not an fp16 overflow
-    assert record.stopped_at == first and bool(record.steps['skipped'].iloc[-1])
+    assert record.stopped_steps == [first] and bool(record.steps['skipped'].iloc[-1])
     for run in (record, load(record.save(tmp_path/'stopped'))):
-        assert run.stopped_at == first
+        assert run.stopped_steps == [first]
         nonfinite = run.health().query("check == 'nonfinite'")
         assert nonfinite['status'].tolist() == ['critical'] and nonfinite['first_step'].tolist() == [first]
         assert 'stopped training' in run.summary()
