@@ -438,7 +438,7 @@ class GradStats(_FitScope, Callback):
                               GradientAlert, stacklevel=2)
         if self.stop_on_critical:
             self.stopped_at = self.step_count
-            self.record.stopped_steps.append(self.step_count)
+            self.record.stopped_steps = [*self.record.stopped_steps, self.step_count]  # a new list: older pickles hold a tuple
             self._stopping = True
             raise CancelFitException()
 

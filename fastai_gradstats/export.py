@@ -78,14 +78,18 @@ class _Exporter(_FitScope, Callback):
     a fit and closes at its end (`validate` and `get_preds`, which send `before_fit`/`after_fit` too, open nothing)."""
     order = GradStats.order + 1
     run_valid = False
-    _sent = None        # the last step sent, kept from fit to fit (the record counts on) ...
+    _sent = -1          # the last step sent, kept from fit to fit (the record counts on) ...
     _sent_from = None   # ... of this record
     _n_sent = 0
     _active = False     # in a fit it sends from (not lr_find's)
 
     def start_fit(self):
         self._active = not hasattr(self.learn, 'lr_finder')  # lr_find trains a throwaway copy: nothing to send
-        if self._active: self.open()
+        if not self._active: return
+        record = getattr(self.learn, 'grad_stats', None)
+        if record is not None and record is not self._sent_from:  # send what this fit records, not what came before
+            self._sent_from, self._sent = record, record.last()['step'] if len(record) else -1
+        self.open()
 
     def after_step(self):
         if self._active: self._send_new()
@@ -95,11 +99,10 @@ class _Exporter(_FitScope, Callback):
         a step another callback cancelled completes with the next one)."""
         record = getattr(self.learn, 'grad_stats', None)
         if record is None or not len(record): return
-        if record is not self._sent_from: self._sent, self._sent_from = None, record  # another GradStats: steps from 0
+        if record is not self._sent_from: self._sent, self._sent_from = -1, record  # a record that came in mid-fit: all of it
         new = []
-        while (step := record.last(complete=True, back=len(new))) is not None and (self._sent is None or step['step'] > self._sent):
+        while (step := record.last(complete=True, back=len(new))) is not None and step['step'] > self._sent:
             new.append(step)
-            if self._sent is None: break  # a record met the first time: from its last step on
         for last in reversed(new):
             self._sent = last['step']
             hist = last['hist'] if last['hist'] is not None and self._n_sent % self.hist_every == 0 else None

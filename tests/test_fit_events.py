@@ -318,12 +318,24 @@ class SentSteps(Callback):
 def test_exporters_send_every_step_once_across_cancellations_and_fits(update_ratio):
     exporter = SentSteps()
     learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16), cbs=[GradStats(update_ratio=update_ratio), exporter])
-    fit_quietly(learn, 2, cbs=CancelAfterRecording(CancelBatchException, at={2}))
-    fit_quietly(learn, 1)
+    fit_quietly(learn, 2, cbs=CancelAfterRecording(CancelBatchException, at={0, 2}))   # 0: before anything was sent
+    late = SentSteps()                                 # an exporter that joins at the second fit sends only its steps
+    fit_quietly(learn, 1, cbs=late)
     learn.validate(); learn.get_preds()
     steps = learn.grad_stats.steps
     assert [s for s, _ in exporter.sent] == steps['step'].tolist() == list(range(12))
     np.testing.assert_allclose([norm for _, norm in exporter.sent], steps['grad_norm'], rtol=1e-6)
+    assert [s for s, _ in late.sent] == list(range(8, 12))
     assert exporter.opened == exporter.closed == 2   # once per fit, none for the validations
     learn.lr_find(num_it=5, show_plot=False)          # a throwaway training: nothing sent, nothing opened
     assert exporter.opened == 2 and len(exporter.sent) == 12
+
+
+def test_a_record_from_before_stopped_steps_still_stops():
+    "A record pickled by an earlier version has no `stopped_steps` of its own (the class's empty tuple)."
+    from helpers import InjectNonFinite
+    gradstats = GradStats(stop_on_critical=True, alerts=False)
+    del gradstats.record.__dict__['stopped_steps']
+    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16), cbs=gradstats)
+    fit_quietly(learn, 1, cbs=InjectNonFinite({1}))
+    assert learn.grad_stats.stopped_steps == [1]
