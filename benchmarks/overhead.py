@@ -356,17 +356,19 @@ def per_step_cost(n_layers, steps=50, width=16):
     learn = Learner(DataLoaders.from_dsets([(x[0], y[0])], [(x[0], y[0])], bs=1), model, loss_func=CrossEntropyLossFlat())
     learn.create_opt(); learn.loss = torch.tensor(1.0); learn.epoch = 0; learn.training = True
     cb.learn = learn
-    cb.before_fit()
+    cb.before_fit(); cb.before_train()   # a fit sets GradStats up at its first before_train
     learn.loss_grad = nn.functional.cross_entropy(model(x), y)
     learn.loss_grad.backward()
     t, plain = [], []
     for i in range(steps):
+        learn.iter = i
         s = time.perf_counter(); cb.before_step(); cb.after_step(); t.append(time.perf_counter() - s)
         # the training step it rides on, for the ratio: forward, backward and the optimizer step
         s = time.perf_counter()
         learn.opt.zero_grad(); nn.functional.cross_entropy(model(x), y).backward(); learn.opt.step()
         plain.append(time.perf_counter() - s)
     cb.after_fit()
+    assert len(cb.record) == steps, f'GradStats recorded {len(cb.record)} of {steps} steps: the timing is not of its work'
     t = t[1:]  # the first step builds the plan: a one-time cost; the mean counts the work done every few steps
     early, late = np.mean(t[:len(t) // 2]), np.mean(t[len(t) // 2:])
     ratio = 1 + float(np.mean(t)) / float(np.median(plain))
@@ -416,6 +418,7 @@ def main(argv=None):
             print(f'   {name:38s} {ratio:.3f}x' + (f'  own {own[w][name] * 1e6:7.0f} us/step' if name in own[w] else ''), flush=True)
     memory = {name: kept_memory('mlp 10x256', factories[name], n_batches) for name in factories
               if name not in ('none',) and not name.startswith('wandb') and not name.startswith('TensorBoard')}
+    if args.quick: per_step_cost(10, steps=5)  # a smoke run of the scaling code (it checks every step was recorded)
     scaling = [] if args.quick else [per_step_cost(n) for n in (10, 100, 1000)]
     long_steps, long_layers = (10_000, 100) if args.quick else (100_000, 100)
     long_allocated, long_used, df_seconds, steps_seconds = record_at_scale(long_steps, long_layers)
