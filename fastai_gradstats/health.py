@@ -52,10 +52,10 @@ def _span(steps):
 
 class _Run:
     "What several checks share: applied steps, windows, loss context, weight layers in depth order."
-    def __init__(self, df, steps, layers, t, applied, stopped_steps=()):
-        self.t, self.df, self.layers, self.stopped_steps = t, df, layers, list(stopped_steps)
-        self.applied = steps[applied]
-        self.all_steps = steps
+    def __init__(self, df, steps, layers, t, record):
+        self.t, self.df, self.layers, self.stopped_steps = t, df, layers, list(record.stopped_steps)
+        applied = _applied(steps, record)
+        self.applied, self.not_applied = steps[applied], steps[~applied]
         norms = self.applied['grad_norm'].to_numpy(float)
         self.norms = norms
         n = len(self.applied)
@@ -95,7 +95,7 @@ def _check_nonfinite(run):
     bad = df[(df['n_nan'] > 0) | (df['n_inf'] > 0)]
     applied_bad = bad[bad['step'].isin(run.applied['step'])]
     findings = []
-    skipped = run.all_steps[run.all_steps['skipped'] & ~run.all_steps['step'].isin(run.stopped_steps)]
+    skipped = run.not_applied  # skipped by the optimizer, not stopped at by GradStats
     if len(skipped):
         first, last = _span(skipped['step'])
         findings.append(_finding('nonfinite', 'ok', f"{len(skipped)} step(s) were skipped by the optimizer (e.g. the "
@@ -355,7 +355,7 @@ def health(record, thresholds: Thresholds | None = None) -> pd.DataFrame:
     against), `first_step`, `last_step` (where the finding holds) and `reason` (one line with a
     remedy). Every check has at least one row, `ok` when it found nothing."""
     df, steps, layers, t = _inputs(record, thresholds)
-    run = _Run(df, steps, layers, t, _applied(steps, record), record.stopped_steps)
+    run = _Run(df, steps, layers, t, record)
     rows = [f for check in _CHECKS for f in check(run)]
     out = pd.DataFrame(rows, columns=list(HEALTH_COLUMNS))
     out['first_step'] = out['first_step'].astype('Int64'); out['last_step'] = out['last_step'].astype('Int64')

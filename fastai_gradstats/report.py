@@ -177,8 +177,8 @@ def write_report(records, out='report.html', comparisons=None, figures_dir=None,
     named 'run') to `out` (a str or Path).
 
     Sections: an overview, then per run its claim (if the run came from the demo), health summary
-    and table, heatmap, gradient flow and, when the run keeps histograms, magnitude histogram; then one comparison figure per entry
-    of `comparisons`, a list of tuples of two or more run names drawn together (default: all runs in
+    and table, heatmap, gradient flow and, when the run keeps histograms, magnitude histogram; then one
+    comparison figure per entry of `comparisons`, a list of tuples of two or more run names drawn together (default: all runs in
     one figure when there are several; `[]`: none). Figures are embedded as base64 PNG, and also
     written to `figures_dir` when given, as `<name>_<section>.png` and `compare_<a>_vs_<b>.png`, where
     characters outside [A-Za-z0-9._ -] become '_' and a name whose files would clash with another's
