@@ -16,21 +16,22 @@ try: __version__ = _version('fastai_gradstats')  # settings.ini is the one sourc
 except PackageNotFoundError: __version__ = _checkout_version()
 
 from .stats import METRICS, HIST_BINS, HIST_DECADES, LayerStats, MagnitudeHistogram, count_nonfinite, check_zero_tol
-from .record import GradRecord, load, merge, record_method
+from .record import GradRecord, load, merge, record_method, LAYER_COLUMNS, STEP_COLUMNS, COUNT_COLUMNS, EXTRA_COLUMNS
 from .thresholds import Thresholds
 from .callback import GradStats, GradientAlert, input_to_output
 from .aggregate import combine, by_module, by_param_group, module_of
 from . import plots
 from .plots import (heatmap, magnitude_hist, gradient_flow, layer_curves, update_ratio, compare, metric_table, hist_table,
                     flow_table, compare_table, is_weight, SPECIAL_COLORS)
-from .health import summary, suggest_clip
+from .health import summary, suggest_clip, HEALTH_COLUMNS, CHECKS, STATUSES
 from . import health  # the module (fastai_gradstats.health.Thresholds); its function is `record.health()`
 from .report import write_report, run_figures, overview
-from .export import TensorBoardGradStats, WandbGradStats, step_scalars
+from .export import TensorBoardGradStats, WandbGradStats, step_scalars, log10_histogram, SCALARS, STEP_SCALAR_COLUMNS
 
 __all__ = ['__version__',
            # record while training
            'GradStats', 'GradientAlert', 'GradRecord', 'load', 'merge', 'Thresholds',
+           'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS', 'EXTRA_COLUMNS',
            # compute
            'METRICS', 'HIST_BINS', 'HIST_DECADES', 'LayerStats', 'MagnitudeHistogram', 'count_nonfinite', 'check_zero_tol',
            'input_to_output',
@@ -38,5 +39,7 @@ __all__ = ['__version__',
            # draw and diagnose
            'plots', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare', 'metric_table',
            'hist_table', 'flow_table', 'compare_table', 'is_weight', 'SPECIAL_COLORS', 'health', 'summary', 'suggest_clip',
+           'HEALTH_COLUMNS', 'CHECKS', 'STATUSES',
            # report and export
-           'write_report', 'run_figures', 'overview', 'TensorBoardGradStats', 'WandbGradStats', 'step_scalars']
+           'write_report', 'run_figures', 'overview', 'TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'log10_histogram',
+           'SCALARS', 'STEP_SCALAR_COLUMNS']

@@ -18,7 +18,7 @@ from .callback import GradStats, _FitScope
 from .record import COUNT_COLUMNS
 from .stats import HIST_BINS, HIST_DECADES, METRICS, _positive_int
 
-__all__ = ['TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'SCALARS']
+__all__ = ['TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'log10_histogram', 'SCALARS', 'STEP_SCALAR_COLUMNS']
 
 SCALARS = ('grad_norm', 'grad_param_ratio', 'dead_frac', 'n_nan', 'n_inf', 'update_ratio')
 "Per-layer columns sent every recorded step, as `<column>/<layer>`; plus `grad_norm/total`, `loss`, `lr`."
@@ -88,7 +88,7 @@ class _Exporter(_FitScope, Callback):
         if not self._active: return
         record = getattr(self.learn, 'grad_stats', None)
         if record is not None and record is not self._sent_from:  # send what this fit records, not what came before
-            self._sent_from, self._sent = record, record.last()['step'] if len(record) else -1
+            self._sent_from, self._sent = record, record.last()['step'] if record._n_steps() else -1
         self.open()
 
     def after_step(self):
@@ -98,7 +98,7 @@ class _Exporter(_FitScope, Callback):
         """Send the complete steps not sent yet, oldest first (with `update_ratio` on, a step completes one step later;
         a step another callback cancelled completes with the next one)."""
         record = getattr(self.learn, 'grad_stats', None)
-        if record is None or not len(record): return
+        if record is None or not record._n_steps(): return  # (no thinning: it sends steps `keep_last` drops later)
         if record is not self._sent_from: self._sent, self._sent_from = -1, record  # a record that came in mid-fit: all of it
         new = []
         while (step := record.last(complete=True, back=len(new))) is not None and step['step'] > self._sent:
@@ -131,6 +131,9 @@ class TensorBoardGradStats(_Exporter):
         writer=None,         # Or an open `torch.utils.tensorboard.SummaryWriter` to write to
     ):
         hist_every = _positive_int(hist_every, 'hist_every')
+        if writer is not None and not all(callable(getattr(writer, m, None)) for m in ('add_scalar', 'add_histogram_raw')):
+            raise TypeError(f"`writer` must be None or a SummaryWriter (with add_scalar and add_histogram_raw), "
+                            f"got {type(writer).__name__}")
         self._summary_writer = _need('torch.utils.tensorboard', 'tensorboard', 'TensorBoardGradStats').SummaryWriter
         store_attr('log_dir,hist_every,writer')
         self._own = writer is None
@@ -154,7 +157,7 @@ class TensorBoardGradStats(_Exporter):
 
     def close(self):
         "At the end of a fit: flush the writer, and close it when this callback opened it."
-        self.writer.flush()
+        if callable(getattr(self.writer, 'flush', None)): self.writer.flush()
         if self._own: self.writer.close(); self.writer = None
 
 

@@ -1,6 +1,6 @@
 """What `GradStats` recorded: compact per-step arrays, tidy DataFrames on demand, save and load.
 
-The record knows nothing of fastai. It holds float32 arrays that grow by doubling while
+The record knows nothing of fastai. It holds float32 arrays that grow by a quarter at a time while
 training; `.df` and `.steps` build pandas DataFrames from them when asked and cache them
 until the next step arrives. Saved runs are a directory of parquet files and a small JSON
 file (no pickle), so a run from someone else is safe to open and other tools read it.
@@ -228,7 +228,7 @@ class GradRecord:
         Nothing is added when an argument is wrong (a TypeError or ValueError naming it)."""
         self._add_waiting()
         values = _rows(values, np.float32, len(self.value_columns), 'values')
-        layer_index = np.asarray(layer_index, np.int32).reshape(-1)
+        layer_index = self._check_layer_index(layer_index)
         if len(layer_index) != len(values):
             raise ValueError(f"`layer_index` has {len(layer_index)} entries for {len(values)} rows of `values`")
         counts = (np.zeros((len(values), len(COUNT_COLUMNS)), np.int64) if counts is None
@@ -251,6 +251,16 @@ class GradRecord:
             columns[name].append(value)
         self._grew(1)
         self.pending_last = bool(pending)
+
+    def _check_layer_index(self, layer_index) -> np.ndarray:
+        "`layer_index` as int32, each an index of a known layer; else a TypeError or ValueError naming it."
+        array = np.asarray(layer_index).reshape(-1)
+        if array.size and array.dtype.kind not in 'iu':
+            raise TypeError(f"`layer_index` must hold integer layer indices (from `layer_index()`), got {array.dtype} values")
+        if array.size and (array.min() < 0 or array.max() >= len(self._layers)):
+            raise ValueError(f"`layer_index` must hold indices of the {len(self._layers)} known layers (0 to "
+                             f"{len(self._layers) - 1}), got {array.min()} to {array.max()}")
+        return array.astype(np.int32)
 
     def _extend_rows(self, layer_index, values, counts, hist):
         "Append per-layer rows: their layers, values, NaN/Inf counts and histograms (when the record keeps them)."
@@ -299,15 +309,19 @@ class GradRecord:
         """Apply `keep_last`: keep every recorded step of the last `keep_last * every` optimizer steps and
         thin older ones geometrically: a step whose age (in optimizer steps, from the last recorded
         one) lies in [K * 2**k, K * 2**(k+1)), with K = keep_last * every, is kept only if its number
-        is a multiple of every * 2**(k+1). `steps['kept_every']` says at which stride each kept
-        step's neighbourhood survives. Kept steps are never changed. Called automatically."""
+        is a multiple of every * 2**(k+1). The last two recorded steps are always kept (with `update_ratio` a
+        step is complete only once the next one arrives: an exporter sends it then). `steps['kept_every']` says
+        at which stride each kept step's neighbourhood survives. Kept steps are never changed. Called
+        automatically, when a quarter of `keep_last` new steps arrived and whenever the record is read (`len`,
+        `df`, `steps`, `hist`, `save`, `merge`); `last(back=...)` sees the steps held before that."""
         self._add_waiting()
         self._unthinned = 0
-        if self.keep_last is None or not len(self): return
+        if self.keep_last is None or not self._n_steps(): return
         steps = self._step_cols['step'].view
         window = self.keep_last * self.every
         age = steps[-1] - steps
         old = age >= window
+        old[-2:] = False
         if not old.any(): return
         band = np.zeros(len(steps), np.int64)
         band[old] = np.floor(np.log2(age[old] / window)).astype(np.int64)
@@ -326,7 +340,7 @@ class GradRecord:
         "Fill the extra column `column` (one of `value_columns`) of the rows of the last recorded step."
         self._check_extra_column(column)
         self._add_waiting()
-        n = self._step_cols['n_rows'].view[-1] if len(self) else 0
+        n = self._step_cols['n_rows'].view[-1] if self._n_steps() else 0
         values = np.asarray(values, np.float32).reshape(-1)
         if len(values) != n: raise ValueError(f"`values` has {len(values)} entries for the last step's {n} rows")
         if n: self._values.view[-n:, self.value_columns.index(column)] = values
@@ -346,7 +360,7 @@ class GradRecord:
         copy: the next step's `set_last` makes `fetch` unneeded. `set_last` and `mark_skipped` drop it."""
         self._check_extra_column(column)
         if not callable(fetch): raise TypeError(f"`fetch` must be callable, got {type(fetch).__name__}")
-        if not len(self): raise ValueError("no step recorded yet")  # (len adds the steps waiting)
+        if not self._n_steps(): raise ValueError("no step recorded yet")  # (it adds the steps waiting)
         self._deferred = (column, fetch)
 
     def __getstate__(self):
@@ -376,7 +390,7 @@ class GradRecord:
 
     def mark_skipped(self):
         "Flag the last recorded step as one the optimizer did not apply (its `update_norm`, if recorded, is then 0)."
-        if not len(self): raise ValueError("no step recorded yet")
+        if not self._n_steps(): raise ValueError("no step recorded yet")
         self._step_cols['skipped'].view[-1] = True
         if 'update_norm' in self.value_columns:
             n = int(self._step_cols['n_rows'].view[-1])
@@ -389,14 +403,16 @@ class GradRecord:
         `step`, `epoch`, `lr`, `loss`, `grad_norm` (total), `skipped`, `layers` (names), `values`
         (rows x `value_columns`), `counts` (rows x `COUNT_COLUMNS`) and `hist` (rows x `HIST_BINS`, or None).
         With `complete=True`, the last step whose every column is known: the one before while the last
-        one's `update_norm` is still to come (`pending_last`). `back` steps before that one (an int >= 0).
+        one's `update_norm` is still to come (`pending_last`). `back` steps before that one (an int >= 0),
+        counted among the steps held now: with `keep_last`, old steps the next read thins are still there.
         None if there is no such step."""
-        if not len(self): raise ValueError("no step recorded yet")
+        n_steps = self._n_steps()
+        if not n_steps: raise ValueError("no step recorded yet")
         if not _is_int(back) or back < 0: raise ValueError(f"`back` must be an int >= 0, got {back!r}")
         back += 1 if complete and self.pending_last else 0
-        if back >= len(self): return None
+        if back >= n_steps: return None
         n_rows = self._step_cols['n_rows'].view
-        end = len(self._values) - int(n_rows[len(self) - back:].sum())
+        end = len(self._values) - int(n_rows[n_steps - back:].sum())
         rows = slice(end - int(n_rows[-1 - back]), end)
         values = self._values.view[rows]
         names = [self._layers[i]['name'] for i in self._row_layer.view[rows]]
@@ -408,8 +424,19 @@ class GradRecord:
 
     # --- reading -------------------------------------------------------------------------
     def __len__(self):
+        "The number of recorded steps kept (after `keep_last` thinned old ones), as in `steps`."
+        self._thin_if_due()
+        return len(self._step_cols['step'])
+
+    def _n_steps(self) -> int:
+        "The number of steps held now, steps waiting added, without thinning (for the per-step paths)."
         self._add_waiting()
         return len(self._step_cols['step'])
+
+    def _thin_if_due(self):
+        "Add the steps waiting, then apply `keep_last` if steps arrived since it last was."
+        self._add_waiting()
+        if self._unthinned and self.keep_last is not None: self.thin()
 
     @property
     def metrics(self):
@@ -425,13 +452,13 @@ class GradRecord:
         return self._cache['layers']
 
     def _row_step(self):
-        return np.repeat(np.arange(len(self)), self._step_cols['n_rows'].view)
+        return np.repeat(np.arange(len(self._step_cols['step'])), self._step_cols['n_rows'].view)
 
     @property
     def df(self) -> pd.DataFrame:
         "Tidy DataFrame, one row per (recorded step, parameter tensor); see the class docstring."
         self.fetch_pending()
-        if self._unthinned and self.keep_last is not None: self.thin()
+        self._thin_if_due()
         if 'df' not in self._cache:
             row_step = self._row_step()
             values = self._values.view
@@ -460,24 +487,25 @@ class GradRecord:
     @property
     def hist(self) -> pd.DataFrame:
         """Magnitude histograms: one row per (recorded step, layer), as in `df`, with `step`, `layer` (first `rank` in
-        a merge of several ranks) and one count column per bin of `fastai_gradstats.stats.HIST_BINS`."""
+        a merge of several ranks), `numel` (the layer's number of elements: the counts cover `hist_sample` of them
+        at most) and one count column per bin of `fastai_gradstats.stats.HIST_BINS`."""
         if self._hist is None: raise ValueError("this record has no histograms: record with `GradStats(hist=True)`")
+        df = self.df  # first: it adds the steps waiting and thins, which clears the cache
         if 'hist' not in self._cache:
-            df = self.df
             counts = pd.DataFrame(self._hist.view, columns=list(HIST_BINS))
             keys = ['rank', 'step', 'layer'] if self.multi_rank else ['step', 'layer']
-            self._cache['hist'] = pd.concat([df[keys], counts], axis=1)
+            numel = pd.Series(np.array([l['numel'] for l in self._layers], np.int64)[self._row_layer.view], name='numel')
+            self._cache['hist'] = pd.concat([df[keys], numel, counts], axis=1)
         return self._cache['hist']
 
     @property
     def steps(self) -> pd.DataFrame:
         """One row per recorded step: `step`, `epoch`, `lr`, `loss`, `grad_norm` (total), `skipped`, `kept_every`
         (the columns of `STEP_COLUMNS`), preceded by `rank` in a merge of several ranks."""
-        self._add_waiting()
-        if self._unthinned and self.keep_last is not None: self.thin()
+        self._thin_if_due()
         if 'steps' not in self._cache:
             sq = self._values.view[:, METRICS.index('grad_norm')].astype(np.float64) ** 2
-            total = np.sqrt(np.bincount(self._row_step(), weights=sq, minlength=len(self)))
+            total = np.sqrt(np.bincount(self._row_step(), weights=sq, minlength=len(self._step_cols['step'])))
             cols = {k: self._step_cols[k].view.copy() for k in ('step', 'epoch', 'lr', 'loss')}
             cols['grad_norm'] = total
             cols['skipped'] = self._step_cols['skipped'].view.copy()
@@ -500,7 +528,8 @@ class GradRecord:
         `grad_rms`, `update_ratio`), `steps.parquet` (the `steps` less its total `grad_norm`), `hist.parquet` (the
         histogram counts, when the record keeps them) and `meta.json` (format and package version, `args`, the
         layer table). `args` holds what the callback recorded with (`every`, `zero_tol`, `hist`, `hist_sample`,
-        `update_ratio`, `keep_last`) and whatever was added to it, not its alert settings."""
+        `update_ratio`, `keep_last`) and whatever was added to it, not its alert settings. `load` reads it back with
+        the same `keep_last` and `every`."""
         if not isinstance(path, (str, Path)): raise TypeError(f"`path` must be a str or Path, got {type(path).__name__}")
         path = Path(path)
         if path.exists() and not path.is_dir(): raise ValueError(f"`path` {str(path)!r} exists and is not a directory")
@@ -516,7 +545,10 @@ class GradRecord:
         df['layer'] = df['layer'].astype(str)
         df.drop(columns=[c for c in (*DERIVED_COLUMNS, 'update_ratio') if c in df]).to_parquet(path/_FILES['stats'], index=False)
         self.steps.drop(columns=['grad_norm']).to_parquet(path/_FILES['steps'], index=False)
-        if self._hist is not None: self.hist.drop(columns=['step', 'layer']).to_parquet(path/_HIST_FILE, index=False)
+        if self._hist is not None:  # with its step and layer, which `load` checks against stats.parquet's rows
+            hist = self.hist.drop(columns=['numel'])
+            hist['layer'] = hist['layer'].astype(str)
+            hist.to_parquet(path/_HIST_FILE, index=False)
         elif (path/_HIST_FILE).exists(): (path/_HIST_FILE).unlink()
         return path
 
@@ -563,8 +595,10 @@ def load(path) -> GradRecord:
     layers = meta.get('layers')
     if not isinstance(layers, list) or not all(isinstance(l, dict) for l in layers):
         raise ValueError(f"{str(path/_FILES['meta'])!r} has no valid layer table (`layers`)")
+    args = meta.get('args')
     try:
-        record = GradRecord(layers, meta.get('args'), meta.get('extra_columns', ()), meta.get('hist_dtype'))
+        thinning = {'keep_last': args.get('keep_last'), 'every': args.get('every', 1)} if isinstance(args, dict) else {}
+        record = GradRecord(layers, args, meta.get('extra_columns', ()), meta.get('hist_dtype'), **thinning)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{str(path/_FILES['meta'])!r} is not a valid GradStats run: {e}") from None
     record.rank, record.multi_rank = meta.get('rank'), bool(meta.get('multi_rank', False))
@@ -580,45 +614,69 @@ def load(path) -> GradRecord:
         raise ValueError(f"{str(path)!r} is not a complete GradStats run: missing columns "
                          f"{sorted(need_stats) + sorted(need_steps)}")
     keys = ['rank', 'step'] if record.multi_rank else ['step']
-    step_pos = pd.MultiIndex.from_frame(steps[keys]).get_indexer(pd.MultiIndex.from_frame(stats[keys]))
-    if (step_pos < 0).any(): raise ValueError(f"{str(path)!r}: stats.parquet has steps that steps.parquet lacks")
-    order = np.argsort(step_pos, kind='stable')
-    stats = stats.iloc[order]
-    record._extend(steps, np.bincount(step_pos, minlength=len(steps)), record.layer_index(stats['layer']),
-                   stats[record.value_columns].to_numpy(np.float32), stats[list(COUNT_COLUMNS)].to_numpy(np.int64),
-                   None if hist is None else hist.iloc[order][list(HIST_BINS)].to_numpy())
+    if 'rank' in keys and 'rank' not in steps or 'rank' in keys and 'rank' not in stats:
+        raise ValueError(f"{str(path)!r} is a merge of ranks whose parquet files lack the `rank` column")
+    if steps.duplicated(keys).any():
+        raise ValueError(f"{str(path)!r}: steps.parquet holds a step twice ({steps[keys][steps.duplicated(keys)].iloc[0].tolist()})")
+    if hist is not None:
+        missing_bins = [b for b in HIST_BINS if b not in hist]
+        if missing_bins or len(hist) != len(stats):
+            raise ValueError(f"{str(path)!r}: hist.parquet does not match stats.parquet ({len(hist)} rows for {len(stats)}"
+                             + (f", missing bins {missing_bins[:3]}" if missing_bins else '') + ")")
+        # written with its step and layer since 0.1: they must be the rows of stats.parquet
+        if {'step', 'layer'} <= set(hist) and not (hist['step'].to_numpy() == stats['step'].to_numpy()).all() or \
+                'layer' in hist and not (hist['layer'].astype(str).to_numpy() == stats['layer'].astype(str).to_numpy()).all():
+            raise ValueError(f"{str(path)!r}: hist.parquet's rows are not those of stats.parquet (steps or layers differ)")
+    try:
+        step_pos = pd.MultiIndex.from_frame(steps[keys]).get_indexer(pd.MultiIndex.from_frame(stats[keys]))
+        if (step_pos < 0).any(): raise ValueError(f"{str(path)!r}: stats.parquet has steps that steps.parquet lacks")
+        order = np.argsort(step_pos, kind='stable')
+        stats = stats.iloc[order]
+        record._extend(steps, np.bincount(step_pos, minlength=len(steps)), record.layer_index(stats['layer']),
+                       stats[record.value_columns].to_numpy(np.float32), stats[list(COUNT_COLUMNS)].to_numpy(np.int64),
+                       None if hist is None else hist.iloc[order][list(HIST_BINS)].to_numpy())
+    except ValueError: raise
+    except Exception as e:  # anything else a damaged file can raise inside pandas or numpy
+        raise ValueError(f"{str(path)!r} is not a valid GradStats run: {type(e).__name__}: {e}") from None
     return record
 
 
 def merge(records) -> GradRecord:
     """One record from the records of several data-parallel ranks (`GradStats(all_ranks=True)`), live,
     loaded, or given as paths of saved runs. `df` and `steps` get a `rank` column and hold each step
-    once per rank, ordered by step and then rank, so per-rank divergence shows side by side."""
+    once per rank, ordered by step and then rank, so per-rank divergence shows side by side. A record's rank is
+    its `rank` (else its place in `records`); a merge among `records` keeps the ranks of its steps. A rank given
+    twice is a ValueError."""
     if isinstance(records, (str, Path, GradRecord)) or not hasattr(records, '__iter__'):
         got = f"{type(records).__name__} {str(records)!r}" if isinstance(records, (str, Path)) else type(records).__name__
         raise TypeError(f"`records` must be a list of GradRecords or paths of saved runs (one run: put it in a list), got {got}")
     records = [load(r) if isinstance(r, (str, Path)) else r for r in records]
     if not records or not all(isinstance(r, GradRecord) for r in records):
         raise TypeError("`records` must be a non-empty list of GradRecords or paths of saved runs")
-    for r in records: r.fetch_pending()
+    for r in records: r.fetch_pending(); r._thin_if_due()
     first = records[0]
     for r in records[1:]:
         if r.value_columns != first.value_columns or (r._hist is None) != (first._hist is None):
             raise ValueError("`records` were recorded with different options (columns or histograms) and cannot merge")
-    ranks = [r.rank if r.rank is not None else i for i, r in enumerate(records)]
-    if len(set(ranks)) != len(ranks): raise ValueError(f"`records` come from the same rank twice: {ranks}")
+    # a merge given again keeps the ranks of its steps; another record is its `rank` (or its place in `records`)
+    ranks = [r._step_cols['rank'].view if r.multi_rank else np.full(r._n_steps(), r.rank if r.rank is not None else i)
+             for i, r in enumerate(records)]
+    held = [sorted(set(r_ranks.tolist())) if r.multi_rank else [r.rank if r.rank is not None else i]
+            for i, (r, r_ranks) in enumerate(zip(records, ranks))]
+    flat = [k for h in held for k in h]
+    if len(set(flat)) != len(flat): raise ValueError(f"`records` come from the same rank twice: {held}")
     layers = {l['name']: l for r in records for l in r._layers}
     out = GradRecord(list(layers.values()), first.args, first.value_columns[len(METRICS):],
                      None if first._hist is None else first._hist.data.dtype)
     out.multi_rank = True
     out.stopped_steps = sorted({s for r in records for s in r.stopped_steps})
     parts = []
-    for rank, r in zip(ranks, records):
+    for r_ranks, r in zip(ranks, records):
         n_rows = r._step_cols['n_rows'].view
         starts = np.concatenate([[0], np.cumsum(n_rows)[:-1]])
         names = np.array([l['name'] for l in r._layers], dtype=object)
         for i, step in enumerate(r._step_cols['step'].view):
-            parts.append((int(step), rank, r, i, slice(starts[i], starts[i] + n_rows[i]), names))
+            parts.append((int(step), int(r_ranks[i]), r, i, slice(starts[i], starts[i] + n_rows[i]), names))
     parts.sort(key=lambda p: (p[0], p[1]))
     cols = {k: [] for k in ('step', 'epoch', 'lr', 'loss', 'skipped', 'kept_every', 'rank')}
     rows, layer_index, values, counts, hist = [], [], [], [], []

@@ -74,3 +74,16 @@ def test_every_third_party_import_is_a_declared_requirement():
     distribution = {'sklearn': 'scikit-learn'}   # import name -> the name pip installs
     assert third_party, 'no import found: the scan is broken'
     assert {distribution.get(m, m) for m in third_party} <= declared, third_party
+
+
+@pytest.mark.parametrize('name', MODULES)
+def test_public_functions_and_constants_are_in_all_and_exported(name):
+    "A module's public functions and classes are in its `__all__`, and every name there (constants too) reaches the package."
+    module = importlib.import_module(f'fastai_gradstats.{name}')
+    listed = set(getattr(module, '__all__', []))
+    defined = [n for n, obj in vars(module).items() if not n.startswith('_') and (inspect.isfunction(obj) or inspect.isclass(obj))
+               and obj.__module__ == module.__name__]
+    assert not set(defined) - listed, f'{name} defines public {sorted(set(defined) - listed)} outside its __all__'
+    if name in ('cli', 'demo'): return
+    for public in listed - {name}:
+        assert getattr(fastai_gradstats, public, None) is getattr(module, public), f'{name}.{public} is not exported'

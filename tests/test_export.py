@@ -198,3 +198,32 @@ def test_step_scalars_rejects_what_is_not_a_step_or_a_column():
     assert not any(k.startswith('update_ratio/') for k in scalars)
     assert step_scalars(record.last(), columns=['param_norm']).keys() == {'grad_norm/total', 'loss', 'lr', *(
         f'param_norm/{l}' for l in record.layers['name'])}
+
+
+class ListWriter:
+    "A stand-in SummaryWriter that keeps what it is given."
+    def __init__(self): self.scalars = []
+    def add_scalar(self, tag, value, step): self.scalars.append((tag, value, step))
+    def add_histogram_raw(self, *args, **kwargs): pass
+    def flush(self): pass
+    def close(self): pass
+
+
+@pytest.mark.parametrize('update_ratio', [False, True])
+def test_every_step_is_sent_once_when_keep_last_thins_right_behind(update_ratio):
+    "keep_last=1 thins a step as soon as it is one step old; with update_ratio a step completes one step later."
+    pytest.importorskip('tensorboard')
+    writer = ListWriter()
+    record = _fit(TensorBoardGradStats(writer=writer), n_train=1024, update_ratio=update_ratio, keep_last=1)
+    sent = [step for tag, _, step in writer.scalars if tag == 'grad_norm/total']
+    assert sent == list(range(1024 // 64))                      # one training batch per step, each sent once
+    assert len(record.steps) < len(sent)                        # while the record kept only some of them
+    totals = {step: value for tag, value, step in writer.scalars if tag == 'grad_norm/total'}
+    np.testing.assert_allclose([totals[s] for s in record.steps['step']], record.steps['grad_norm'], rtol=1e-6)
+
+
+def test_tensorboard_writer_must_be_a_summary_writer():
+    pytest.importorskip('tensorboard')
+    for bad in ('runs/x', 3, object()):
+        with pytest.raises(TypeError, match='`writer`'): TensorBoardGradStats(writer=bad)
+    assert TensorBoardGradStats(writer=ListWriter()).writer is not None

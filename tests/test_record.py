@@ -385,3 +385,118 @@ def test_a_corrupt_meta_json_is_named_with_the_field(tmp_path):
     assert fastai_gradstats.load(path).df.equals(record.df)
     with pytest.raises(TypeError, match='`numel`'):
         GradRecord([{'name': 'a', 'module': 'Linear', 'shape': (2,), 'numel': 2.0, 'depth': 0}])
+
+
+# --- reads that see every step, and records that refuse to go wrong --------------------------------
+def _hist_record(keep_last=None, every=1, layers=2):
+    "A hand-built record with histograms: layer i of step s has grad_norm s + i / 10 and bin counts it can be told by."
+    from fastai_gradstats.stats import HIST_BINS
+    rec = GradRecord([dict(name=f'l{i}', module='Linear', shape=(3, 4 + i), numel=3 * (4 + i), depth=i) for i in range(layers)],
+                     hist_dtype=np.int64, keep_last=keep_last, every=every)
+    index = rec.layer_index([f'l{i}' for i in range(layers)])
+
+    def add(s):
+        values = np.zeros((layers, len(METRICS)), np.float32)
+        values[:, 0] = s + np.arange(layers) / 10
+        hist = np.zeros((layers, len(HIST_BINS)), np.int64)
+        hist[:, 0] = s * 10 + np.arange(layers)
+        rec.add_step(s, 0, 0.1, float(s), index, values, hist=hist)
+    return rec, add
+
+
+def test_hist_is_never_stale_while_steps_wait_or_are_thinned():
+    rec, add = _hist_record()
+    add(0)
+    assert rec.hist['step'].tolist() == [0, 0]           # read once: cached
+    rec.hold(lambda: add(1))                             # a step waiting, as GradStats leaves them
+    assert rec.hist['step'].tolist() == [0, 0, 1, 1]     # the read adds it
+    assert rec.hist['zero'].tolist() == [0, 1, 10, 11]
+    thinned, add = _hist_record(keep_last=2)
+    for s in range(12):
+        add(s)
+        hist, steps = thinned.hist, thinned.steps        # read every step, as a callback could
+        assert sorted(set(hist['step'])) == steps['step'].tolist()
+        assert (hist['zero'] == hist['step'] * 10 + hist['layer'].cat.codes).all()   # each row still its own step's
+
+
+def test_hist_has_each_layers_numel():
+    rec, add = _hist_record()
+    add(0); add(1)
+    expected = {'l0': 12, 'l1': 15}                      # 3 x 4 and 3 x 5 elements
+    assert rec.hist['numel'].tolist() == [expected[str(l)] for l in rec.hist['layer']]
+
+
+def test_len_repr_and_merge_agree_with_steps_under_keep_last():
+    rec, add = _hist_record(keep_last=8)
+    for s in range(23): add(s)                           # thinned every 2 steps: the last one arrived since
+    n = len(rec)
+    assert n == len(rec.steps) and f'GradRecord({n} steps' in repr(rec)
+    fresh, add = _hist_record(keep_last=8)
+    for s in range(23): add(s)
+    merged = fastai_gradstats.merge([fresh])             # not read before the merge
+    assert merged.steps['step'].tolist() == rec.steps['step'].tolist()
+
+
+def test_merge_of_a_merge_keeps_each_steps_rank():
+    parts = []
+    for rank in range(3):
+        rec, add = _hist_record()
+        rec.rank = rank
+        for s in range(2):
+            add(s)
+            rec._values.view[-2:, 0] = rank              # tell the ranks apart by their values
+        parts.append(rec)
+    nested = fastai_gradstats.merge([fastai_gradstats.merge(parts[:2]), parts[2]])
+    df = nested.df
+    assert (df['grad_norm'] == df['rank']).all() and sorted(set(df['rank'])) == [0, 1, 2]
+    assert nested.steps.groupby('rank').size().tolist() == [2, 2, 2]
+    with pytest.raises(ValueError, match='same rank twice'):
+        fastai_gradstats.merge([fastai_gradstats.merge(parts[:2]), parts[1]])
+
+
+@pytest.mark.parametrize('index, error', [([0, 5], ValueError), ([0, -1], ValueError), ([0.7, 1.2], TypeError),
+                                          (['a', 'b'], TypeError)])
+def test_add_step_refuses_a_layer_index_that_names_no_layer(index, error):
+    rec, add = _hist_record()
+    add(0)
+    before = rec.df.copy()
+    with pytest.raises(error, match='`layer_index`'):
+        rec.add_step(1, 0, 0.1, 1.0, index, np.zeros((2, len(METRICS))), hist=np.zeros((2, 25), np.int64))
+    pd.testing.assert_frame_equal(rec.df, before)        # nothing added
+    add(1)                                               # and the record goes on
+    assert rec.steps['step'].tolist() == [0, 1]
+
+
+def test_load_keeps_keep_last_and_every(tmp_path):
+    rec, add = _hist_record(keep_last=4, every=2)
+    rec.args.update(keep_last=4, every=2)                # as GradStats saves them
+    for s in range(0, 40, 2): add(s)
+    loaded = load(rec.save(tmp_path / 'run'))
+    assert (loaded.keep_last, loaded.every) == (4, 2)
+    for r in (rec, loaded):  # both go on alike
+        r.add_step(40, 0, 0.1, 40.0, r.layer_index(['l0', 'l1']), np.zeros((2, len(METRICS))), hist=np.zeros((2, 25), np.int64))
+    pd.testing.assert_frame_equal(rec.steps, loaded.steps)
+    assert loaded.steps['kept_every'].iloc[-1] == 2
+
+
+def _saved_hist_run(tmp_path, name='run', offset=0):
+    rec, add = _hist_record()
+    for s in range(3): add(s + offset)
+    return rec.save(tmp_path / name)
+
+
+@pytest.mark.parametrize('damage', ['truncated hist', 'duplicate step', 'hist of another run'])
+def test_load_refuses_parquet_files_that_do_not_belong_together(tmp_path, damage):
+    path = _saved_hist_run(tmp_path)
+    if damage == 'truncated hist':
+        pd.read_parquet(path / 'hist.parquet').iloc[:-2].to_parquet(path / 'hist.parquet', index=False)
+    elif damage == 'duplicate step':
+        steps = pd.read_parquet(path / 'steps.parquet')
+        pd.concat([steps, steps.iloc[:1]]).to_parquet(path / 'steps.parquet', index=False)
+    else:
+        other = _saved_hist_run(tmp_path, 'other', offset=10)   # same shape, other steps
+        (path / 'hist.parquet').write_bytes((other / 'hist.parquet').read_bytes())
+    with pytest.raises(ValueError, match=str(path.name)):
+        load(path)
+    from fastai_gradstats.cli import main
+    assert main(['summary', str(path)]) == 2             # the command says so in one line, no traceback
