@@ -2,6 +2,8 @@
 derived exactly from a record's per-tensor rows, without re-training."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -12,6 +14,7 @@ __all__ = ['combine', 'by_module', 'by_param_group', 'module_of']
 
 def module_of(name: str) -> str:
     "The module that owns the parameter called `name`: `'body.0.weight'` -> `'body.0'` (`'(model)'` for a top-level one)."
+    if not isinstance(name, str): raise TypeError(f"`name` must be a parameter name (str), got {type(name).__name__} {name!r}")
     return name.rsplit('.', 1)[0] if '.' in name else '(model)'
 
 
@@ -23,9 +26,10 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
     `grad_mean`, `zero_frac` weighted by elements, `grad_std` pooled, `dead_frac` weighted by units
     (NaN when no tensor of the group has units), `update_norm` as the norm of the group's step and `update_ratio` as ||Δw|| / ||w||. NaN and Inf
     propagate (a NaN in one tensor makes the group's norm NaN), as they would in the concatenated gradient.
-    Returns a DataFrame with the columns of `record.df`, ordered by step and then by the group's
-    first parameter from input to output. In a merge of data-parallel ranks (`merge`) each rank's
-    tensors are combined apart, and the rows keep their `rank` (ordered by step, rank, group)."""
+    Returns a DataFrame with the columns of `record.df`, ordered by step and then by the group's first
+    parameter from input to output (the smallest `depth` of its parameters in `record.layers`). In a merge of
+    data-parallel ranks (`merge`) each rank's tensors are combined apart, and the rows keep their `rank`
+    (ordered by step, rank, group)."""
     if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
     if not isinstance(groups, dict): raise TypeError(f"`groups` must be a dict of parameter name -> group name, got {type(groups).__name__}")
     bad = {k: v for k, v in groups.items() if not isinstance(v, str)}
@@ -50,7 +54,10 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
         'n_nan': df['n_nan'].to_numpy(), 'n_inf': df['n_inf'].to_numpy(),
         'mean_i': f('grad_mean')})
     if 'update_norm' in df: work['d2'] = f('update_norm') ** 2
-    first = {g: i for i, g in reversed(list(enumerate(group)))}
+    # a group's place is its first parameter's depth, not when it was first recorded (a frozen body comes in later)
+    depth = {}
+    for name, g in groups.items():
+        if name in layers.index: depth[g] = min(depth.get(g, math.inf), layers.at[name, 'depth'])
     # a merge of ranks (`merge`): each rank's tensors are combined apart, as each rank's gradients are its own
     ids = ['rank', 'step', 'layer'] if 'rank' in df else ['step', 'layer']
     if 'rank' in df: work.insert(0, 'rank', df['rank'].to_numpy())
@@ -77,7 +84,7 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
         out['update_norm'] = np.sqrt(sums['d2'])
         with np.errstate(divide='ignore', invalid='ignore'): out['update_ratio'] = out['update_norm'] / out['param_norm']
     out = out.reset_index()
-    out['order'] = out['layer'].map(first)
+    out['order'] = out['layer'].map(depth)
     out = out.sort_values(['step'] + ids[:-2] + ['order'], kind='stable').drop(columns='order').reset_index(drop=True)
     columns = ids[:-2] + ['step', 'epoch', 'layer'] + [c for c in record.df.columns if c in out and c not in ('rank', 'step', 'epoch', 'layer')]
     return out[columns]

@@ -8,6 +8,7 @@ calls `plt.show()`. Nothing here knows fastai. The same functions are methods of
 """
 from __future__ import annotations
 
+import heapq
 import math
 import numbers
 
@@ -41,7 +42,7 @@ def _frame(record, what='record'):
         df = record
         if 'layer' not in df or 'step' not in df:
             raise ValueError(f"`{what}` must be a GradRecord or its `.df` (with `step` and `layer` columns)")
-        order = list(pd.unique(df['layer'].astype(str)))  # `.df` rows run from input to output
+        order = _merged_order(df)
     else:
         raise TypeError(f"`{what}` must be a GradRecord or a DataFrame, got {type(record).__name__}")
     if df.empty: raise ValueError(f"`{what}` is empty: no step was recorded")
@@ -49,15 +50,48 @@ def _frame(record, what='record'):
     return df, order
 
 
-def _check_one_rank(df, what, table):
+def _merged_order(df):
+    """The layers of a tidy DataFrame from input to output. Each step's rows run from input to output, but a step
+    need not hold every layer (a frozen body, a layer added later): the steps' orders are merged (a stable
+    topological sort, ties by first appearance); where they contradict each other, the layers left over follow in
+    order of first appearance."""
+    codes, names = pd.factorize(df['layer'])  # numbered by first appearance
+    names = [str(n) for n in names]
+    steps = df['step'].to_numpy()
+    if (codes < 0).any(): codes, steps = codes[codes >= 0], steps[codes >= 0]  # rows without a layer name
+    if len(steps) > 1 and (np.diff(steps) < 0).any():  # rows sorted otherwise: each step's rows in their own order
+        by_step = np.argsort(steps, kind='stable')
+        codes, steps = codes[by_step], steps[by_step]
+    # the order of a step is the chain of its neighbouring rows; the distinct links of all steps make the graph
+    same = (steps[1:] == steps[:-1]) & (codes[1:] != codes[:-1])
+    links = pd.unique(codes[:-1][same].astype(np.int64) * len(names) + codes[1:][same])
+    before, after = np.divmod(links, len(names))
+    incoming = np.bincount(after, minlength=len(names))
+    successors = pd.Series(after).groupby(before).agg(list).to_dict() if len(links) else {}
+    ready = [i for i in range(len(names)) if incoming[i] == 0]
+    heapq.heapify(ready)
+    order, placed = [], np.zeros(len(names), bool)
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i); placed[i] = True
+        for j in successors.get(i, ()):
+            incoming[j] -= 1
+            if incoming[j] == 0: heapq.heappush(ready, j)
+    order += [i for i in range(len(names)) if not placed[i]]  # a cycle: the steps disagree
+    return [names[i] for i in order]
+
+
+def _check_one_rank(df, what, table, example=None):
     "Refuse the rows of several ranks, which would be drawn over (or added to) each other."
     if 'rank' in df and df['rank'].nunique() > 1:
+        example = example or f"`{table}[{table}['rank'] == 0]` of its `.{table}`"
         raise ValueError(f"`{what}` is a merge of {df['rank'].nunique()} ranks, which would draw over each other: draw one "
-                         f"rank's rows, e.g. `{table}[{table}['rank'] == 0]` of its `.{table}`")
+                         f"rank's rows, e.g. {example}")
 
 
 def is_weight(name: str) -> bool:
     "Whether the parameter called `name` is a weight (`fc.weight`, `rnn.weight_hh_l0`), not a bias or a buffer-like scale."
+    if not isinstance(name, str): raise TypeError(f"`name` must be a parameter name (str), got {type(name).__name__} {name!r}")
     return name.rsplit('.', 1)[-1].startswith('weight')
 
 
@@ -88,7 +122,8 @@ def metric_table(record, metric='grad_norm', weights_only=False, by_module=False
     NaN where the metric is NaN and where the layer was not recorded at that step.
 
     `weights_only` keeps the parameters named `weight...` (`is_weight`); `by_module` combines each module's
-    parameters first (see `fastai_gradstats.aggregate.by_module`); the two exclude each other."""
+    parameters first (see `fastai_gradstats.aggregate.by_module`); the two exclude each other. For `dead_frac`,
+    which is NaN by definition for 1-D parameters (no units), the layers NaN at every step are left out."""
     return _metric_table(record, metric, weights_only, by_module)[0]
 
 
@@ -100,6 +135,8 @@ def _metric_table(record, metric, weights_only, by_module):
     if by_module:
         from .aggregate import by_module as _by_module
         record = _by_module(record)
+        _check_one_rank(record, 'record', 'df', "`heatmap(by_module(record).query('rank == 0'))`, `by_module` "
+                                                "from `fastai_gradstats`, without `by_module=True`")
     df, order = _frame(record)
     _check_metric(df, metric)
     if weights_only:
@@ -108,6 +145,10 @@ def _metric_table(record, metric, weights_only, by_module):
     table = df.pivot_table(index='layer', columns='step', values=metric, aggfunc='first', observed=True, dropna=False)
     table.index = table.index.astype(str)
     table = table.reindex(order).astype(float)
+    if metric == 'dead_frac':  # NaN by definition for a 1-D parameter: not a NaN gradient
+        table = table[table.notna().any(axis=1)]
+        if table.empty: raise ValueError("`dead_frac` is NaN for every layer: it is defined for weights of two or more "
+                                         "dimensions (a bias or a norm's scale has no units)")
     seen = pd.crosstab(df['layer'].astype(str), df['step']).reindex(index=table.index, columns=table.columns, fill_value=0)
     return table, seen.to_numpy() > 0
 
@@ -167,6 +208,12 @@ def _wants_log(values, log):
     return len(positive) > 0 and not (finite < 0).any() and positive.max() / positive.min() >= 100
 
 
+def _all_positive(values):
+    "Whether the finite `values` (a shorter run's missing layers, a NaN step aside) are all positive, and some are."
+    finite = values[np.isfinite(values)]
+    return len(finite) > 0 and bool((finite > 0).all())
+
+
 # --- heatmap --------------------------------------------------------------------------------
 def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=False, log=None,
             cmap='viridis', max_labels=40):
@@ -176,7 +223,8 @@ def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=F
     logarithmic when the metric is positive and spans two decades or more (`log=True/False` forces
     it); NaN, ±Inf (and, on a log scale, exact zeros) are drawn in `SPECIAL_COLORS` and named in the
     legend. `weights_only` keeps only weights; `by_module` combines each module's parameters (not both at
-    once). `cmap` is the matplotlib colormap; `max_labels` (a positive int) caps the layer names written on
+    once); for `dead_frac` the layers NaN at every step (1-D parameters, which have no units) are left out.
+    `cmap` is the matplotlib colormap; `max_labels` (a positive int) caps the layer names written on
     the axis.
     Returns the Axes; `ax.images[0]` holds the metric, `ax.images[1]` (if any) the special cells."""
     max_labels = _positive_int(max_labels, 'max_labels')
@@ -217,31 +265,36 @@ def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=F
 
 # --- magnitude histogram ------------------------------------------------------------------
 def _hist_frame(record):
+    "The histogram rows of `record` (a GradRecord or its `.hist`) and the weight of each row (see `hist_table`)."
     if isinstance(record, GradRecord):
         if not record.has_hist: raise ValueError("`record` has no histograms: record with `GradStats(hist=True)`")
         hist = record.hist
-        layers = record.layers.set_index('name')
-        sample = record.args.get('hist_sample')
         if hist.empty: raise ValueError("`record` is empty: no step was recorded")
-        _check_one_rank(hist, 'record', 'hist')
-        counted = hist[list(HIST_BINS)].sum(axis=1).to_numpy(float)
-        numel = layers.loc[hist['layer'].astype(str), 'numel'].to_numpy(float)
-        weight = np.where(counted > 0, numel / np.maximum(counted, 1), 0) if sample is not None else np.ones(len(hist))
-        return hist, weight
-    if isinstance(record, pd.DataFrame):
-        missing = [c for c in ('step', 'layer', *HIST_BINS) if c not in record]
+        numel = record.layers.set_index('name').loc[hist['layer'].astype(str), 'numel'].to_numpy(float)
+    elif isinstance(record, pd.DataFrame):
+        hist = record
+        missing = [c for c in ('step', 'layer', *HIST_BINS) if c not in hist]
         if missing: raise ValueError(f"`record` must be a GradRecord or its `.hist`; the DataFrame lacks {missing[:3]}")
-        if record.empty: raise ValueError("`record` is empty: no step was recorded")
-        _check_one_rank(record, 'record', 'hist')
-        return record, np.ones(len(record))
-    raise TypeError(f"`record` must be a GradRecord or its `.hist` DataFrame, got {type(record).__name__}")
+        if hist.empty: raise ValueError("`record` is empty: no step was recorded")
+        numel = hist['numel'].to_numpy(float) if 'numel' in hist else None
+    else:
+        raise TypeError(f"`record` must be a GradRecord or its `.hist` DataFrame, got {type(record).__name__}")
+    _check_one_rank(hist, 'record', 'hist')
+    if numel is None: return hist, np.ones(len(hist))
+    counted = hist[list(HIST_BINS)].sum(axis=1).to_numpy(float)
+    with np.errstate(divide='ignore', invalid='ignore'):
+        return hist, np.where(counted > 0, numel / counted, 0.0)
 
 
 def hist_table(record, layer=None) -> pd.DataFrame:
     """The bins x step table that `magnitude_hist` draws: the fraction of gradient elements in each bin.
 
-    For the whole model (`layer=None`) each layer's sampled counts are scaled to its number of
-    elements, so the fractions are those of all the model's gradient elements."""
+    For the whole model (`layer=None`) each layer's counts (of at most `hist_sample` elements) are scaled to its
+    number of elements, so the fractions are those of all the model's gradient elements; the number comes from
+    the record's layer table, or from the `numel` column of a `.hist` DataFrame (one without it: the counts are
+    added unscaled)."""
+    if layer is not None and not isinstance(layer, str):
+        raise TypeError(f"`layer` must be None or a layer name (str), got {type(layer).__name__} {layer!r}")
     hist, weight = _hist_frame(record)
     if layer is not None:
         names = list(pd.unique(hist['layer'].astype(str)))
@@ -298,6 +351,8 @@ def flow_table(record, step=None, steps=None) -> pd.DataFrame:
     elif steps is not None:
         if not (isinstance(steps, (tuple, list)) and len(steps) == 2):
             raise ValueError(f"`steps` must be a (first, last) pair, got {steps!r}")
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Real) for s in steps):
+            raise TypeError(f"`steps` must be a (first, last) pair of step numbers, got {steps!r}")
         df = df[(df['step'] >= steps[0]) & (df['step'] <= steps[1])]
         if df.empty: raise ValueError(f"no recorded step in `steps` {tuple(steps)}")
     grouped = df.groupby(df['layer'].astype(str))
@@ -309,15 +364,25 @@ def gradient_flow(record, step=None, steps=None, ax=None, weights_only=False):
     """Mean (root mean square) and max |gradient| per layer from input to output, on a log scale.
 
     For one `step`, a `(first, last)` window of `steps`, or all steps: vanishing with depth shows
-    as values falling towards the input (left). `weights_only` leaves out the biases and other
+    as values falling towards the input (left). A layer whose gradient is Inf (at any chosen step) or NaN
+    (at all of them) has no bar to draw: it is marked by a full-height band in `SPECIAL_COLORS['inf']` or
+    `SPECIAL_COLORS['nan']`, named in the legend. `weights_only` leaves out the biases and other
     non-weights (`is_weight`). Returns the Axes."""
     table = flow_table(record, step, steps)
-    if weights_only: table = table[[is_weight(i) for i in table.index]]
+    if weights_only:
+        table = table[[is_weight(i) for i in table.index]]
+        if table.empty: raise ValueError("`weights_only=True` left no layer: no parameter is named 'weight...'")
     ax = _new_ax(ax, (max(6, 0.3 * len(table) + 3), 4))
     x = np.arange(len(table))
-    ax.bar(x, table['grad_max'], color='#9ecae1', label='max |g|')
-    ax.bar(x, table['grad_rms'], color='#08519c', width=0.5, label='rms |g|')
-    if (table.to_numpy() > 0).any(): ax.set_yscale('log')
+    values = table.to_numpy(float)
+    height = table.mask(np.isinf(values))  # an infinite bar breaks matplotlib's limits: the band below shows it
+    ax.bar(x, height['grad_max'], color='#9ecae1', label='max |g|')
+    ax.bar(x, height['grad_rms'], color='#08519c', width=0.5, label='rms |g|')
+    infinite = np.isinf(values).any(axis=1)
+    for kind, label, marked in (('inf', 'Inf', infinite), ('nan', 'NaN', np.isnan(values).any(axis=1) & ~infinite)):
+        for n, i in enumerate(np.flatnonzero(marked)):
+            ax.axvspan(i - 0.4, i + 0.4, color=SPECIAL_COLORS[kind], alpha=0.6, label=label if n == 0 else '_nolegend_')
+    if (np.isfinite(values) & (values > 0)).any(): ax.set_yscale('log')
     _layer_ticks(ax, list(table.index), 'x')
     ax.set_xlabel('layer (input at left)'); ax.set_ylabel('|gradient|')
     which = f'step {step}' if step is not None else f'steps {steps[0]}-{steps[1]}' if steps is not None else 'all steps'
@@ -444,14 +509,15 @@ def compare(records, metric='grad_rms', labels=None, weights_only=True):
     for a, what in zip(axes[:2], ('mean', 'median')):
         _layer_ticks(a, list(table.index), 'x')
         a.set_title(f'{what} of {metric} over iterations'); a.set_xlabel('layer (input at left)')
-        if (table.to_numpy() > 0).all(): a.set_yscale('log')
+        if _all_positive(table.to_numpy(float)): a.set_yscale('log')
         a.legend(fontsize=8)
     for label, rec in zip(labels, records):
         df, _ = _frame(rec, 'records')
         per_step = df.groupby('step')[metric].median()
         axes[2].plot(per_step.index.to_numpy(), per_step.to_numpy(float), label=label)
     axes[2].set_title(f'median of {metric} across all layers'); axes[2].set_xlabel('step')
-    if all((_frame(r, 'records')[0][metric] > 0).all() for r in records): axes[2].set_yscale('log')
+    if _all_positive(np.concatenate([_frame(r, 'records')[0][metric].to_numpy(float) for r in records])):
+        axes[2].set_yscale('log')
     axes[2].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -225,6 +225,8 @@ def test_module_of():
     assert module_of('body.0.weight') == 'body.0'
     assert module_of('3.bias') == '3'
     assert module_of('weight') == '(model)'
+    for bad in (3, None, ('a', 'weight')):
+        with pytest.raises(TypeError, match='`name`'): module_of(bad)
 
 
 def test_errors(run):
@@ -292,3 +294,25 @@ def test_group_names_must_be_strings():
     for groups in ({'l.weight': 1, 'l.bias': None}, {'l.weight': 'a', 'l.bias': None}):
         with pytest.raises(TypeError, match='`groups`'): combine(record, groups)
     assert list(combine(record, {'l.weight': 'a', 'l.bias': 'a'})['layer']) == ['a']
+
+
+def test_groups_are_ordered_by_depth_not_by_first_appearance():
+    """The body is frozen for the first two steps (only the head recorded), then trained: at every step the groups
+    run from input to output, by the smallest depth of their parameters in the layer table."""
+    from fastai_gradstats.stats import METRICS
+    names = ['body.0.weight', 'body.0.bias', 'body.1.weight', 'body.1.bias', 'head.weight', 'head.bias']
+    layers = [{'name': n, 'module': 'Linear', 'shape': (2, 2) if n.endswith('weight') else (2,),
+               'numel': 4 if n.endswith('weight') else 2, 'depth': d} for d, n in enumerate(names)]
+    record = GradRecord(layers)
+    for step in range(4):
+        held = names[2:] if step < 2 else names
+        record.add_step(step, 0, 1e-3, 1.0, record.layer_index(held), np.ones((len(held), len(METRICS))))
+    assert list(record.df['layer'].astype(str).drop_duplicates()) != names   # recorded out of depth order
+    depth = {l['name']: l['depth'] for l in layers}
+    custom = {'head.bias': 'late', 'body.1.weight': 'late', 'body.0.bias': 'early', 'head.weight': 'mid'}
+    cases = [({n: module_of(n) for n in names}, by_module(record)), (custom, combine(record, custom))]
+    for groups, got in cases:
+        first = {g: min(depth[n] for n in groups if groups[n] == g) for g in set(groups.values())}
+        for step, rows in got.groupby('step'):
+            held = {groups[n] for n in (names[2:] if step < 2 else names) if n in groups}
+            assert list(rows['layer']) == sorted(held, key=first.get), step

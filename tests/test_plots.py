@@ -229,26 +229,47 @@ def test_heatmap_weights_only_and_by_module(run, tmp_path):
         plots.metric_table(record, 'grad_norm', weights_only=True, by_module=True)
 
 
-def test_heatmap_nan_cells_in_the_nan_colour(run, tmp_path):
-    "dead_frac is NaN for 1-D tensors (biases): those cells are drawn in the NaN colour and named in the legend."
+def test_heatmap_dead_frac_leaves_out_the_layers_without_units(run, tmp_path):
+    "dead_frac is NaN by definition for 1-D tensors (biases): their rows are left out, not painted as NaN gradients."
     record, _ = run
-    names = depth_order(record)
-    expected, steps = pivot(record, 'dead_frac')
-    bias_rows = [i for i, n in enumerate(names) if n.endswith('bias')]
-    assert np.isnan(expected[bias_rows]).all() and np.isfinite(np.delete(expected, bias_rows, 0)).all()
+    shapes = dict(zip(record.layers['name'], record.layers['shape']))
+    with_units = [n for n in depth_order(record) if len(shapes[n]) >= 2]
+    assert len(with_units) < len(record.layers)
+    expected, steps = pivot(record, 'dead_frac', with_units)
+    assert np.isfinite(expected).all()
     ax = plots.heatmap(record, 'dead_frac')
     check_heatmap_image(ax, expected, steps, log=False)
-    special = np.ma.asarray(ax.images[1].get_array())
-    assert np.array_equal(~np.ma.getmaskarray(special), np.isnan(expected))
-    assert (special.compressed() == 1).all()   # index 1 of (zero, nan, inf)
-    nan_rgb = to_rgb(plots.SPECIAL_COLORS['nan'])
-    for i in bias_rows:
-        for s in (steps[0], steps[len(steps) // 2]):
-            np.testing.assert_allclose(pixel(ax.figure, ax, s, i), nan_rgb, atol=2 / 255)
-    # a finite cell is not drawn in the NaN colour
-    assert not np.allclose(pixel(ax.figure, ax, steps[0], 0), nan_rgb, atol=2 / 255)
-    assert 'NaN' in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [t.get_text() for t in ax.get_yticklabels()] == with_units
+    assert len(ax.images) == 1 and ax.get_legend() is None   # no cell is called NaN
+    assert list(plots.metric_table(record, 'dead_frac').index) == with_units
     save_png(ax.figure, tmp_path, 'dead_frac')
+
+
+def test_heatmap_dead_frac_nan_cells_in_the_nan_colour(tmp_path):
+    "A weight whose dead_frac is NaN at one step keeps its row, that cell in the NaN colour; a record of biases only is refused."
+    dead = METRICS.index('dead_frac')
+    record = GradRecord([{'name': 'a.weight', 'module': 'Linear', 'shape': (2, 2), 'numel': 4, 'depth': 0},
+                         {'name': 'a.bias', 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': 1}])
+    for step, weight_dead in enumerate([0.25, 0.5, 0.0, np.nan]):
+        values = np.full((2, len(METRICS)), 0.5)
+        values[:, dead] = [weight_dead, np.nan]   # a 1-D tensor has no units: NaN
+        record.add_step(step, 0, 1e-3, 1.0, record.layer_index(['a.weight', 'a.bias']), values)
+    df = record.df
+    dead_frac = df['dead_frac'].to_numpy(float)
+    weight = (df['layer'].astype(str) == 'a.weight').to_numpy()
+    assert np.isfinite(dead_frac[weight][:3]).all() and np.isnan(dead_frac[weight][3])
+    ax = plots.heatmap(record, 'dead_frac')
+    assert [t.get_text() for t in ax.get_yticklabels()] == ['a.weight']   # a.bias is NaN at every step
+    special = np.ma.asarray(ax.images[1].get_array())
+    assert special.shape == (1, 4) and list(np.ma.getmaskarray(special)[0]) == [True, True, True, False]
+    np.testing.assert_allclose(pixel(ax.figure, ax, 3, 0), to_rgb(plots.SPECIAL_COLORS['nan']), atol=2 / 255)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ['NaN']
+    save_png(ax.figure, tmp_path, 'dead_frac_nan')
+    biases = GradRecord([{'name': 'a.bias', 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': 0}])
+    values = np.full((1, len(METRICS)), 0.5)
+    values[:, dead] = np.nan   # as recorded for a 1-D tensor
+    for step in (0, 1): biases.add_step(step, 0, 1e-3, 1.0, biases.layer_index(['a.bias']), values)
+    with pytest.raises(ValueError, match='dead_frac'): plots.heatmap(biases, 'dead_frac')
 
 
 def test_heatmap_nan_and_inf_gradients(nonfinite_run, tmp_path):
@@ -956,4 +977,202 @@ def test_plot_arguments_of_the_wrong_kind_are_named():
         with pytest.raises(error, match='`labels`'): plots.compare_table([record, record], labels=labels)
     ax = plots.layer_curves(record, layers=('a.bias',), log=False)   # a tuple of names is fine
     assert [l.get_label() for l in ax.lines] == ['a.bias'] and ax.get_yscale() == 'linear'
+    plt.close('all')
+
+
+# --- layer order when steps hold different layers --------------------------------------------
+def test_layer_order_after_fine_tune():
+    """fastai's fine_tune trains the head (and the BatchNorm) first, the whole model after: the body's layers are
+    recorded later than the head's, yet every table runs from input to output (the layer table's depth)."""
+    import fastai.callback.schedule  # noqa: F401  (Learner.fine_tune)
+    from fastai_gradstats import by_module
+    set_seed(0)
+    body = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU())
+    learn = Learner(digits(n_train=128), nn.Sequential(body, nn.Linear(16, 10)), loss_func=CrossEntropyLossFlat(),
+                    opt_func=Adam, splitter=lambda m: [list(m[0].parameters()), list(m[1].parameters())])
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('ignore', GradientAlert)
+        learn.fine_tune(1, 1e-2, freeze_epochs=1, cbs=GradStats())
+    record = learn.grad_stats
+    names = depth_order(record)
+    modules = list(dict.fromkeys(n.rsplit('.', 1)[0] for n in names))   # names run by depth: modules by their first
+    assert list(dict.fromkeys(record.df['layer'].astype(str))) != names   # the body came in later
+    assert list(plots.metric_table(record.df).index) == names
+    assert list(plots.flow_table(record.df).index) == names
+    assert list(plots.metric_table(record, by_module=True).index) == modules
+    ax = plots.heatmap(record, by_module=True)
+    assert [t.get_text() for t in ax.get_yticklabels()] == modules and ax.get_ylabel() == 'layer (input at top)'
+    for step, rows in by_module(record).groupby('step'):
+        places = [modules.index(m) for m in rows['layer']]
+        assert places == sorted(places), step
+    plt.close('all')
+
+
+def _steps_frame(steps_layers):
+    "A tidy DataFrame whose step i holds the layers `steps_layers[i]`, in that row order."
+    rows = [(step, name) for step, names in enumerate(steps_layers) for name in names]
+    return pd.DataFrame(rows, columns=['step', 'layer']).assign(grad_norm=1.0, grad_rms=1.0, grad_max=1.0)
+
+
+def test_df_layer_order_merges_the_orders_of_the_steps():
+    "A DataFrame's layers follow every step's row order, whichever step came first; steps that contradict fall back."
+    rng = np.random.default_rng(0)
+    names = [f'{i}.weight' for i in range(8)]
+    steps = [[names[i] for i in sorted(rng.choice(8, size=rng.integers(2, 6), replace=False))] for _ in range(40)]
+    order = list(plots.metric_table(_steps_frame(steps)).index)
+    assert sorted(order) == sorted({n for s in steps for n in s})
+    for held in steps:
+        places = [order.index(n) for n in held]
+        assert places == sorted(places), held
+    # frozen then unfrozen, and the same rows with the last step first
+    frozen = _steps_frame([names[5:], names[5:], names, names])
+    assert list(plots.metric_table(frozen).index) == names
+    late_first = frozen.sort_values('step', ascending=False, kind='stable')
+    assert list(plots.metric_table(late_first).index) == names
+    assert list(plots.flow_table(late_first).index) == names
+    # b before a in one step, after it in another: those left follow in order of first appearance
+    assert list(plots.metric_table(_steps_frame([['x', 'b', 'a'], ['a', 'b', 'c']])).index) == ['x', 'b', 'a', 'c']
+    plt.close('all')
+
+
+def test_df_layer_order_of_a_long_run_is_quick():
+    "100,000 steps of 100 layers, the first 30 frozen for the first half: ordered in well under a few seconds."
+    import time
+    names = [f'{i}.weight' for i in range(100)]
+    half = 50_000
+    codes = np.concatenate([np.tile(np.arange(30, 100), half), np.tile(np.arange(100), half)])
+    steps = np.concatenate([np.repeat(np.arange(half), 70), np.repeat(np.arange(half, 2 * half), 100)])
+    df = pd.DataFrame({'step': steps, 'layer': pd.Categorical.from_codes(codes, names)})
+    start = time.perf_counter()
+    _, order = plots._frame(df)
+    assert time.perf_counter() - start < 10
+    assert order == names
+
+
+# --- histograms of sampled layers from a DataFrame -------------------------------------------
+def unscaled_fractions(hist):
+    "bins x steps fractions of the counted elements, the counts added as they are."
+    steps = np.unique(hist['step'])
+    counts = np.stack([hist.loc[hist['step'] == s, list(HIST_BINS)].to_numpy(float).sum(axis=0) for s in steps], axis=1)
+    return counts / counts.sum(axis=0)
+
+
+def test_hist_table_of_a_hist_frame_scales_by_its_numel_column(tmp_path):
+    """A `.hist` DataFrame with `numel` is scaled as the record is (counts of at most `hist_sample` elements weighted by
+    numel / counted; a row with nothing counted weighs nothing); one without `numel` is added unscaled."""
+    learn, _ = fit(mlp(1, 32), digits(n_train=128), epochs=1, hist_sample=100)
+    record = learn.grad_stats
+    expected, _ = expected_fractions(record)
+    numel = dict(zip(record.layers['name'], record.layers['numel']))
+    counts = record.hist[['step', 'layer'] + list(HIST_BINS)].copy()
+    counts['layer'] = counts['layer'].astype(str)
+    assert (counts[list(HIST_BINS)].sum(axis=1) < counts['layer'].map(numel)).any()   # some layers were sampled
+    with_numel = counts.assign(numel=counts['layer'].map(numel))
+    np.testing.assert_allclose(plots.hist_table(with_numel).to_numpy(float), expected, rtol=1e-9)
+    nothing = with_numel.iloc[:1].copy()
+    nothing[list(HIST_BINS)] = 0
+    nothing['numel'] = 10 ** 6
+    np.testing.assert_allclose(plots.hist_table(pd.concat([nothing, with_numel])).to_numpy(float), expected, rtol=1e-9)
+    np.testing.assert_allclose(plots.hist_table(counts).to_numpy(float), unscaled_fractions(counts), rtol=1e-9)
+    assert not np.allclose(unscaled_fractions(counts), expected)   # the scaling matters here
+    np.testing.assert_allclose(plots.hist_table(record.hist).to_numpy(float), expected, rtol=1e-9)
+    # a merge of ranks is drawn rank by rank from its `.hist`: as the rank's own record
+    merged = fastai_gradstats.merge([record, load(record.save(tmp_path / 'rank1'))])
+    one_rank = merged.hist[merged.hist['rank'] == 0]
+    np.testing.assert_allclose(plots.hist_table(one_rank).to_numpy(float), expected, rtol=1e-9)
+    ax = plots.magnitude_hist(one_rank)
+    check_hist_image(ax, expected)
+    save_png(ax.figure, tmp_path, 'merged_rank_hist')
+
+
+# --- non-finite layers in the gradient flow --------------------------------------------------
+def _flow_record():
+    "Four layers over five steps; 1.weight overflows (Inf) at step 3, 1.bias is NaN at every step."
+    layers = [{'name': n, 'module': 'Linear', 'shape': s, 'numel': int(np.prod(s)), 'depth': d}
+              for d, (n, s) in enumerate([('0.weight', (4, 3)), ('0.bias', (4,)), ('1.weight', (2, 4)), ('1.bias', (2,))])]
+    record = GradRecord(layers)
+    rng = np.random.default_rng(0)
+    norm, top = METRICS.index('grad_norm'), METRICS.index('grad_max')
+    for step in range(5):
+        values = rng.uniform(0.1, 2.0, size=(4, len(METRICS)))
+        if step == 3: values[2, [norm, top]] = np.inf
+        values[3, [norm, top]] = np.nan
+        record.add_step(step, 0, 1e-3, 1.0, record.layer_index([l['name'] for l in layers]), values)
+    return record
+
+
+def test_gradient_flow_marks_inf_and_nan_layers(tmp_path):
+    "A layer with an Inf (at any step) or NaN at every step has no bar: a full-height band in its special colour is drawn."
+    record = _flow_record()
+    df = record.df
+    names = depth_order(record)
+    inf, nan = [], []
+    for name in names:
+        values = df.loc[df['layer'].astype(str) == name, ['grad_rms', 'grad_max']].to_numpy(float)
+        inf.append(np.isinf(values).any())
+        nan.append(not inf[-1] and np.isnan(values).all(axis=0).any())
+    assert inf == [False, False, True, False] and nan == [False, False, False, True]
+    ax = plots.gradient_flow(record)
+    bar_patches = {id(p) for c in ax.containers for p in c.patches}
+    bands = [p for p in ax.patches if id(p) not in bar_patches]
+    for kind, marked in (('inf', inf), ('nan', nan)):
+        mine = [p for p in bands if np.allclose(p.get_facecolor()[:3], to_rgb(plots.SPECIAL_COLORS[kind]))]
+        centres = sorted(p.get_x() + p.get_width() / 2 for p in mine)
+        np.testing.assert_allclose(centres, [i for i, m in enumerate(marked) if m])
+        assert all(p.get_y() == 0 and p.get_height() == 1 for p in mine)   # axes coordinates: the full height
+    assert len(bands) == sum(inf) + sum(nan)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert 'Inf' in legend and 'NaN' in legend
+    finite = [i for i in range(len(names)) if not (inf[i] or nan[i])]
+    expected = [df.loc[df['layer'].astype(str) == names[i], 'grad_max'].max() for i in finite]
+    np.testing.assert_allclose(bars(ax, 'max |g|')[finite], expected, rtol=1e-6)
+    assert ax.get_yscale() == 'log'
+    save_png(ax.figure, tmp_path, 'flow_nonfinite')
+
+
+# --- compare: the y scale -----------------------------------------------------------------------
+def test_compare_log_scale_ignores_missing_layers_and_nan_steps(tmp_path):
+    "A shallower run's missing layers (NaN) and a NaN step do not turn the log axes of positive metrics linear."
+    shallow = _hand_record([{0, 1, 2}, {0, 1, 2}], names=('a.weight', 'b.weight'))
+    deep = _hand_record([{0, 1, 2}] * 4, names=('a.weight', 'b.weight', 'c.weight', 'd.weight'))
+    values = np.full((4, len(METRICS)), 0.5)
+    values[:, METRICS.index('grad_norm')] = [np.nan, 1.0, 2.0, 3.0]
+    deep.add_step(3, 0, 1e-3, 1.0, deep.layer_index(['a.weight', 'b.weight', 'c.weight', 'd.weight']), values)
+    table = plots.compare_table([shallow, deep])
+    assert table.isna().to_numpy().any()
+    for metric in ('grad_rms', 'grad_norm'):
+        drawn = np.concatenate([r.df[metric].to_numpy(float) for r in (shallow, deep)])
+        finite = drawn[np.isfinite(drawn)]
+        assert len(finite) and (finite > 0).all() and np.isnan(drawn).any()
+        fig = plots.compare([shallow, deep], metric=metric)
+        assert [a.get_yscale() for a in fig.axes] == ['log', 'log', 'log']
+    save_png(fig, tmp_path, 'compare_nan')
+
+
+# --- arguments that cannot work are named ----------------------------------------------------------
+def test_more_bad_plot_arguments_are_named(run):
+    record = _hand_record([{0, 1, 2}, {0, 1, 2}])
+    for steps in (('a', 'b'), (2, None), (True, 2)):
+        with pytest.raises(TypeError, match='`steps`'): plots.gradient_flow(record, steps=steps)
+    df = record.df
+    biases = df[df['layer'].astype(str).str.endswith('bias')]
+    with pytest.raises(ValueError, match='weights_only'): plots.gradient_flow(biases, weights_only=True)
+    with pytest.raises(TypeError, match=r'`layer`.*got int 0') as error: plots.magnitude_hist(run[0], layer=0)
+    assert '[0]' not in str(error.value)
+    for bad in (3, None, ['a.weight']):
+        with pytest.raises(TypeError, match='`name`'): plots.is_weight(bad)
+    plt.close('all')
+
+
+def test_merged_ranks_by_module_message_gives_a_call_that_works():
+    "heatmap(merge, by_module=True) is refused; the call its message suggests draws rank 0's modules."
+    import re
+    merged = fastai_gradstats.merge([_hand_record([{0, 1}, {0, 1}]), _hand_record([{0, 1}, {0, 1}])])
+    with pytest.raises(ValueError, match='merge of 2 ranks') as error: plots.heatmap(merged, by_module=True)
+    calls = re.findall(r'`(heatmap\(.*?\))`', str(error.value))
+    assert calls, str(error.value)
+    ax = eval(calls[0], {'heatmap': plots.heatmap, 'by_module': fastai_gradstats.by_module, 'record': merged})
+    # module a: the weight's and the bias's norms (step + 1 and step + 1.1) combined
+    expected = [[math.hypot(step + 1, step + 1.1) for step in (0, 1)]]
+    np.testing.assert_allclose(ax.images[0].get_array().data, expected, rtol=1e-6)
     plt.close('all')
