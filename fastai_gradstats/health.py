@@ -3,8 +3,9 @@
 `health(record)` returns one row per finding; `summary(record)` says the same in a few lines.
 Both read only the record's DataFrames, so they work the same on a live and on a loaded run.
 Thresholds come from `Thresholds` (the textbook table of `demo.SOURCES['004']`); the loss in
-`record.steps` separates convergence (small gradients, low flat loss) from being stuck (small
-gradients, high loss) and from vanishing, as the forum thread of `demo.SOURCES['001']` asks.
+`record.steps` separates convergence (low flat loss, with gradients that neither explode nor stay above
+the warning band) from being stuck (small gradients, high loss) and from vanishing, as the forum thread
+of `demo.SOURCES['001']` asks.
 """
 from __future__ import annotations
 
@@ -75,8 +76,9 @@ class _Run:
             self.loss_change = abs(np.median(late_loss[half:]) - np.median(late_loss[:half])) / self.loss_early
         else: self.loss_change = np.nan
         self.falling = self.loss_late < (1 - t.loss_fall) * self.loss_early
-        self.converged = (self.enough and self.loss_late <= t.loss_converged * self.loss_early
-                          and self.loss_change <= t.loss_flat)
+        # low and flat against the first loss only: an exploded first loss makes any later loss look low
+        self.loss_settled = bool(self.enough and self.loss_late <= t.loss_converged * self.loss_early
+                                 and self.loss_change <= t.loss_flat)
         early_norm = self.early['grad_norm'][np.isfinite(self.early['grad_norm'])].median()
         late_norm = self.late['grad_norm'][np.isfinite(self.late['grad_norm'])].median()
         self.early_norm, self.late_norm = float(early_norm), float(late_norm)
@@ -88,6 +90,18 @@ class _Run:
         self.weights = sorted([n for n in present if len(shapes[n]) >= 2], key=lambda n: depth[n])
         self.order = sorted(present, key=lambda n: depth[n])
         self.applied_rows = df[df['step'].isin(self.applied['step'])]
+        self.unsettled = _unsettled(self)
+        self.converged = self.loss_settled and not self.unsettled
+
+
+def _unsettled(run):
+    "Why gradients that explode, turn NaN/Inf or stay large rule out convergence, whatever the loss did (empty: none)."
+    t = run.t
+    why = [f"the {f['check']} check is {f['status']}" for check in (_check_nonfinite, _check_exploding)
+           for f in check(run) if f['status'] != 'ok']
+    if not run.late_norm <= t.total_norm_warning:  # NaN too: no finite late norm
+        why.append(f"the late total norm {run.late_norm:.3g} is above {t.total_norm_warning:g} (total_norm_warning)")
+    return why
 
 
 def _check_nonfinite(run):
@@ -236,15 +250,18 @@ def _check_vanishing(run):
 def _check_loss_context(run):
     t = run.t
     first, last = _span(run.late['step'])
-    small = run.late_norm < t.total_norm_low or (run.early_norm > 0 and run.late_norm < t.total_norm_low * run.early_norm)
+    # small in absolute terms, below the textbook's healthy band: a tenth of an exploded start is not small
+    small = run.late_norm < t.total_norm_low
     if run.converged:
         small_note = (': small gradients here mean convergence, not vanishing' if small else '')
         return [_finding('converged', 'ok', f"loss fell from {run.loss_early:.3g} to {run.loss_late:.3g} and is flat "
                          f"(late total norm {run.late_norm:.3g}){small_note}",
                          value=run.loss_late, threshold=t.loss_converged * run.loss_early, first_step=first, last_step=last),
                 _finding('stuck', 'ok', 'the loss fell: not stuck', value=run.late_norm, threshold=t.total_norm_low)]
-    found = [_finding('converged', 'ok', 'not converged (yet): the loss is not low and flat',
-                      value=run.loss_late, threshold=t.loss_converged * run.loss_early)]
+    reason = ('not converged (yet): the loss is not low and flat' if not run.loss_settled else
+              f"not converged: the loss fell from {run.loss_early:.3g} to {run.loss_late:.3g} and is flat, but "
+              f"{'; '.join(run.unsettled)}")
+    found = [_finding('converged', 'ok', reason, value=run.loss_late, threshold=t.loss_converged * run.loss_early)]
     if not (np.isfinite(run.loss_early) and np.isfinite(run.loss_late)):
         found.append(_finding('stuck', 'ok', 'the loss is not known (NaN or not recorded): stuck cannot be told apart '
                               'from converging', value=run.late_norm, threshold=t.total_norm_low))
@@ -366,10 +383,14 @@ def health(record, thresholds: Thresholds | None = None) -> pd.DataFrame:
 
 def suggest_clip(record, thresholds: Thresholds | None = None) -> dict:
     """A `GradientClip` max_norm for this model: the `clip_percentile` of the total norm over healthy steps
-    (finite, applied, not spikes), as AutoClip does, and how many applied steps it would have clipped
-    (steps the grad scaler skipped are left out of both). `thresholds`: a `Thresholds` (None: the defaults).
+    (finite, applied, not spikes, at most `total_norm_critical`), as AutoClip does, and how many applied steps
+    it would have clipped (steps the grad scaler skipped are left out of both). When no step is healthy (the
+    run exploded from the start), a percentile of exploded norms would only keep the explosion: max_norm is
+    then `total_norm_warning`, where the healthy band ends. `thresholds`: a `Thresholds` (None: the defaults).
 
-    Returns a dict with `max_norm`, `n_clipped`, `n_steps` (the applied steps) and `percentile`."""
+    Returns a dict with `max_norm`, `n_clipped`, `n_steps` (the applied steps), `percentile`, `n_healthy`
+    (the healthy steps) and `base`: `'healthy'` (max_norm is the percentile of the healthy norms) or
+    `'total_norm_warning'` (no healthy step: max_norm is that threshold, `percentile` was not used)."""
     _, steps, _, t = _inputs(record, thresholds)
     norms = steps.loc[_applied(steps, record), 'grad_norm'].to_numpy(float)
     finite = norms[np.isfinite(norms)]
@@ -377,10 +398,11 @@ def suggest_clip(record, thresholds: Thresholds | None = None) -> dict:
     series = pd.Series(finite)
     rolling = series.rolling(int(t.spike_window), min_periods=min(5, int(t.spike_window))).median().shift(1)
     healthy = series[~(series > t.spike_factor * rolling) & (series <= t.total_norm_critical)]
-    base = healthy if len(healthy) else series
-    max_norm = float(np.percentile(base, t.clip_percentile))
+    if len(healthy): max_norm, base = float(np.percentile(healthy, t.clip_percentile)), 'healthy'
+    else: max_norm, base = float(t.total_norm_warning), 'total_norm_warning'
     return {'max_norm': max_norm, 'n_clipped': int((~(norms <= max_norm)).sum()),  # NaN and Inf would be clipped too
-            'n_steps': int(len(norms)), 'percentile': float(t.clip_percentile)}
+            'n_steps': int(len(norms)), 'percentile': float(t.clip_percentile), 'n_healthy': int(len(healthy)),
+            'base': base}
 
 
 def summary(record, thresholds: Thresholds | None = None, show_ok: bool = False) -> str:
@@ -415,8 +437,13 @@ def summary(record, thresholds: Thresholds | None = None, show_ok: bool = False)
     if len(bad):
         try:
             clip = suggest_clip(record, thresholds)
-            lines.append(f"  advice: GradientClip(max_norm={clip['max_norm']:.3g}) (the {clip['percentile']:g}th percentile "
-                         f"of the healthy total norms) would have clipped {clip['n_clipped']} of {clip['n_steps']} steps")
+            t = Thresholds() if thresholds is None else thresholds
+            base = (f"the {clip['percentile']:g}th percentile of the {clip['n_healthy']} healthy total norms"
+                    if clip['base'] == 'healthy' else
+                    f"total_norm_warning, the top of the healthy band: no applied step's total norm is healthy, i.e. "
+                    f"finite, at most {t.total_norm_critical:g} and not a spike, so none can give a percentile")
+            lines.append(f"  advice: GradientClip(max_norm={clip['max_norm']:.3g}) ({base}) would have clipped "
+                         f"{clip['n_clipped']} of {clip['n_steps']} steps")
         except ValueError as e: lines.append(f"  advice: no clipping value: {e}")
     return '\n'.join(lines)
 

@@ -504,10 +504,10 @@ def test_summary_without_explosion_has_no_clipping_advice(healthy_run, sigmoid_r
     assert re.search(r'CRITICAL\s+vanishing 0\.weight', text)
 
 
-def independent_clip(steps, percentile=95.0, window=20, factor=10.0, critical=100.0):
+def independent_clip(steps, percentile=95.0, window=20, factor=10.0, critical=100.0, warning=10.0):
     """The clip value from the step table: the percentile of the total norms of the applied, finite steps that
     are neither spikes (over `factor` times the median of up to `window` previous such steps, given 5) nor above
-    the critical band."""
+    the critical band; `warning`, the top of the healthy band, when no step is healthy."""
     applied = steps[~steps['skipped'].to_numpy()]
     norms = applied['grad_norm'].to_numpy(float)
     finite = norms[np.isfinite(norms)]
@@ -516,9 +516,10 @@ def independent_clip(steps, percentile=95.0, window=20, factor=10.0, critical=10
         prev = finite[max(0, i - window):i]
         spike = len(prev) >= 5 and v > factor * np.median(prev)
         if not spike and v <= critical: healthy.append(v)
-    max_norm = float(np.percentile(healthy if healthy else finite, percentile))
+    max_norm = float(np.percentile(healthy, percentile)) if healthy else warning
     return {'max_norm': max_norm, 'n_clipped': int((~(norms <= max_norm)).sum()),   # NaN and Inf clipped, once each
-            'n_steps': len(norms), 'percentile': percentile}
+            'n_steps': len(norms), 'percentile': percentile, 'n_healthy': len(healthy),
+            'base': 'healthy' if healthy else 'total_norm_warning'}
 
 
 def synthetic_record(norms, skipped=()):
@@ -551,6 +552,7 @@ def test_suggest_clip_is_the_percentile_of_the_healthy_norms():
     assert got['n_steps'] == 59
     assert got['n_clipped'] == expected['n_clipped'] <= got['n_steps']
     assert got['percentile'] == 95.0
+    assert got['n_healthy'] == expected['n_healthy'] == len(healthy) and got['base'] == 'healthy'
     assert record.suggest_clip() == got
     got = suggest_clip(record, Thresholds(clip_percentile=50.0))
     np.testing.assert_allclose(got['max_norm'], np.median(np.float32(healthy)), rtol=1e-6)
@@ -570,6 +572,40 @@ def test_suggest_clip_on_the_diverging_fit(diverging_run):
     got = suggest_clip(record)
     np.testing.assert_allclose(got['max_norm'], np.percentile(healthy, 95), rtol=1e-5)
     assert got['n_clipped'] == int((~np.isfinite(norms) | (norms > got['max_norm'] * (1 + 1e-6))).sum())
+
+
+def exploding_norms(n=23, start=4e4, fall=0.85):
+    "Total norms falling from `start` by `fall` per step, every one above the critical band (like the demo's x3 RNN)."
+    return [start * fall ** k for k in range(n)]
+
+
+def test_suggest_clip_when_no_step_is_healthy():
+    """Every norm above the critical band (reviewer's case, the demo's x3 RNN): no percentile of exploded norms (was the
+    95th percentile of all of them, 2.88e+04, called 'healthy'); the top of the healthy band, named as such."""
+    norms = exploding_norms()
+    record = synthetic_record(norms)
+    steps = record.steps
+    t = Thresholds()
+    expected = independent_clip(steps)
+    assert expected['n_healthy'] == 0 and (steps['grad_norm'] > t.total_norm_critical).all()   # the helper's own check
+    got = suggest_clip(record)
+    assert got['base'] == 'total_norm_warning' and got['n_healthy'] == 0
+    assert got['max_norm'] == t.total_norm_warning == expected['max_norm']
+    assert got['n_clipped'] == int((steps['grad_norm'] > t.total_norm_warning).sum()) == len(norms)
+    advice, = [l for l in summary(record).splitlines() if l.strip().startswith('advice:')]
+    assert f"GradientClip(max_norm={t.total_norm_warning:g})" in advice
+    assert 'total_norm_warning' in advice and 'healthy total norms' not in advice and 'percentile of the' not in advice
+    assert f"clipped {len(norms)} of {len(norms)} steps" in advice
+    strict = Thresholds(total_norm_low=0.05, total_norm_warning=5.0)
+    assert suggest_clip(record, strict)['max_norm'] == 5.0
+    assert 'GradientClip(max_norm=5)' in summary(record, strict)
+    # one healthy step is enough for a percentile, and the advice names how many it was taken over
+    record = synthetic_record([50.0] + norms[1:])
+    expected = independent_clip(record.steps)
+    got = suggest_clip(record)
+    assert got['base'] == 'healthy' and got['n_healthy'] == expected['n_healthy'] == 1
+    np.testing.assert_allclose(got['max_norm'], 50.0, rtol=1e-6)
+    assert 'percentile of the 1 healthy total norms' in summary(record)
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -696,3 +732,77 @@ def test_summary_show_ok_must_be_a_bool():
     record = layered_record([1e-3] * 3)
     for bad in ('no', 1, None):
         with pytest.raises(TypeError, match='`show_ok`'): summary(record, show_ok=bad)
+
+
+# --- convergence needs gradients that settled too (reviewer's case: an exploded first loss) --------------------
+def low_and_flat(losses, t=Thresholds()):
+    "The loss test alone, from the losses: the late fifth's median at most loss_converged x the first loss, and flat."
+    losses = np.asarray(losses, float)
+    late = losses[len(losses) - max(1, len(losses) // 5):]
+    half = len(late) // 2
+    return (np.median(late) <= t.loss_converged * losses[0]
+            and abs(np.median(late[half:]) - np.median(late[:half])) / losses[0] <= t.loss_flat)
+
+
+def late_total_norm(record):
+    steps = record.steps
+    return float(steps['grad_norm'].iloc[len(steps) - max(1, len(steps) // 5):].median())
+
+
+def falling_losses(n=23, start=2676.0, floor=48.0):
+    "From `start` down to `floor` within 15 steps, then flat with a little noise (1% of `floor`)."
+    rng = np.random.default_rng(0)
+    return [max(floor, start * 0.7 ** k) + floor * rng.uniform(-0.01, 0.01) for k in range(n)]
+
+
+def test_an_exploding_run_whose_loss_fell_is_not_called_converged():
+    """Loss 2676 -> ~48 (25x chance) and total norms 4e4 -> 1.1e3, all above critical: the loss test alone passes
+    (against the exploded first loss), yet this is an explosion, not convergence (was 'ok converged ... small
+    gradients here mean convergence')."""
+    losses = falling_losses()
+    record = layered_record([1e-3] * 3, n_steps=23, losses=losses, norms=exploding_norms())
+    t = Thresholds()
+    assert low_and_flat(losses) and late_total_norm(record) > t.total_norm_critical   # the scenario
+    table = health(record)
+    assert rows(table, 'exploding').iloc[0]['status'] == 'critical'
+    conv = rows(table, 'converged').iloc[0]
+    assert not conv['reason'].startswith('loss fell') and 'exploding' in conv['reason']
+    text = summary(record)
+    assert 'converged:' not in text and 'mean convergence' not in text
+    assert 'mean convergence' not in summary(record, show_ok=True)
+
+
+def test_large_late_gradients_are_not_called_converged():
+    """Total norm flat at 30 (above warning, below critical: not exploding) while the loss falls and flattens: not
+    converged; with total_norm_warning above 30 the same run is converged, as before."""
+    losses = falling_losses(start=2.5, floor=0.2)
+    norms = [30.0] * 23
+    record = layered_record([1e-3] * 3, n_steps=23, losses=losses, norms=norms)
+    t = Thresholds()
+    assert low_and_flat(losses) and t.total_norm_warning < late_total_norm(record) <= t.total_norm_critical
+    table = health(record)
+    assert rows(table, 'exploding').iloc[0]['status'] == 'ok' and rows(table, 'nonfinite').iloc[0]['status'] == 'ok'
+    conv = rows(table, 'converged').iloc[0]
+    assert not conv['reason'].startswith('loss fell')
+    assert f"{late_total_norm(record):.3g}" in conv['reason'] and 'total_norm_warning' in conv['reason']
+    loose = Thresholds(total_norm_warning=40.0)
+    assert rows(health(record, loose), 'converged').iloc[0]['reason'].startswith('loss fell')
+    assert 'converged: loss fell' in summary(record, loose)
+
+
+def test_small_gradients_are_small_in_absolute_terms():
+    """Norms falling 100x from 50 to 0.5: a tenth of the start, but inside the textbook's healthy band (from
+    total_norm_low 0.1), so neither the convergence note nor 'stuck' may call them small; at 0.01 both may."""
+    t = Thresholds()
+    losses = falling_losses(start=2.5, floor=0.2)
+    for late_norm in (0.5, 0.01):
+        norms = list(np.geomspace(50.0, late_norm, 12)) + [late_norm] * 11
+        record = layered_record([1e-3] * 3, n_steps=23, losses=losses, norms=norms)
+        small = late_total_norm(record) < t.total_norm_low
+        assert low_and_flat(losses) and small == (late_norm == 0.01)
+        conv = rows(health(record), 'converged').iloc[0]
+        assert conv['reason'].startswith('loss fell')
+        assert ('small gradients here mean convergence' in conv['reason']) == small
+        # a high, flat loss with the same gradients: stuck only where they are small
+        stuck = rows(health(layered_record([1e-3] * 3, n_steps=23, losses=[2.3] * 23, norms=norms)), 'stuck').iloc[0]
+        assert (stuck['status'] == 'warning') == small

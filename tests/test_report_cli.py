@@ -239,6 +239,36 @@ def test_vanishing_and_exploding_runs_are_flagged_and_healthy_ones_are_not(runs)
         assert worst(h, 'exploding') == 'ok' and worst(h, 'nonfinite') == 'ok', name
 
 
+def test_exploding_rnn_is_not_called_converged_and_its_clip_advice_names_its_base(runs):
+    """The x3 RNN: every total norm above critical, the loss far above chance (ln 10) though it fell from an
+    exploded start. Its summary said both 'exploding' and 'converged', and advised the 95th percentile of the
+    exploded norms as the 'healthy' ones."""
+    record, t = runs['rnn_scale_above_1'], Thresholds()
+    norms = total_norms(record)
+    assert (norms > t.total_norm_critical).all()
+    assert record.steps['loss'].iloc[-5:].min() > 10 * math.log(10)
+    text = record.summary()
+    assert 'exploding' in text and 'converged:' not in text and 'mean convergence' not in text
+    advice, = [l for l in text.splitlines() if l.strip().startswith('advice:')]
+    assert f"GradientClip(max_norm={t.total_norm_warning:g})" in advice and 'total_norm_warning' in advice
+    assert 'healthy total norms' not in advice
+    assert f"clipped {int((norms > t.total_norm_warning).sum())} of {len(norms)} steps" in advice
+
+
+def test_rnn_below_1_claims_what_its_run_measures(runs):
+    """The x0.5 RNN claimed 'gradients vanish through time' while its health table said 'no vanishing'. GradStats
+    sees one gradient per weight, summed over the time steps: small, far below the x3 run's, but not vanishing."""
+    t = Thresholds()
+    below, above = total_norms(runs['rnn_scale_below_1']), total_norms(runs['rnn_scale_above_1'])
+    assert np.isfinite(below).all() and below.min() > t.vanishing_norm and below.max() <= t.total_norm_warning
+    assert below.max() * 100 < above.min()
+    exp = next(e for e in EXPERIMENTS if e.name == 'rnn_scale_below_1')
+    assert 'over 100x below the norm-3 run' in exp.claim and 'does not vanish' in exp.claim
+    # measured: test_expected_health_statuses holds the run and its report to these
+    assert {'vanishing': 'ok', 'total_norm': 'ok', 'exploding': 'ok'}.items() <= exp.expect.items()
+    assert worst(runs['rnn_scale_below_1'].health(), 'vanishing') == 'ok'
+
+
 # --- gradstats report / summary on saved runs ------------------------------------------------
 def test_report_command_on_saved_runs(demo, runs, tmp_path):
     out, _ = demo
@@ -370,6 +400,45 @@ def test_demo_runs_are_reproducible():
     pd.testing.assert_frame_equal(a.df, b.df)
     # the explosion is not borderline: the first step's total norm is far above the critical threshold
     assert a.steps['grad_norm'].iloc[0] > 10 * Thresholds().total_norm_critical
+
+
+def no_training(monkeypatch):
+    "Make `run_demo` fail loudly if it trains anything: its argument checks must come first."
+    from fastai_gradstats import demo as demo_module
+    def trained(*args, **kwargs): raise AssertionError('run_demo trained before checking its `out`')
+    monkeypatch.setattr(demo_module, 'run_experiment', trained)
+
+
+def test_demo_refuses_an_empty_out(tmp_path, monkeypatch, capsys):
+    "`--out ''` was Path('.'): everything written into the current directory with rc 0."
+    from fastai_gradstats.demo import run_demo
+    no_training(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match='`out`'): run_demo('')
+    assert cli.main(['demo', '--out', '', '--quick']) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith('gradstats demo: error:') and '`out`' in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('blocked', ['figures', 'report.html', 'rnn_scale_above_1', '.'])
+def test_demo_checks_its_paths_before_training(tmp_path, monkeypatch, capsys, blocked):
+    """A file where the demo needs a directory (figures, a run's folder, out itself), or a directory where report.html
+    goes: refused before the first experiment trains (was after all of them), naming the path in the way."""
+    from fastai_gradstats.demo import run_demo
+    no_training(monkeypatch)
+    out = tmp_path/'out'
+    if blocked == 'report.html': (out/'report.html').mkdir(parents=True)
+    elif blocked == '.': out.write_text('not a directory')
+    else:
+        out.mkdir()
+        (out/blocked).write_text('not a directory')
+    in_the_way = out if blocked == '.' else out/blocked
+    with pytest.raises(ValueError, match='`out`') as info: run_demo(out, quick=True)
+    assert str(in_the_way) in str(info.value)
+    assert cli.main(['demo', '--out', str(out), '--quick']) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith('gradstats demo: error:') and str(in_the_way) in err
 
 
 # --- the report and the command on small runs (no demo): names, file names, argument checks ---------------------
