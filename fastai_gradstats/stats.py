@@ -56,7 +56,11 @@ def _positive_int(value, name: str, allow_none: bool = False) -> int | None:
         kind = 'a positive int or None' if allow_none else 'a positive int'
         raise TypeError(f"`{name}` must be {kind}, got {type(value).__name__} {value!r}")
     if value < 1: raise ValueError(f"`{name}` must be >= 1, got {value!r}")
+    if value > _INT64_MAX: raise ValueError(f"`{name}` must be at most 2**63 - 1 (it is stored as an int64), got {value!r}")
     return int(value)
+
+
+_INT64_MAX = 2 ** 63 - 1
 
 
 def _check_shapes(shapes) -> list:
@@ -93,6 +97,27 @@ def _rows(shape: torch.Size) -> int:
 def _buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     "Half-precision gradients are reduced in float32; float64 ones in float64."
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+LONG_ROW = 2 ** 16
+"""Longest row whose float32 L2 norm the CPU takes in one piece. Torch adds a row's float32 squares one after another,
+which drifts by about 1e-5 (relative) over a million elements and 1e-3 over 16 million (2e-7 over this many): on the
+CPU, float32 and half-precision rows longer than this are reduced in pieces of this length, their squares added in
+float64 (`_long_row_norms`). Sums keep their accuracy (torch adds them pairwise)."""
+
+
+def _long_row_norms(rows: torch.Tensor, **kwargs) -> torch.Tensor:
+    "L2 norms along dim 1 of 2-D `rows` longer than `LONG_ROW` (float64): in pieces of `LONG_ROW`, their squares added in float64."
+    whole = rows.shape[1] // LONG_ROW * LONG_ROW
+    squares = torch.linalg.vector_norm(rows[:, :whole].unflatten(1, (-1, LONG_ROW)), dim=2, **kwargs).double().square().sum(1)
+    if whole < rows.shape[1]: squares += torch.linalg.vector_norm(rows[:, whole:], dim=1, **kwargs).double().square()
+    return squares.sqrt()
+
+
+def _row_norms_into(out: torch.Tensor, rows: torch.Tensor, long_rows: bool):
+    "L2 norms along dim 1 of 2-D `rows` into `out`: in one piece, or (`long_rows`) by `_long_row_norms`."
+    if long_rows: out.copy_(_long_row_norms(rows))
+    else: torch.linalg.vector_norm(rows, dim=1, out=out)
 
 
 PAD_ELEMENTS = 2 ** 14
@@ -258,6 +283,9 @@ class _Layout:
         # `collect(keep_params=True)` keeps the parameters laid out in rows, as they are copied for their norms anyway
         # (a copy of each chunk, zeros in its padding); else in one tensor per parameter (`kept_tensors`)
         self.keeps_rows = self.param_rows and not any(c.direct for c in chunks)
+        # float32 and half-precision tensors whose update norm `update_norms` takes in pieces (on the CPU, see LONG_ROW)
+        self.long_tensors = [i for i, (shape, dtype) in enumerate(zip(stats.shapes, dtypes))
+                             if device.type == 'cpu' and dtype != torch.float64 and shape.numel() > LONG_ROW]
         self.kept, self.kept_tensors = False, None  # whether a copy is kept for `update_norms`; the per-tensor copies
         self.row_owner = row_owner  # the tensor of each row
         if not self.param_rows:  # each tensor's norm goes to its first row and its other rows stay 0 (see `assemble`)
@@ -400,6 +428,8 @@ class LayerStats:
                     if used == per_chunk: chunks.append(_Chunk(length, dtype, pieces, self.zero_tol)); pieces, used = [], 0
             if pieces: chunks.append(_Chunk(length, dtype, pieces, self.zero_tol))
         buffers = {}
+        for c in chunks:  # rows too long for one float32 norm on the CPU (see LONG_ROW)
+            c.long_rows = device.type == 'cpu' and c.dtype != torch.float64 and c.row_length > LONG_ROW
         for c in chunks:
             if not c.direct: buffers[c.dtype] = max(buffers.get(c.dtype, 0), c.n_rows * c.row_length)
         buffers = {dtype: torch.empty(size, dtype=dtype, device=device) for dtype, size in buffers.items()}
@@ -500,11 +530,13 @@ class LayerStats:
                 norms = torch.stack(_norms(layout.kept_tensors))
                 if not on_cpu: return norms
                 norms = norms.to(torch.float64)
+                for i in layout.long_tensors:  # a float32 norm of more than LONG_ROW elements drifts: in pieces
+                    norms[i] = _long_row_norms(layout.kept_tensors[i].reshape(1, -1))[0]
                 if not _within_float32_range(norms.numpy()[self._nonempty]): _exact_norms(norms, layout.kept_tensors)
                 return norms
             for c in layout.chunks:
                 torch._foreach_sub_(c.kept_targets, c.pieces_of(params))
-                torch.linalg.vector_norm(c.kept, dim=1, out=c.update_rows)
+                _row_norms_into(c.update_rows, c.kept, c.long_rows)
                 if c.update_staged is not None: c.update_staged.copy_(c.update_rows)
             norms = _sum_row_norms(layout)
             if on_cpu and not _within_float32_range(norms.numpy()[self._nonempty]):
@@ -597,7 +629,7 @@ class LayerStats:
         torch._foreach_copy_(c.copy_targets, c.sources(grads))
         block = c.block  # our own copy: free to overwrite in place
         norm, param_norm, total, zeros, high = c.out
-        torch.sum(block, 1, out=total); torch.linalg.vector_norm(block, dim=1, out=norm)
+        torch.sum(block, 1, out=total); _row_norms_into(norm, block, c.long_rows)
         torch.amax(block.abs_(), 1, out=high)
         if self.hist:  # `take`, not `index_select`: on the CPU it runs on every thread (a serial op lets idle threads sleep, and waking them costs more)
             if c.dtype == torch.float32: torch.take(block, c.sample_index, out=c.sample_out)
@@ -609,7 +641,7 @@ class LayerStats:
             torch._foreach_copy_(c.kept_targets, c.pieces_of(params))
             block = c.kept
         else: torch._foreach_copy_(c.copy_targets, c.sources(params))
-        torch.linalg.vector_norm(block, dim=1, out=param_norm)
+        _row_norms_into(param_norm, block, c.long_rows)
 
     def _reduce_direct(self, c, grads, params):
         (i, _, _), = c.pieces
@@ -617,11 +649,11 @@ class LayerStats:
         rows = g.reshape(self.rows[i], -1)
         wide = dict(dtype=torch.float32) if g.dtype not in _WIDE else {}
         norm, param_norm, total, zeros, high = c.out
-        total.copy_(rows.sum(1, **wide)); norm.copy_(torch.linalg.vector_norm(rows, dim=1, **wide))
+        row_norms = _long_row_norms if c.long_rows else lambda x, **kw: torch.linalg.vector_norm(x, dim=1, **kw)
+        total.copy_(rows.sum(1, **wide)); norm.copy_(row_norms(rows, **wide))
         if params is not None:
             p = params[i]
-            param_norm.copy_(torch.linalg.vector_norm(p.reshape(self.rows[i], -1), dim=1,
-                                                      **({'dtype': torch.float32} if p.dtype not in _WIDE else {})))
+            param_norm.copy_(row_norms(p.reshape(self.rows[i], -1), **({'dtype': torch.float32} if p.dtype not in _WIDE else {})))
         high.copy_(torch.maximum(rows.amax(1), rows.amin(1).neg()))
         if self.zero_tol == 0: zeros.copy_(c.row_length - torch.count_nonzero(rows, dim=1))
         else: zeros.copy_((rows.abs() <= _tol_below(self.zero_tol, g.dtype)).sum(1))

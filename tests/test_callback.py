@@ -580,7 +580,8 @@ def test_weights_bit_identical_with_and_without_gradstats(gradstats):
 @pytest.mark.parametrize('kwargs, name', [({'every': 0}, 'every'), ({'every': -2}, 'every'),
                                           ({'zero_tol': -1}, 'zero_tol'), ({'zero_tol': float('nan')}, 'zero_tol'),
                                           ({'zero_tol': float('inf')}, 'zero_tol'), ({'hist_sample': 0}, 'hist_sample'),
-                                          ({'hist_sample': np.int64(-1)}, 'hist_sample')])
+                                          ({'hist_sample': np.int64(-1)}, 'hist_sample'), ({'every': 10 ** 30}, 'every'),
+                                          ({'keep_last': 2 ** 63}, 'keep_last')])
 def test_bad_arguments_raise_value_error(kwargs, name):
     with pytest.raises(ValueError, match=name):
         GradStats(**kwargs)

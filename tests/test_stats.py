@@ -885,3 +885,29 @@ def test_kept_rows_replace_the_copy_of_the_parameters_into_the_work_buffer():
     blocks = len(plan._last.chunks)
     with CallNames() as update: plan.update_norms(params)
     assert update.names.count('_foreach_sub_') == blocks and '_foreach_norm' not in update.names
+
+
+@pytest.mark.parametrize('chunk_elements', [2 ** 22, 2 ** 18])
+def test_long_rows_keep_float32_precision(chunk_elements):
+    """Rows of millions of elements (a large 1-D parameter, a wide weight): a float32 norm that adds their squares one
+    by one drifts by about 1e-4 here, so the CPU takes them in pieces. Checked against float64, in a block of the
+    buffer and (rows longer than the buffer, whose update norms are taken per tensor) where they lie, for gradients,
+    parameters and update norms; also half precision, whose squares the CPU adds in float32. (CUDA's reductions add
+    in a tree: no drift.)"""
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(3_000_001,), (2, 1_500_000), (8, 16)]
+    grads = [torch.randn(s, generator=gen) * 1e-2 + 3e-3 for s in shapes] + [(torch.randn(1_200_000, generator=gen) * 1e-2).half()]
+    params = [torch.randn(g.shape, generator=gen).to(g.dtype) for g in grads]
+    plan = LayerStats([g.shape for g in grads], chunk_elements=chunk_elements)
+    raw = plan.collect(grads, params, keep_params=True)
+    values, _ = plan.assemble(raw.numpy())
+    values, _ = plan.refine(values, grads, params)
+    assert any(c.long_rows for c in plan._last.chunks) and plan._last.keeps_rows == (chunk_elements == 2 ** 22)
+    for i, (g, p) in enumerate(zip(grads, params)):
+        ref = reference_stats(g, p)
+        for name in ('grad_norm', 'param_norm'):
+            np.testing.assert_allclose(values[i, METRICS.index(name)], ref[name], rtol=2e-6, err_msg=f'{i} {name}')
+        np.testing.assert_allclose(values[i, METRICS.index('grad_std')], ref['grad_std'], rtol=1e-5, err_msg=f'{i} std')
+    before = [p.clone() for p in params]
+    for p in params: p.add_((torch.randn(p.shape, generator=gen) * 1e-3).to(p.dtype))
+    np.testing.assert_allclose(plan.update_norms(params).double().numpy(), _float64_distances(before, params), rtol=2e-6)
