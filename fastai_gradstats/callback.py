@@ -130,7 +130,7 @@ _BOOKKEEPING = frozenset({'step_count', 'stopped_at', '_active', '_params', '_mo
 
 
 class GradStats(_FitScope, Callback):
-    "Record per-layer gradient statistics of every `every`-th optimizer step into `learn.grad_stats`"
+    "Record per-layer gradient statistics of every `every`-th optimizer step into `learn.grad_stats` (unscaled, before `GradientClip`)"
     # Gradients are final between MixedPrecision (order 10), which unscales them in its
     # before_step, and GradientClip (order 11), which clips them: record the true, pre-clip values.
     # GradientAccumulation (order 6) cancels the batches that do not step before we run.
