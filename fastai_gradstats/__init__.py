@@ -25,7 +25,7 @@ from .plots import (heatmap, magnitude_hist, gradient_flow, layer_curves, update
                     flow_table, compare_table, is_weight, SPECIAL_COLORS)
 from .health import summary, suggest_clip, HEALTH_COLUMNS, CHECKS, STATUSES
 from . import health  # the module (fastai_gradstats.health.Thresholds); its function is `record.health()`
-from .report import write_report, run_figures, overview
+from .report import write_report, run_figures, overview, Comparison
 from .export import TensorBoardGradStats, WandbGradStats, step_scalars, log10_histogram, SCALARS, STEP_SCALAR_COLUMNS
 
 __all__ = ['__version__',
@@ -41,5 +41,5 @@ __all__ = ['__version__',
            'hist_table', 'flow_table', 'compare_table', 'is_weight', 'SPECIAL_COLORS', 'health', 'summary', 'suggest_clip',
            'HEALTH_COLUMNS', 'CHECKS', 'STATUSES',
            # report and export
-           'write_report', 'run_figures', 'overview', 'TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'log10_histogram',
+           'write_report', 'run_figures', 'overview', 'Comparison', 'TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'log10_histogram',
            'SCALARS', 'STEP_SCALAR_COLUMNS']

@@ -149,9 +149,13 @@ EXPERIMENTS = [
 ]
 "The demo's runs, in the order of their `SOURCES`."
 
-COMPARISONS = [('lr_reasonable', 'lr_too_high'), ('relu_default_init', 'generalrelu_kaiming'),
-               ('sigmoid_deep', 'relu_deep'), ('rnn_scale_below_1', 'rnn_scale_above_1')]
-"Pairs of runs the report puts side by side."
+from .report import Comparison  # noqa: E402  (the report reads each pair's metric from it)
+
+# each pair compares the metric of its claim: gradient size, except the units kept alive (the dead fraction)
+COMPARISONS = [Comparison(('lr_reasonable', 'lr_too_high')),
+               Comparison(('relu_default_init', 'generalrelu_kaiming'), metric='dead_frac'),
+               Comparison(('sigmoid_deep', 'relu_deep')), Comparison(('rnn_scale_below_1', 'rnn_scale_above_1'))]
+"Pairs of runs the report puts side by side, each a `report.Comparison` (a tuple of two names) naming its `metric`."
 
 
 def run_experiment(exp: Experiment, quick: bool = False, progress: bool = True, **gradstats_kwargs):

@@ -16,8 +16,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.colors import ListedColormap, LogNorm, Normalize
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import ListedColormap, LogNorm, Normalize, TwoSlopeNorm
+from matplotlib.legend_handler import HandlerTuple
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import blended_transform_factory, offset_copy
 
 from .record import GradRecord, record_method
 from .stats import HIST_BINS, HIST_DECADES, _positive_int
@@ -28,6 +32,8 @@ __all__ = ['heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update
 SPECIAL_COLORS = {'zero': '#000000', 'nan': '#ff00ff', 'inf': '#ff8c00'}
 "Colours of heatmap cells that a colour scale cannot show: exact zeros on a log scale, NaN, ±Inf."
 _NOT_METRICS = {'step', 'epoch', 'layer', 'rank'}
+_EMPTY_COLOR = '#8c8c8c'  # histogram bins without elements: a mid grey, far from both ends of magma
+_MAX_NAMED = 12           # curves of more layers are told apart by a depth colour bar, not named in the legend
 
 
 # --- inputs --------------------------------------------------------------------------------
@@ -208,24 +214,76 @@ def _wants_log(values, log):
     return len(positive) > 0 and not (finite < 0).any() and positive.max() / positive.min() >= 100
 
 
-def _all_positive(values):
-    "Whether the finite `values` (a shorter run's missing layers, a NaN step aside) are all positive, and some are."
+def _compare_scale(values):
+    """The y scale of a comparison panel, as `set_yscale` arguments. NaN (a shorter run's missing layers, a NaN step)
+    is left aside. 'log' when the finite values are all positive; when some are exact zeros (dead ReLU layers) and
+    the positive ones span a decade or more, 'symlog' linear below the decade of the smallest positive value, so
+    the zeros stay on the chart (at the bottom) and the rest keep their log spacing; else 'linear'."""
     finite = values[np.isfinite(values)]
-    return len(finite) > 0 and bool((finite > 0).all())
+    positive = finite[finite > 0]
+    if not len(positive) or (finite < 0).any(): return 'linear', {}
+    if len(positive) == len(finite): return 'log', {}
+    if positive.max() / positive.min() >= 10:
+        return 'symlog', {'linthresh': 10.0 ** math.floor(math.log10(positive.min())), 'linscale': 0.5}
+    return 'linear', {}
+
+
+def _set_compare_scale(ax, values):
+    "Give `ax` the `_compare_scale` of `values`; on 'symlog' the axis starts just under 0 (no negative value to show)."
+    scale, kwargs = _compare_scale(values)
+    ax.set_yscale(scale, **kwargs)
+    if scale == 'symlog': ax.set_ylim(bottom=-0.3 * kwargs['linthresh'])
+
+
+def _integer_steps(ax):
+    "Tick the x axis (steps) at whole numbers only, as many as matplotlib's own ticks."
+    ax.xaxis.set_major_locator(MaxNLocator(nbins='auto', steps=[1, 2, 2.5, 5, 10], integer=True))
+
+
+def _legend_below(ax, bar, handles, **kwargs):
+    """A legend of `handles` on `ax`, hung under `ax`'s colour bar `bar`: clear of the cells, of the bar and of its
+    tick labels, and of a neighbouring panel's colour bar (where a legend beside the bar would land)."""
+    below = offset_copy(bar.ax.transAxes, fig=ax.figure, y=-14, units='points')
+    return ax.legend(handles=handles, loc='upper left', bbox_to_anchor=(0, 0), bbox_transform=below, fontsize=8,
+                     frameon=False, borderaxespad=0, handlelength=1.2, **kwargs)
+
+
+_EDGE_MARKS = (('nan', 'NaN (top edge)', 1, '^'), ('inf', 'Inf (top edge)', 1, '^'),
+               ('-inf', '-Inf (bottom edge)', 0, 'v'), ('zero', 'zero (bottom edge)', 0, 'v'))
+
+
+def _edge_points(values, log):
+    "Masks of the points that a line cannot show: NaN, +Inf, -Inf and, on a log scale, zeros (and below), by kind."
+    masks = {'nan': np.isnan(values), 'inf': np.isposinf(values), '-inf': np.isneginf(values)}
+    masks['zero'] = np.isfinite(values) & (values <= 0) if log else np.zeros(len(values), bool)
+    return masks
+
+
+def _mark_edges(ax, x, masks, colors):
+    """Mark at the top or bottom edge of `ax` the points of each kind in `masks` (see `_edge_points`) at steps `x`:
+    a triangle in `SPECIAL_COLORS` edged in the colour of the point's curve (`colors`, one per point), named once
+    in the legend. The marks are placed in axes coordinates: they do not move the y limits."""
+    edge = blended_transform_factory(ax.transData, ax.transAxes)
+    for kind, label, y, marker in _EDGE_MARKS:
+        mask = masks[kind]
+        if not mask.any(): continue
+        ax.scatter(x[mask], np.full(mask.sum(), y), transform=edge, marker=marker, s=36, clip_on=False, zorder=3,
+                   facecolor=SPECIAL_COLORS[kind.lstrip('-')], edgecolors=colors[mask], linewidths=1, label=label)
 
 
 # --- heatmap --------------------------------------------------------------------------------
 def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=False, log=None,
-            cmap='viridis', max_labels=40):
+            cmap=None, max_labels=40):
     """Layer x iteration heatmap of a per-layer `metric` (`grad_norm`, `grad_param_ratio`, `dead_frac`, ...).
 
     Layers run from input (top) to output (bottom), steps from left to right. The colour scale is
     logarithmic when the metric is positive and spans two decades or more (`log=True/False` forces
     it); NaN, ±Inf (and, on a log scale, exact zeros) are drawn in `SPECIAL_COLORS` and named in the
-    legend. `weights_only` keeps only weights; `by_module` combines each module's parameters (not both at
-    once); for `dead_frac` the layers NaN at every step (1-D parameters, which have no units) are left out.
-    `cmap` is the matplotlib colormap; `max_labels` (a positive int) caps the layer names written on
-    the axis.
+    legend under the colour bar. `weights_only` keeps only weights; `by_module` combines each module's parameters
+    (not both at once); for `dead_frac` the layers NaN at every step (1-D parameters, which have no units) are left
+    out. `cmap` is the matplotlib colormap; None (the default) chooses: 'RdBu_r' centred on 0 (white) when the
+    metric has both signs (`grad_mean`), else 'viridis'. A `cmap` given is used as it is, with a plain linear or
+    log scale. `max_labels` (a positive int) caps the layer names written on the axis.
     Returns the Axes; `ax.images[0]` holds the metric, `ax.images[1]` (if any) the special cells."""
     max_labels = _positive_int(max_labels, 'max_labels')
     table, recorded = _metric_table(record, metric, weights_only, by_module)
@@ -241,8 +299,11 @@ def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=F
         hidden = hidden | (values <= 0)
     ax = _new_ax(ax, (10, max(2.5, min(12, 0.25 * len(table) + 1.5))))
     shown = values[~hidden]
+    signed = cmap is None and len(shown) and shown.min() < 0 < shown.max()
     if use_log: norm = LogNorm(shown.min(), shown.max()) if len(shown) else LogNorm(1e-8, 1)
+    elif signed: norm = TwoSlopeNorm(0, shown.min(), shown.max())   # 0 white, each sign its own colour
     else: norm = Normalize(shown.min(), shown.max()) if len(shown) else Normalize(0, 1)
+    if cmap is None: cmap = 'RdBu_r' if signed else 'viridis'
     x0, x1 = _step_extent(table.columns)
     extent = (x0, x1, len(table) - 0.5, -0.5)
     image = ax.imshow(np.ma.masked_array(values, hidden), aspect='auto', interpolation='nearest',
@@ -251,14 +312,15 @@ def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=F
     if present:
         ax.imshow(np.ma.masked_invalid(special), aspect='auto', interpolation='nearest', extent=extent,
                   cmap=ListedColormap([SPECIAL_COLORS[k] for k in ('zero', 'nan', 'inf')]), vmin=-0.5, vmax=2.5)
-        names = {0: 'zero', 1: 'NaN', 2: 'Inf'}
-        ax.legend(handles=[Patch(color=SPECIAL_COLORS[('zero', 'nan', 'inf')[i]], label=names[i]) for i in present],
-                  loc='upper left', bbox_to_anchor=(1.18, 1), fontsize=8, frameon=False)
     bar = ax.figure.colorbar(image, ax=ax)
     bar.set_label(f"{metric}{' (log scale)' if use_log else ''}")
+    if present:
+        names = {0: 'zero', 1: 'NaN', 2: 'Inf'}
+        _legend_below(ax, bar, [Patch(color=SPECIAL_COLORS[('zero', 'nan', 'inf')[i]], label=names[i]) for i in present])
     _layer_ticks(ax, list(table.index), 'y', max_labels)
     ax.set_xlabel('step'); ax.set_ylabel('layer (input at top)')
-    _label_steps(ax, list(table.columns))
+    if _uneven(table.columns): _label_steps(ax, list(table.columns))
+    else: _integer_steps(ax)
     ax.set_title(f'{metric} per layer and step' + (' (by module)' if by_module else ''))
     return ax
 
@@ -311,8 +373,9 @@ def magnitude_hist(record, layer=None, ax=None, cmap='magma'):
     """How gradient elements spread over orders of magnitude at each step: a log10 |g| bins x iteration heatmap.
 
     Rows are the bins of `HIST_BINS` (zero at the bottom, NaN at the top), colour the fraction of
-    elements (log scale, matplotlib colormap `cmap`), for the whole model or one `layer`; the line |g| = 1
-    is marked, which answers at a glance whether gradients are ever larger than 1. Returns the Axes."""
+    elements (log scale, matplotlib colormap `cmap`), for the whole model or one `layer`; bins without elements
+    are grey. The line |g| = 1 is marked, which answers at a glance whether gradients are ever larger than 1;
+    the legend (under the colour bar) names it and the grey. Returns the Axes."""
     table = hist_table(record, layer)
     values = table.to_numpy()
     ax = _new_ax(ax, (10, 5))
@@ -321,19 +384,30 @@ def magnitude_hist(record, layer=None, ax=None, cmap='magma'):
     norm = LogNorm(max(positive.min(), 1e-6), 1) if len(positive) else Normalize(0, 1)
     image = ax.imshow(np.ma.masked_where(~(values > 0), values), aspect='auto', interpolation='nearest',
                       origin='lower', cmap=cmap, norm=norm, extent=(x0, x1, -0.5, len(HIST_BINS) - 0.5))
-    ax.set_facecolor('#f2f2f2')
-    one = HIST_BINS.index('1e0') - 0.5
-    ax.axhline(one, color='#00c0ff', lw=1.5, ls='--', label='|g| = 1')
-    ax.legend(loc='upper right', fontsize=8)
-    labels = [b if not b.startswith('1e') else b for b in HIST_BINS]
-    ticks = list(range(0, len(HIST_BINS), 2)) if len(HIST_BINS) > 16 else list(range(len(HIST_BINS)))
-    ax.set_yticks(ticks); ax.set_yticklabels([labels[i] for i in ticks], fontsize=7)
+    ax.set_facecolor(_EMPTY_COLOR)
+    one = HIST_BINS.index('1e0')
+    line = ax.axhline(one - 0.5, color='#00c0ff', lw=1.5, ls='--', label='|g| = 1')
+    ticks = _hist_ticks(one)
+    ax.set_yticks(ticks); ax.set_yticklabels([HIST_BINS[i] for i in ticks], fontsize=7)
     ax.set_ylabel('|g| bin (decade: 1e-3 holds 0.001 <= |g| < 0.01)')
     ax.set_xlabel('step')
-    _label_steps(ax, list(table.columns))
+    if _uneven(table.columns): _label_steps(ax, list(table.columns))
+    else: _integer_steps(ax)
     ax.set_title('gradient magnitudes' + (f' of {layer}' if layer else ' (whole model)'))
-    ax.figure.colorbar(image, ax=ax).set_label('fraction of elements (log scale)')
+    bar = ax.figure.colorbar(image, ax=ax)
+    bar.set_label('fraction of elements (log scale)')
+    _legend_below(ax, bar, [line, Patch(facecolor=_EMPTY_COLOR, edgecolor='#555555', lw=0.5, label='no elements')])
     return ax
+
+
+def _hist_ticks(one):
+    """The bins of `HIST_BINS` named on the axis: every bin that is not a decade (zero, tiny, huge, Inf, NaN), and,
+    when there are many, every second decade counted from 1e0 (bin `one`), less those next to a named bin."""
+    special = [i for i, b in enumerate(HIST_BINS) if not b.startswith('1e')]
+    decades = [i for i, b in enumerate(HIST_BINS) if b.startswith('1e')]
+    if len(HIST_BINS) > 16:
+        decades = [i for i in decades if (i - one) % 2 == 0 and (i == one or all(abs(i - j) > 1 for j in special))]
+    return sorted(special + decades)
 
 
 # --- gradient flow --------------------------------------------------------------------------
@@ -366,13 +440,14 @@ def gradient_flow(record, step=None, steps=None, ax=None, weights_only=False):
     For one `step`, a `(first, last)` window of `steps`, or all steps: vanishing with depth shows
     as values falling towards the input (left). A layer whose gradient is Inf (at any chosen step) or NaN
     (at all of them) has no bar to draw: it is marked by a full-height band in `SPECIAL_COLORS['inf']` or
-    `SPECIAL_COLORS['nan']`, named in the legend. `weights_only` leaves out the biases and other
-    non-weights (`is_weight`). Returns the Axes."""
+    `SPECIAL_COLORS['nan']`, named in the legend (right of the axes, clear of the bars). `weights_only` leaves
+    out the biases and other non-weights (`is_weight`). A new figure is at most 16 inches wide, however many
+    layers (their names are then thinned). Returns the Axes."""
     table = flow_table(record, step, steps)
     if weights_only:
         table = table[[is_weight(i) for i in table.index]]
         if table.empty: raise ValueError("`weights_only=True` left no layer: no parameter is named 'weight...'")
-    ax = _new_ax(ax, (max(6, 0.3 * len(table) + 3), 4))
+    ax = _new_ax(ax, (min(16, max(6, 0.3 * len(table) + 3)), 4))
     x = np.arange(len(table))
     values = table.to_numpy(float)
     height = table.mask(np.isinf(values))  # an infinite bar breaks matplotlib's limits: the band below shows it
@@ -387,7 +462,7 @@ def gradient_flow(record, step=None, steps=None, ax=None, weights_only=False):
     ax.set_xlabel('layer (input at left)'); ax.set_ylabel('|gradient|')
     which = f'step {step}' if step is not None else f'steps {steps[0]}-{steps[1]}' if steps is not None else 'all steps'
     ax.set_title(f'gradient flow ({which})')
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1), borderaxespad=0)
     return ax
 
 
@@ -396,8 +471,12 @@ def layer_curves(record, layers=None, metrics='grad_norm', ax=None, log=None):
     """Per-layer curves over iterations: one panel per metric in `metrics`, one line per layer in `layers`.
 
     `log` (True/False) forces a log or linear y scale; None: log when the metric is positive and spans
-    two decades or more. Returns the Axes for one metric, else the Figure (one panel per metric; `ax`
-    then not allowed)."""
+    two decades or more. Points a line cannot show are marked at the edge of the panel in `SPECIAL_COLORS`,
+    edged in the layer's colour and named in the legend: NaN and +Inf at the top, -Inf and (on a log scale)
+    exact zeros at the bottom (for `dead_frac`, a layer NaN at every step, which has no units, is not marked).
+    Layers are coloured by depth (viridis, input darkest); up to 12 are named in the legend (right of the
+    panels), more are told apart by a depth colour bar under the panels. Returns the Axes for one metric, else
+    the Figure (one panel per metric; `ax` then not allowed)."""
     df, order = _frame(record)
     metric_list = [metrics] if isinstance(metrics, str) else metrics
     if not isinstance(metric_list, (list, tuple)):
@@ -412,18 +491,52 @@ def layer_curves(record, layers=None, metrics='grad_norm', ax=None, log=None):
         axes = list(axes[:, 0])
     else:
         axes = [_new_ax(ax, None)]
-    colors = plt.get_cmap('viridis')(np.linspace(0, 1, max(len(chosen), 2)))
+    depth = Normalize(0, max(len(chosen) - 1, 1))
+    colors = plt.get_cmap('viridis')(depth(np.arange(len(chosen))))
     names = df['layer'].astype(str)
     for a, m in zip(axes, metric_list):
+        steps, values, edges = [np.zeros(0)], [np.zeros(0)], [np.zeros((0, 4))]   # of the points to mark
         for color, layer in zip(colors, chosen):
             part = df[names == layer]
-            a.plot(part['step'].to_numpy(), part[m].to_numpy(float), color=color, label=layer, marker='.' if len(part) == 1 else None)
-        values = df.loc[names.isin(chosen), m].to_numpy(float)
-        if _wants_log(values, log): a.set_yscale('log')
+            x, y = part['step'].to_numpy(), part[m].to_numpy(float)
+            a.plot(x, y, color=color, label=layer, marker='.' if len(part) == 1 else None)
+            if m == 'dead_frac' and np.isnan(y).all(): continue   # a layer without units, not a NaN gradient
+            steps.append(x); values.append(y); edges.append(np.repeat(color[None], len(x), axis=0))
+        values = np.concatenate(values)
+        use_log = _wants_log(df.loc[names.isin(chosen), m].to_numpy(float), log)
+        if use_log: a.set_yscale('log', nonpositive='mask')   # a zero breaks the line (marked below), not plunges
+        _mark_edges(a, np.concatenate(steps), _edge_points(values, use_log), np.concatenate(edges))
         a.set_ylabel(m)
+        _integer_steps(a)
     axes[-1].set_xlabel('step')
-    if len(chosen) <= 12: axes[0].legend(fontsize=7, ncol=2)
+    if len(chosen) > _MAX_NAMED: _depth_bar(axes, chosen, depth)
+    for a in axes: _curves_legend(a, chosen, named=a is axes[0])
     return axes[0] if len(metric_list) == 1 else axes[0].figure
+
+
+def _depth_bar(axes, chosen, depth):
+    "The colour bar, under `axes`, of the layers' depth: their curves' colours, the first and last layer named."
+    bar = axes[0].figure.colorbar(ScalarMappable(depth, 'viridis'), ax=axes, location='bottom', fraction=0.06,
+                                  pad=0.25 / len(axes), aspect=40)
+    bar.set_ticks([0, len(chosen) - 1], labels=[chosen[0], chosen[-1]], fontsize=7)
+    bar.set_label('layer depth (0 = input)', fontsize=8)
+    return bar
+
+
+def _curves_legend(ax, chosen, named=True, first=()):
+    """The legend of a curves panel, right of it: the `first` handles (a band), the edge marks, then (when `named`
+    and at most 12) the layers' curves."""
+    handles, labels = ax.get_legend_handles_labels()
+    marks = [(h, l) for h, l in zip(handles, labels) if l in {label for _, label, _, _ in _EDGE_MARKS}]
+    layer_names = set(chosen)
+    curves = [(h, l) for h, l in zip(handles, labels) if l in layer_names] if named and len(chosen) <= _MAX_NAMED else []
+    shown = list(first) + marks + curves
+    if not shown:
+        if ax.get_legend() is not None: ax.get_legend().remove()
+        return None
+    return ax.legend([h for h, _ in shown], [l for _, l in shown], loc='upper left', bbox_to_anchor=(1.01, 1),
+                     borderaxespad=0, fontsize=7, ncol=2 if len(shown) > 9 else 1,
+                     handler_map={tuple: HandlerTuple(ndivide=1)})
 
 
 def _check_band(band):
@@ -444,8 +557,10 @@ def _check_band(band):
 def update_ratio(record, layers=None, ax=None, band=(1e-4, 1e-2)):
     """||Δw|| / ||w|| per layer over iterations (`GradStats(update_ratio=True)`), the healthy band around 1e-3 shaded.
 
-    `band` is the `(low, high)` range shaded as healthy (0 < low < high), or None for no band. The y axis
-    is logarithmic when the drawn layers have a positive update ratio, else linear. Returns the Axes."""
+    `band` is the `(low, high)` range shaded as healthy (0 < low < high), with a dashed line at 1e-3, or None for
+    neither. The y axis is logarithmic when the drawn layers have a positive update ratio (a zero ratio, as of a
+    frozen layer, is then marked at the bottom edge), else linear. Curves, legend and depth colour bar as in
+    `layer_curves`. Returns the Axes."""
     band = _check_band(band)
     df, order = _frame(record)
     if 'update_ratio' not in df:
@@ -454,15 +569,13 @@ def update_ratio(record, layers=None, ax=None, band=(1e-4, 1e-2)):
     values = df.loc[df['layer'].astype(str).isin(chosen), 'update_ratio'].to_numpy(float)
     positive = (np.isfinite(values) & (values > 0)).any()
     ax = layer_curves(record, chosen, 'update_ratio', ax=ax, log=True if positive else None)
+    first = []
     if band is not None:
-        ax.axhspan(band[0], band[1], color='#2ca02c', alpha=0.12, label=f'healthy ~1e-3 ({band[0]:g}-{band[1]:g})')
-    ax.axhline(1e-3, color='#2ca02c', lw=1, ls='--')
+        label = f'healthy ~1e-3 ({band[0]:g}-{band[1]:g})'
+        span = ax.axhspan(band[0], band[1], color='#2ca02c', alpha=0.12, label=label)
+        first = [((span, ax.axhline(1e-3, color='#2ca02c', lw=1, ls='--')), label)]
     ax.set_title('size of the optimizer step relative to the weights')
-    handles, labels = ax.get_legend_handles_labels()
-    curves = len(handles) - (band is not None)  # the layers' curves come first, then the band
-    # the band first, then the layers when few enough to name
-    shown = list(range(curves, len(handles))) + (list(range(curves)) if len(chosen) <= 12 else [])
-    if shown: ax.legend([handles[i] for i in shown], [labels[i] for i in shown], fontsize=7, ncol=2)
+    _curves_legend(ax, chosen, first=first)
     return ax
 
 
@@ -498,7 +611,10 @@ def compare_table(records, metric='grad_rms', labels=None, weights_only=True):
 def compare(records, metric='grad_rms', labels=None, weights_only=True):
     """Two or more runs side by side, layers aligned: mean and median over iterations of `metric` per layer,
     and the median across all of a run's layers at each step (`weights_only`, for the first two panels, keeps
-    the weights when every run has some). Returns the Figure (three panels); see `compare_table`."""
+    the weights when every run has some). The y axes are logarithmic when the values are positive; when some are
+    exact zeros (dead layers) and the rest span a decade or more, 'symlog': linear near 0, so the zeros stay in
+    view at the bottom, logarithmic above (NaN, a shallower run's missing layers, is left out of the choice).
+    Returns the Figure (three panels); see `compare_table`."""
     table = compare_table(records, metric, labels, weights_only)
     labels = list(table.columns.get_level_values(0).unique())
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -509,15 +625,15 @@ def compare(records, metric='grad_rms', labels=None, weights_only=True):
     for a, what in zip(axes[:2], ('mean', 'median')):
         _layer_ticks(a, list(table.index), 'x')
         a.set_title(f'{what} of {metric} over iterations'); a.set_xlabel('layer (input at left)')
-        if _all_positive(table.to_numpy(float)): a.set_yscale('log')
+        _set_compare_scale(a, table.xs(what, axis=1, level=1).to_numpy(float))
         a.legend(fontsize=8)
     for label, rec in zip(labels, records):
         df, _ = _frame(rec, 'records')
         per_step = df.groupby('step')[metric].median()
         axes[2].plot(per_step.index.to_numpy(), per_step.to_numpy(float), label=label)
     axes[2].set_title(f'median of {metric} across all layers'); axes[2].set_xlabel('step')
-    if _all_positive(np.concatenate([_frame(r, 'records')[0][metric].to_numpy(float) for r in records])):
-        axes[2].set_yscale('log')
+    _set_compare_scale(axes[2], np.concatenate([line.get_ydata() for line in axes[2].lines]).astype(float))
+    _integer_steps(axes[2])
     axes[2].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -20,7 +20,7 @@ from .health import health, summary
 from .plots import compare, gradient_flow, heatmap, magnitude_hist
 from .record import GradRecord
 
-__all__ = ['run_figures', 'write_report', 'overview']
+__all__ = ['run_figures', 'write_report', 'overview', 'Comparison']
 _SECTIONS = ('heatmap', 'magnitude_hist', 'gradient_flow')
 
 _CSS = """
@@ -154,9 +154,21 @@ def _fmt(v) -> str:
     return str(v)
 
 
+class Comparison(tuple):
+    """One entry of `write_report`'s `comparisons`: a tuple of two or more run names (it unpacks and compares as
+    the plain tuple does) that also names the `metric` its figure compares (a column of the runs' `.df`)."""
+    def __new__(cls, names, metric: str = 'grad_rms'):
+        self = super().__new__(cls, names)
+        self.metric = metric
+        return self
+
+    def __repr__(self): return f'Comparison({tuple(self)!r}, metric={self.metric!r})'
+
+
 def _check_comparisons(comparisons, records) -> list:
-    "`comparisons` as a list of tuples of run names of `records`; else a TypeError or ValueError naming `comparisons`."
-    if comparisons is None: return [tuple(records)] if len(records) > 1 else []
+    """`comparisons` as a list of `Comparison`s of run names of `records` (a plain tuple compares 'grad_rms'); else a
+    TypeError or ValueError naming `comparisons`."""
+    if comparisons is None: return [Comparison(tuple(records))] if len(records) > 1 else []
     expected = "`comparisons` must be a list of tuples of two or more run names"
     if not isinstance(comparisons, (list, tuple)):
         raise TypeError(f"{expected}, got {type(comparisons).__name__} {comparisons!r}")
@@ -167,7 +179,12 @@ def _check_comparisons(comparisons, records) -> list:
         if len(names) < 2: raise ValueError(f"{expected}, got the entry {tuple(names)!r}")
         unknown = [n for n in names if n not in records]
         if unknown: raise ValueError(f"`comparisons` names unknown run(s) {unknown}; the runs are {list(records)}")
-        out.append(tuple(names))
+        metric = getattr(names, 'metric', 'grad_rms')
+        if not isinstance(metric, str):
+            raise TypeError(f"`comparisons` entry {tuple(names)!r} has a `metric` that is not a column name: {metric!r}")
+        lacking = [n for n in names if metric not in records[n].df.columns]
+        if lacking: raise ValueError(f"`comparisons` entry {tuple(names)!r} compares {metric!r}, which run(s) {lacking} lack")
+        out.append(Comparison(names, metric))
     return out
 
 
@@ -179,7 +196,8 @@ def write_report(records, out='report.html', comparisons=None, figures_dir=None,
     Sections: an overview, then per run its claim (if the run came from the demo), health summary
     and table, heatmap, gradient flow and, when the run keeps histograms, magnitude histogram; then one
     comparison figure per entry of `comparisons`, a list of tuples of two or more run names drawn together (default: all runs in
-    one figure when there are several; `[]`: none). Figures are embedded as base64 PNG, and also
+    one figure when there are several; `[]`: none), comparing `grad_rms`, or the `metric` of a `Comparison`
+    entry (`Comparison(('a', 'b'), metric='dead_frac')`). Figures are embedded as base64 PNG, and also
     written to `figures_dir` when given, as `<name>_<section>.png` and `compare_<a>_vs_<b>.png`, where
     characters outside [A-Za-z0-9._ -] become '_' and a name whose files would clash with another's
     gets `_2`, `_3`, ...; the report shows the names as given. `title` heads the page. A merge of several
@@ -218,7 +236,7 @@ def write_report(records, out='report.html', comparisons=None, figures_dir=None,
             parts.append('<h2 id="comparisons">Comparisons</h2>')
             for names, stem in zip(comparisons, compare_stems):
                 label = ' vs '.join(names)
-                fig = compare([records[n] for n in names], 'grad_rms', labels=list(names))
+                fig = compare([records[n] for n in names], names.metric, labels=list(names))
                 path = None if figures_dir is None else figures_dir/f'{stem}.png'
                 parts.append(f'<h3>{html.escape(label)}</h3><img alt="compare {html.escape(label)}" class="figure compare" '
                              f'src="data:image/png;base64,{_png(fig, path)}">')

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from fastai.basics import Adam, Callback, CrossEntropyLossFlat, DataLoaders, Learner, MSELossFlat, SGD, set_seed
+from matplotlib.axes import Axes
 from matplotlib.colors import to_rgb
 from torch import nn
 
@@ -1175,4 +1176,215 @@ def test_merged_ranks_by_module_message_gives_a_call_that_works():
     # module a: the weight's and the bias's norms (step + 1 and step + 1.1) combined
     expected = [[math.hypot(step + 1, step + 1.1) for step in (0, 1)]]
     np.testing.assert_allclose(ax.images[0].get_array().data, expected, rtol=1e-6)
+    plt.close('all')
+
+
+# --- legibility: scales, legends, colour bars, marks (the visual review) ------------------------
+def _norm_record(norms, extra=()):
+    "A hand-built record whose grad_norm of layer `name` at step i is `norms[name][i]` (every other metric 0.5)."
+    names = list(norms)
+    layers = [{'name': n, 'module': 'Linear', 'shape': (2, 2) if n.endswith('weight') else (2,), 'numel': 4, 'depth': i}
+              for i, n in enumerate(names)]
+    record = GradRecord(layers)
+    for step in range(len(norms[names[0]])):
+        values = np.full((len(names), len(METRICS)), 0.5)
+        values[:, METRICS.index('grad_norm')] = [norms[n][step] for n in names]
+        for column, per_layer in extra:
+            values[:, METRICS.index(column)] = [per_layer[n][step] for n in names]
+        record.add_step(step, 0, 1e-3, 1.0, record.layer_index(names), values)
+    return record
+
+
+def _clear(fig, legend, *others):
+    "Whether the drawn `legend` overlaps none of `others`: an Axes' data area, an Axis with its tick labels and label."
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    renderer = fig.canvas.get_renderer()
+    for other in others:
+        if isinstance(other, Axes): other = other.get_window_extent()
+        elif not isinstance(other, matplotlib.transforms.BboxBase): other = other.get_tightbbox(renderer)
+        assert not box.overlaps(other), (box, other)
+    return True
+
+
+def _colorbar_axes(fig, ax):
+    "The colour bar axes of `fig` beside `ax` (the axes other than `ax` that hold a colour bar mesh)."
+    return [a for a in fig.axes if a is not ax and any(isinstance(c, matplotlib.collections.QuadMesh) for c in a.collections)]
+
+
+def _integer_ticks(ax):
+    lo, hi = sorted(ax.get_xlim())
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    return len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
+
+def test_compare_shows_zero_medians_on_a_log_like_scale(tmp_path):
+    "Dead layers (zero medians) do not turn the axes linear: symlog, linear below the smallest positive decade, zeros in view."
+    alive = _norm_record({'a.weight': [2e-3, 3e-3, 4e-3], 'b.weight': [1e-3, 1e-2, 5e-2], 'c.weight': [1e-2, 1e-1, 1.0]})
+    dead = _norm_record({'a.weight': [0.0, 0.0, 0.0], 'b.weight': [0.0, 0.0, 0.0], 'c.weight': [0.1, 0.2, 0.3]})
+    fig = plots.compare([alive, dead], metric='grad_norm', labels=['alive', 'dead'])
+    for ax in fig.axes:
+        assert ax.get_yscale() == 'symlog'
+        assert ax.yaxis.get_transform().linthresh <= 2e-3
+        assert ax.get_ylim()[0] < 0 < ax.get_ylim()[1]   # the zeros on the chart, not below it
+    fig.canvas.draw()
+    ax = fig.axes[1]
+    dead_line, = [l for l in ax.lines if l.get_label() == 'dead']
+    y0, y1 = ax.bbox.y0, ax.bbox.y1
+    zero_y = ax.transData.transform((0, 0.0))[1]
+    small_y, big_y = (ax.transData.transform((0, v))[1] for v in (3e-3, 0.2))
+    assert y0 < zero_y < small_y < big_y < y1
+    # and log spacing above the threshold: one decade as tall as the next
+    d0, d1, d2 = (ax.transData.transform((0, v))[1] for v in (1e-3, 1e-2, 1e-1))
+    assert math.isclose(d1 - d0, d2 - d1, rel_tol=1e-6)
+    np.testing.assert_allclose(dead_line.get_ydata(), [0.0, 0.0, 0.2], rtol=1e-6)
+    assert _integer_ticks(fig.axes[2])
+    save_png(fig, tmp_path, 'compare_dead')
+
+
+def test_magnitude_hist_legend_beside_the_cells_and_every_special_bin_named(run, tmp_path):
+    record, _ = run
+    ax = plots.magnitude_hist(record)
+    fig = ax.figure
+    bar, = _colorbar_axes(fig, ax)
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ['|g| = 1', 'no elements']
+    assert _clear(fig, legend, ax, bar, bar.yaxis, ax.xaxis, ax.yaxis)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert {'zero', 'tiny', '1e0', 'huge', 'inf', 'nan'} <= set(labels)
+    assert [HIST_BINS[int(t)] for t in ax.get_yticks()] == labels
+    save_png(fig, tmp_path, 'hist_legend')
+
+
+def test_magnitude_hist_empty_bins_are_a_distinct_grey(run):
+    record, _ = run
+    ax = plots.magnitude_hist(record)
+    empty = np.array(ax.get_facecolor()[:3])
+    assert np.ptp(empty) < 1e-6 and 0.3 < empty[0] < 0.7   # a neutral mid grey
+    colors = ax.images[0].get_cmap()(np.linspace(0, 1, 256))[:, :3]
+    assert np.linalg.norm(colors - empty, axis=1).min() > 0.3   # far from every colour of the scale
+    patch, = [h for h in ax.get_legend().legend_handles if isinstance(h, matplotlib.patches.Patch)]
+    np.testing.assert_allclose(patch.get_facecolor()[:3], empty)
+    rgb = pixel(ax.figure, ax, 0, HIST_BINS.index('1e-16'))   # no element of 1e-16 in a real fit
+    np.testing.assert_allclose(rgb, empty, atol=2 / 255)
+
+
+def test_layer_curves_mark_nan_inf_and_log_zeros_at_the_edges(tmp_path):
+    record = _norm_record({'a.weight': [1e-3, np.nan, 1e-1, 0.0, 1.0], 'b.weight': [1.0, 2.0, np.inf, 4.0, -np.inf]})
+    ax = plots.layer_curves(record, log=False)
+    fig = ax.figure
+    marks = {c.get_label(): c for c in ax.collections}
+    assert set(marks) == {'NaN (top edge)', 'Inf (top edge)', '-Inf (bottom edge)'}
+    record = _norm_record({'a.weight': [1e-3, np.nan, 1e-1, 0.0, 1.0], 'b.weight': [1.0, 2.0, np.inf, 4.0, 5.0]})
+    ax = plots.layer_curves(record, log=True)
+    fig = ax.figure
+    fig.canvas.draw()
+    marks = {c.get_label(): c for c in ax.collections}
+    assert set(marks) == {'NaN (top edge)', 'Inf (top edge)', 'zero (bottom edge)'}
+    for label, kind, step, edge in (('NaN (top edge)', 'nan', 1, ax.bbox.y1), ('Inf (top edge)', 'inf', 2, ax.bbox.y1),
+                                    ('zero (bottom edge)', 'zero', 3, ax.bbox.y0)):
+        mark = marks[label]
+        np.testing.assert_allclose(mark.get_facecolor()[0][:3], to_rgb(plots.SPECIAL_COLORS[kind]))
+        x, y = mark.get_offset_transform().transform(mark.get_offsets())[0]
+        assert math.isclose(y, edge, abs_tol=0.5) and math.isclose(x, ax.transData.transform((step, 1))[0], abs_tol=0.5)
+    assert {'NaN (top edge)', 'Inf (top edge)', 'zero (bottom edge)'} <= {t.get_text() for t in ax.get_legend().get_texts()}
+    low, high = ax.get_ylim()
+    assert 0 < low < 1e-3 and 5.0 < high < 1e3   # the marks do not stretch the scale
+    a_line, = [l for l in ax.lines if l.get_label() == 'a.weight']   # the data stays as recorded
+    np.testing.assert_allclose(a_line.get_ydata(), [1e-3, np.nan, 1e-1, 0.0, 1.0], rtol=1e-6)
+    assert _clear(fig, ax.get_legend(), ax)
+    save_png(fig, tmp_path, 'curves_marks')
+
+
+def _many(n=14, steps=4):
+    names = [f'{i}.weight' for i in range(n)]
+    return names, {name: [10.0 ** -(i / 4) * (1 + s) for s in range(steps)] for i, name in enumerate(names)}
+
+
+@pytest.mark.parametrize('draw', ['layer_curves', 'update_ratio'])
+def test_many_layers_get_a_depth_colour_bar(draw, tmp_path):
+    names, norms = _many()
+    if draw == 'layer_curves': ax = plots.layer_curves(_norm_record(norms))
+    else: ax = plots.update_ratio(update_record({n: [v * 1e-3 for v in vs] for n, vs in norms.items()}))
+    fig = ax.figure
+    bar, = _colorbar_axes(fig, ax)
+    assert bar.get_xlabel() == 'layer depth (0 = input)'
+    mesh, = [c for c in bar.collections if isinstance(c, matplotlib.collections.QuadMesh)]
+    assert mesh.cmap.name == 'viridis' and (mesh.norm.vmin, mesh.norm.vmax) == (0, len(names) - 1)
+    assert [t.get_text() for t in bar.get_xticklabels()] == [names[0], names[-1]]
+    lines = [l for l in ax.lines if l.get_label() in names]
+    np.testing.assert_allclose(to_rgb(lines[-1].get_color()), mesh.cmap(1.0)[:3])
+    fig.canvas.draw()
+    assert not bar.get_tightbbox().overlaps(ax.get_window_extent())
+    if ax.get_legend() is not None:   # the band's legend (update_ratio): no layer named, clear of the bar
+        assert not set(t.get_text() for t in ax.get_legend().get_texts()) & set(names)
+        assert _clear(fig, ax.get_legend(), ax, bar, bar.xaxis)
+    save_png(fig, tmp_path, f'many_{draw}')
+
+
+def test_heatmap_special_legend_clear_of_the_colour_bar_in_a_narrow_figure(tmp_path):
+    record = _hand_record([{0, 1, 2, 3}, {0, 1, 2, 3}])
+    values = np.full((2, len(METRICS)), 0.5)
+    values[:, METRICS.index('grad_norm')] = [np.nan, np.inf]
+    record.add_step(4, 0, 1e-3, 1.0, record.layer_index(['a.weight', 'a.bias']), values)
+    for figsize, grid in (((5, 3), (1, 1)), ((10, 4), (1, 2))):
+        fig, axes = plt.subplots(*grid, figsize=figsize, squeeze=False)
+        for ax in axes.ravel(): plots.heatmap(record, ax=ax)
+        fig.tight_layout()
+        bars = [b for ax in axes.ravel() for b in _colorbar_axes(fig, ax) if b not in axes.ravel()]
+        for ax in axes.ravel():
+            legend = ax.get_legend()
+            assert [t.get_text() for t in legend.get_texts()] == ['NaN', 'Inf']
+            assert _clear(fig, legend, *axes.ravel(), *bars, *[b.yaxis for b in bars], ax.yaxis)
+        save_png(fig, tmp_path, f'heat_legend_{grid[1]}')
+
+
+def test_gradient_flow_width_is_capped_and_the_legend_clear_of_the_bars():
+    n = 160
+    df = pd.DataFrame([(s, f'l{i}.weight', 10 ** (-i / 40), 5 * 10 ** (-i / 40)) for s in range(3) for i in range(n)],
+                      columns=['step', 'layer', 'grad_rms', 'grad_max'])
+    ax = plots.gradient_flow(df)
+    assert ax.figure.get_size_inches()[0] <= 16
+    assert 1 < len(ax.get_xticklabels()) <= 40
+    assert _clear(ax.figure, ax.get_legend(), ax)
+    ax = plots.gradient_flow(_flow_record())
+    assert {'Inf', 'NaN', 'max |g|', 'rms |g|'} == {t.get_text() for t in ax.get_legend().get_texts()}
+    assert _clear(ax.figure, ax.get_legend(), ax)
+
+
+def test_step_axes_tick_whole_steps():
+    record = _hand_record([set(range(20)), set(range(20))])   # matplotlib's own ticks would be 2.5, 7.5, ...
+    assert _integer_ticks(plots.heatmap(record))
+    assert _integer_ticks(plots.layer_curves(record))
+    counts = np.zeros((20, len(HIST_BINS)))
+    counts[:, HIST_BINS.index('1e-3')] = 4
+    hist = pd.DataFrame(counts, columns=list(HIST_BINS)).assign(step=range(20), layer='a.weight')
+    assert _integer_ticks(plots.magnitude_hist(hist))
+    thinned = _hand_record([{0, 1, 2, 10}, {0, 1, 2, 10}])   # unevenly spaced: each column named by its step
+    assert [t.get_text() for t in plots.heatmap(thinned).get_xticklabels()] == ['0', '1', '2', '10']
+
+
+def test_update_ratio_without_a_band_draws_no_reference_line():
+    record = update_record({'a.weight': [2e-3, 2e-2, 2e-4]})
+    ax = plots.update_ratio(record, band=None)
+    assert [l.get_label() for l in ax.lines] == ['a.weight'] and not ax.patches
+    ax = plots.update_ratio(record)
+    reference = [l for l in ax.lines if np.allclose(l.get_ydata(), 1e-3)]
+    assert len(reference) == 1
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts[0] == 'healthy ~1e-3 (0.0001-0.01)' and texts[1:] == ['a.weight']
+
+
+def test_heatmap_signed_metric_diverges_around_zero():
+    record = _norm_record({'a.weight': [1.0, 2.0, 3.0], 'b.weight': [1.0, 1.0, 1.0]},
+                          extra=[('grad_mean', {'a.weight': [-3e-3, 1e-3, 2e-3], 'b.weight': [-1e-3, 0.0, 5e-4]})])
+    image = plots.heatmap(record, 'grad_mean').images[0]
+    assert image.get_cmap().name == 'RdBu_r' and isinstance(image.norm, matplotlib.colors.TwoSlopeNorm)
+    assert image.norm.vcenter == 0
+    np.testing.assert_allclose([image.norm.vmin, image.norm.vmax], [-3e-3, 2e-3], rtol=1e-6)
+    image = plots.heatmap(record, 'grad_mean', cmap='viridis').images[0]   # a cmap given is kept, with a plain scale
+    assert image.get_cmap().name == 'viridis' and type(image.norm) is matplotlib.colors.Normalize
+    image = plots.heatmap(record, 'grad_norm').images[0]   # one sign: sequential, as before
+    assert image.get_cmap().name == 'viridis' and not isinstance(image.norm, matplotlib.colors.TwoSlopeNorm)
     plt.close('all')

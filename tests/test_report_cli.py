@@ -605,3 +605,40 @@ def test_a_merge_of_ranks_is_refused_by_the_figures_and_summed_up_by_the_overvie
     assert list(overview(merged)['steps']) == [len(small_runs[0].steps) + len(small_runs[1].steps)]
     write_report({'rank 0': small_runs[0], 'rank 1': small_runs[1]}, out)   # the ranks one by one
     assert out.exists()
+
+
+# --- each comparison draws the metric of its claim ----------------------------------------------
+def test_write_report_draws_the_metric_each_comparison_names(small_runs, tmp_path, monkeypatch):
+    "A `Comparison` names its metric (drawn in its figure's titles); a plain tuple of names compares grad_rms."
+    from fastai_gradstats import report
+    drawn, original = [], report.compare
+    def spy(records, metric='grad_rms', labels=None, weights_only=True):
+        fig = original(records, metric, labels, weights_only)
+        drawn.append((tuple(labels), metric, [ax.get_title() for ax in fig.axes]))
+        return fig
+    monkeypatch.setattr(report, 'compare', spy)
+    records = dict(zip('abc', small_runs))
+    entries = [report.Comparison(('a', 'b'), metric='zero_frac'), ('b', 'c')]
+    soup = check_self_contained(write_report(records, tmp_path/'r.html', comparisons=entries).read_text(encoding='utf-8'))
+    assert [el.get_text() for el in section(soup, 'comparisons') if el.name == 'h3'] == ['a vs b', 'b vs c']
+    assert [(names, metric) for names, metric, _ in drawn] == [(('a', 'b'), 'zero_frac'), (('b', 'c'), 'grad_rms')]
+    assert all(metric in title for _, metric, titles in drawn for title in titles)
+    with pytest.raises(ValueError, match=r"`comparisons`.*'no_such_metric'"):
+        write_report(records, tmp_path/'bad.html', comparisons=[report.Comparison(('a', 'b'), metric='no_such_metric')])
+    with pytest.raises(TypeError, match='`comparisons`'):
+        write_report(records, tmp_path/'bad.html', comparisons=[report.Comparison(('a', 'b'), metric=3)])
+    assert not (tmp_path/'bad.html').exists()
+
+
+def test_demo_comparison_of_dead_units_shows_its_claim(runs):
+    """'Kaiming-initialised GeneralReLU keeps more units alive': its pair compares the dead fraction, which is lower
+    for GeneralReLU at every hidden layer; the other pairs compare gradient size. Every entry still unpacks as a pair."""
+    from fastai_gradstats import compare_table
+    metrics = {tuple(c): getattr(c, 'metric', 'grad_rms') for c in COMPARISONS}
+    assert metrics[('relu_default_init', 'generalrelu_kaiming')] == 'dead_frac'
+    assert {m for names, m in metrics.items() if names != ('relu_default_init', 'generalrelu_kaiming')} == {'grad_rms'}
+    assert all(len(c) == 2 for c in COMPARISONS)
+    table = compare_table([runs['relu_default_init'], runs['generalrelu_kaiming']], 'dead_frac', labels=['relu', 'general'])
+    hidden = table.iloc[:-1]   # the output layer's units have no ReLU after them
+    assert (hidden[('general', 'median')] < hidden[('relu', 'median')]).all()
+    assert hidden[('relu', 'median')].mean() > 0.1
