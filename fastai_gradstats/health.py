@@ -95,10 +95,13 @@ class _Run:
 
 
 def _unsettled(run):
-    "Why gradients that explode, turn NaN/Inf or stay large rule out convergence, whatever the loss did (empty: none)."
+    """Why gradients that explode, turn NaN/Inf or stay large in the late window rule out convergence, whatever the loss
+    did (empty: none). An isolated NaN or spike long before, from which training recovered, does not."""
     t = run.t
+    late_start = int(run.late['step'].min()) if len(run.late) else None
     why = [f"the {f['check']} check is {f['status']}" for check in (_check_nonfinite, _check_exploding)
-           for f in check(run) if f['status'] != 'ok']
+           for f in check(run) if f['status'] != 'ok' and (late_start is None or f['last_step'] is None
+                                                           or f['last_step'] >= late_start)]
     if not run.late_norm <= t.total_norm_warning:  # NaN too: no finite late norm
         why.append(f"the late total norm {run.late_norm:.3g} is above {t.total_norm_warning:g} (total_norm_warning)")
     return why
@@ -133,8 +136,13 @@ def _check_nonfinite(run):
     return findings
 
 
+NO_APPLIED = ("no applied step yet: every recorded step was skipped by the optimizer (e.g. the fp16 grad scaler), "
+              "so no gradient has been used (see nonfinite)")
+
+
 def _check_total_norm(run):
     t, norms = run.t, run.norms
+    if not len(norms): return [_finding('total_norm', 'ok', NO_APPLIED, threshold=t.total_norm_warning)]
     known = ~np.isnan(norms)  # an Inf norm (beyond float32's range) counts as above every threshold
     if not known.any(): return [_finding('total_norm', 'critical', 'every recorded total gradient norm is NaN')]
     steps = run.applied['step'].to_numpy()
@@ -154,37 +162,69 @@ def _check_total_norm(run):
                      value=peak, threshold=t.total_norm_warning)]
 
 
+LASTING = 3  # bad steps in a row that make an explosion, not an isolated event (fewer: see spikes, nonfinite)
+
+
+def _persistent_from(bad):
+    """Index of the first bad step that starts an explosion (None: none does): `LASTING` bad steps in a row, or
+    most steps from there to the end bad. A single NaN or spike followed by recovery does not."""
+    bad = np.asarray(bad, bool)
+    if not bad.any(): return None
+    bad_to_end = np.cumsum(bad[::-1])[::-1]           # bad steps from each step to the end
+    steps_to_end = np.arange(len(bad), 0, -1)
+    in_a_row = np.convolve(bad, np.ones(LASTING, int), 'full')[LASTING - 1:] == LASTING  # bad[i:i+LASTING] all bad
+    start = np.flatnonzero(bad & (in_a_row | (2 * bad_to_end > steps_to_end)))
+    return int(start[0]) if len(start) else None
+
+
 def _check_exploding(run):
     t, norms = run.t, run.norms
+    if not len(norms): return [_finding('exploding', 'ok', NO_APPLIED, threshold=t.total_norm_critical)]
     steps = run.applied['step'].to_numpy()
     finite = np.isfinite(norms)
-    over = finite & (norms > t.total_norm_critical)
-    nonfinite_after_growth = (~finite).any()
+    bad = ~finite | (norms > t.total_norm_critical)  # NaN and Inf norms too
     growth = run.late_norm / run.early_norm if run.early_norm > 0 else np.nan
     if not finite.any():
         first, last = _span(steps)
         return [_finding('exploding', 'warning', "no total norm is finite, from the first step on: an explosion cannot "
                          "be told from bad inputs, a bad loss or a bad initialisation (see nonfinite)",
                          threshold=t.total_norm_critical, first_step=first, last_step=last)]
-    if over.any() or nonfinite_after_growth:
-        where = steps[over | ~finite]
-        first = int(where.min())
-        return [_finding('exploding', 'critical', f"gradients explode from step {first} (total norm above "
-                         f"{t.total_norm_critical:g} or not finite): lower the learning rate, add GradientClip "
-                         "(see the clipping advice)", value=float(np.nanmax(norms)),  # Inf when a norm overflowed
-                         threshold=t.total_norm_critical, first_step=first, last_step=int(where.max()))]
+    start = _persistent_from(bad)
+    if start is not None:
+        where = steps[start:][bad[start:]]
+        tail = norms[start:][bad[start:]]
+        peak = float(np.nanmax(tail)) if (~np.isnan(tail)).any() else np.nan
+        value = peak if peak >= t.total_norm_critical else np.inf  # only NaN/Inf: beyond every threshold
+        return [_finding('exploding', 'critical', f"gradients explode from step {int(where.min())}: "
+                         f"{len(where)} applied step(s) up to step {int(where.max())} have a total norm above "
+                         f"{t.total_norm_critical:g} or not finite: lower the learning rate, add GradientClip "
+                         "(see the clipping advice)", value=value,  # Inf when a norm overflowed or turned NaN
+                         threshold=t.total_norm_critical, first_step=int(where.min()), last_step=int(where.max()))]
+    first_nonfinite = np.flatnonzero(~finite)
+    if len(first_nonfinite) and run.early_norm > 0:
+        j = int(first_nonfinite[0])
+        before = norms[:j][finite[:j]]
+        rise = float(before[-1] / run.early_norm) if len(before) >= 2 else np.nan
+        if rise >= t.growth_factor and before[-1] > t.total_norm_warning:
+            return [_finding('exploding', 'critical', f"gradients explode at step {int(steps[j])}: the total norm grew "
+                             f"{rise:.3g}x from the start to {before[-1]:.3g}, then turned NaN/Inf: lower the learning "
+                             "rate, add GradientClip (see the clipping advice)", value=rise, threshold=t.growth_factor,
+                             first_step=int(steps[j]), last_step=int(steps[j]))]
     if run.enough and growth >= t.growth_factor and run.late_norm > t.total_norm_warning:
         first, last = _span(run.late['step'])
         return [_finding('exploding', 'warning', f"total norm grew {growth:.3g}x from the first to the last fifth of "
                          "training: the run may be diverging; lower the learning rate", value=growth,
                          threshold=t.growth_factor, first_step=first, last_step=last)]
-    reason = ('the total norm neither grows steadily nor leaves the critical band' if not growth >= t.growth_factor else
-              f'the total norm grew {growth:.3g}x from the start but stays below {t.total_norm_warning:g}: not exploding')
+    isolated = (f"{int(bad.sum())} isolated step(s) above {t.total_norm_critical:g} or not finite, never {LASTING} in a "
+                "row nor most steps to the end (see spikes, nonfinite); otherwise " if bad.any() else '')
+    reason = (isolated + ('the total norm neither grows steadily nor leaves the critical band' if not growth >= t.growth_factor else
+              f'the total norm grew {growth:.3g}x from the start but stays below {t.total_norm_warning:g}: not exploding'))
     return [_finding('exploding', 'ok', reason, value=growth, threshold=t.growth_factor)]
 
 
 def _check_spikes(run):
     t = run.t
+    if not len(run.norms): return [_finding('spikes', 'ok', NO_APPLIED, value=0, threshold=t.spike_factor)]
     norms = pd.Series(run.norms, index=run.applied['step'].to_numpy())
     window = int(t.spike_window)
     rolling = norms.where(np.isfinite(norms)).rolling(window, min_periods=min(5, window)).median().shift(1)
@@ -241,9 +281,17 @@ def _check_vanishing(run):
                                          layer=profile.index[0], value=ratio, threshold=t.depth_ratio_warning
                                          if status == 'warning' else t.depth_ratio_critical, first_step=first, last_step=last))
     if not findings:
-        findings.append(_finding('vanishing', 'ok', 'no vanishing: gradients keep their size from output to input',
-                                 value=float(profile.iloc[-1] / profile.iloc[0]) if len(profile) >= 2 and profile.iloc[0] > 0 else np.nan,
-                                 threshold=t.depth_ratio_warning))
+        if len(profile) >= 2 and profile.iloc[0] > 0 and profile.iloc[-1] > 0:
+            findings.append(_finding('vanishing', 'ok', 'no vanishing: gradients keep their size from output to input',
+                                     value=float(profile.iloc[-1] / profile.iloc[0]), threshold=t.depth_ratio_warning))
+        elif len(profile) < 2:
+            findings.append(_finding('vanishing', 'ok', 'fewer than two weight layers with a finite gradient: no fall '
+                                     'with depth to measure', threshold=t.depth_ratio_warning))
+        else:
+            silent = [n for n in (profile.index[-1], profile.index[0]) if profile[n] == 0]
+            findings.append(_finding('vanishing', 'ok', f"no ratio of gradients across depth: {' and '.join(silent)} "
+                                     "get(s) no gradient at all (median rms 0), dead units rather than a fall with "
+                                     "depth: see dead and zero_frac", threshold=t.depth_ratio_warning))
     return findings
 
 
@@ -315,13 +363,23 @@ def _per_layer(run, column, high, low=None, only_weights=False, high_status=("wa
     return found
 
 
+def _ratio_reason(run, layer, value, dead):
+    t = run.t
+    if value > t.ratio_high:
+        return (f"median grad/param ratio {value:.3g} > {t.ratio_high:g}: gradients too large for the weights; "
+                "lower the learning rate")
+    if dead.get(layer, 0) >= t.dead_warning:  # a larger learning rate would not revive them: it is what kills units
+        return (f"median grad/param ratio {value:.3g} < {t.ratio_low:g}: no gradient ({dead[layer]:.0%} dead units), "
+                "see dead")
+    return (f"median grad/param ratio {value:.3g} < {t.ratio_low:g}: gradients too small to move the weights; "
+            "raise the learning rate or fix the architecture")
+
+
 def _check_ratio(run):
     t = run.t
     found = _per_layer(run, 'grad_param_ratio', (t.ratio_high, None), t.ratio_low, only_weights=True)
-    rows = [_finding('grad_param_ratio', status, (f"median grad/param ratio {value:.3g} > {t.ratio_high:g}: gradients "
-                     "too large for the weights; lower the learning rate") if value > t.ratio_high else
-                     (f"median grad/param ratio {value:.3g} < {t.ratio_low:g}: gradients too small to move the weights; "
-                      "raise the learning rate or fix the architecture"),
+    dead = _late_dead(run)
+    rows = [_finding('grad_param_ratio', status, _ratio_reason(run, layer, value, dead),
                      layer=layer, value=value, threshold=threshold, first_step=first, last_step=last)
             for layer, status, value, threshold, first, last in found]
     return rows or [_finding('grad_param_ratio', 'ok', f"every weight's median grad/param ratio is within "
@@ -339,12 +397,23 @@ def _check_zero_frac(run):
                              threshold=t.zero_frac_warning)]
 
 
-def _check_dead(run):
-    t = run.t
+def _second_half(run):
+    "`run` restricted to the rows of the second half of its applied steps, where dead units are judged."
     rows_all = run.applied_rows
     half = run.applied['step'].iloc[len(run.applied) // 2:] if len(run.applied) else run.applied['step']
-    run_late = _Late(run, rows_all[rows_all['step'].isin(half)])
-    found = _per_layer(run_late, 'dead_frac', (t.dead_warning, t.dead_critical))
+    return _Late(run, rows_all[rows_all['step'].isin(half)])
+
+
+def _late_dead(run):
+    "Median dead fraction of each layer over the second half of the applied steps (as the dead check sees it)."
+    rows = _second_half(run).applied_rows
+    rows = rows[np.isfinite(rows['dead_frac'])]
+    return rows.groupby(rows['layer'].astype(str))['dead_frac'].median().to_dict()
+
+
+def _check_dead(run):
+    t = run.t
+    found = _per_layer(_second_half(run), 'dead_frac', (t.dead_warning, t.dead_critical))
     rows = [_finding('dead', status, f"{value:.0%} of {layer}'s units get no gradient at all, and stay so through the "
                      "second half of training (dead neurons): use Kaiming init, a smaller learning rate, "
                      "LeakyReLU/GeneralRelu, or check the biases", layer=layer, value=value, threshold=threshold,
@@ -419,7 +488,11 @@ def summary(record, thresholds: Thresholds | None = None, show_ok: bool = False)
             f"{record.df['layer'].nunique()} parameter tensors")
     lines = [head]
     shown = table if show_ok else table[table['status'] != 'ok']
-    for (status, check), group in shown.groupby(['status', 'check'], sort=False):
+    # a check's findings on both sides of their thresholds (a grad/param ratio too small here, too large there) call
+    # for opposite remedies: one line per side
+    side = np.sign(shown['value'].to_numpy(float) - shown['threshold'].to_numpy(float))
+    side = pd.Series(np.where(side > 0, 'above', np.where(side < 0, 'below', '')), index=shown.index)
+    for (status, check, _), group in shown.groupby([shown['status'], shown['check'], side], sort=False):
         worst = group.iloc[_distance(group).argmax()] if len(group) > 1 else group.iloc[0]
         first, last = group['first_step'].min(), group['last_step'].max()
         where = '' if pd.isna(first) else f" [step {first}]" if first == last else f" [steps {first}-{last}]"

@@ -693,14 +693,18 @@ def test_every_total_norm_nan_is_not_called_ok():
 
 
 def test_an_overflowing_total_norm_counts_as_above_every_threshold():
-    "One Inf total norm (a norm beyond float32, no NaN/Inf element): total_norm critical at that step, exploding's value Inf."
+    """One Inf total norm (a norm beyond float32, no NaN/Inf element): total_norm critical at that step; an isolated one
+    is no explosion, Inf norms from there to the end are one, with value Inf."""
     norms = [1.0] * 20
     norms[12] = math.inf
     table = health(layered_record([1e-3] * 3, norms=norms))
     total = rows(table, 'total_norm').iloc[0]
     assert total['status'] == 'critical' and total['value'] == math.inf and total['first_step'] == total['last_step'] == 12
-    exploding = rows(table, 'exploding').iloc[0]
-    assert exploding['status'] == 'critical' and exploding['value'] == math.inf and exploding['first_step'] == 12
+    assert rows(table, 'exploding').iloc[0]['status'] == 'ok'
+    norms[12:] = [math.inf] * 8
+    exploding = rows(health(layered_record([1e-3] * 3, norms=norms)), 'exploding').iloc[0]
+    assert exploding['status'] == 'critical' and exploding['value'] == math.inf
+    assert exploding['first_step'] == 12 and exploding['last_step'] == 19
 
 
 def test_an_unknown_loss_is_not_called_stuck():
@@ -806,3 +810,157 @@ def test_small_gradients_are_small_in_absolute_terms():
         # a high, flat loss with the same gradients: stuck only where they are small
         stuck = rows(health(layered_record([1e-3] * 3, n_steps=23, losses=[2.3] * 23, norms=norms)), 'stuck').iloc[0]
         assert (stuck['status'] == 'warning') == small
+
+
+# --- isolated events are not explosions; runs with no applied step (reviewer's cases) ----------------------------
+def event_record(norms, losses, nan_steps=(), skipped=()):
+    """Three weight layers sharing each step's total norm `norms[step]` (NaN there: one NaN element per layer, at the
+    steps in `nan_steps`), loss `losses[step]`; the steps in `skipped` were skipped by the optimizer."""
+    from fastai_gradstats.record import COUNT_COLUMNS
+    layers = [{'name': f'w{i}', 'module': 'Linear', 'shape': (4, 4), 'numel': 16, 'depth': i} for i in range(3)]
+    record = GradRecord(layers)
+    idx = record.layer_index([f'w{i}' for i in range(3)])
+    for step, norm in enumerate(norms):
+        values = np.full((3, len(METRICS)), 0.01)
+        values[:, METRICS.index('grad_norm')] = norm / math.sqrt(3)
+        values[:, METRICS.index('param_norm')] = 1e3
+        values[:, METRICS.index('zero_frac')] = values[:, METRICS.index('dead_frac')] = 0.0
+        counts = np.zeros((3, len(COUNT_COLUMNS)), np.int64)
+        if step in nan_steps: counts[:, COUNT_COLUMNS.index('n_nan')] = 1
+        record.add_step(step, 0, 1e-3, losses[step], idx, values, counts=counts, skipped=step in skipped)
+    return record
+
+
+def test_a_single_nan_step_then_recovery_is_not_an_explosion():
+    """Norms about 1, one NaN at step 40 (a loss of log(0)), then recovery while the loss falls and flattens: nonfinite
+    names that step, but nothing explodes (was 'exploding' critical 'from step 40' with value 1.98 against 100) and the
+    run converged, since the late window is clean; summary advice may remain (the NaN is real)."""
+    n = 120
+    rng = np.random.default_rng(0)
+    norms = list(1 + rng.uniform(0, 1, n))
+    losses = falling_losses(n=n, start=2.3, floor=0.1)
+    norms[40], losses[40] = math.nan, math.inf
+    record = event_record(norms, losses, nan_steps={40})
+    table = health(record)
+    nonfinite = rows(table, 'nonfinite').iloc[0]
+    assert nonfinite['status'] == 'critical' and nonfinite['first_step'] == nonfinite['last_step'] == 40
+    exploding = rows(table, 'exploding').iloc[0]
+    assert exploding['status'] == 'ok' and 'isolated' in exploding['reason']
+    assert rows(table, 'converged').iloc[0]['reason'].startswith('loss fell')
+    assert 'CRITICAL exploding' not in summary(record) and 'explode' not in summary(record)
+    # the same NaN in the late window does rule out convergence
+    norms[40], losses[40], norms[115] = 1.5, 1.0, math.nan
+    late = health(event_record(norms, losses, nan_steps={115}))
+    assert rows(late, 'exploding').iloc[0]['status'] == 'ok'
+    conv = rows(late, 'converged').iloc[0]
+    assert not conv['reason'].startswith('loss fell') and 'nonfinite' in conv['reason']
+
+
+def test_a_single_step_over_the_critical_norm_is_a_spike_not_an_explosion():
+    "One step at 325 among norms about 1 (then recovery): total_norm critical and a spike there, not 'exploding'."
+    n = 120
+    rng = np.random.default_rng(1)
+    norms = list(0.5 + rng.uniform(0, 1, n))
+    norms[20] = 325.0
+    losses = falling_losses(n=n, start=2.3, floor=0.4)
+    table = health(event_record(norms, losses))
+    assert rows(table, 'exploding').iloc[0]['status'] == 'ok'
+    total, spikes = rows(table, 'total_norm').iloc[0], rows(table, 'spikes').iloc[0]
+    assert total['status'] == 'critical' and total['first_step'] == total['last_step'] == 20
+    assert spikes['status'] == 'warning' and spikes['first_step'] == spikes['last_step'] == 20
+    assert rows(table, 'converged').iloc[0]['reason'].startswith('loss fell')
+
+
+def test_an_explosion_that_persists_is_critical_from_its_first_bad_step_with_a_consistent_value():
+    """An early isolated spike at step 5, then norms over 100 from step 80 turning NaN at 100: exploding from step 80
+    (not 5), its value the largest norm (>= the threshold); one NaN after the norm grew 10x past the warning band is an
+    explosion too, valued by that growth."""
+    t = Thresholds()
+    n = 120
+    norms = [1.0] * n
+    norms[5] = 500.0
+    norms[80:100] = list(np.geomspace(150.0, 1e5, 20))
+    norms[100:] = [math.nan] * 20
+    losses = [1.0] * n
+    found = rows(health(event_record(norms, losses, nan_steps=set(range(100, n)))), 'exploding').iloc[0]
+    assert found['status'] == 'critical' and found['first_step'] == 80 and found['last_step'] == n - 1
+    assert found['value'] == pytest.approx(1e5, rel=1e-5) and found['value'] >= found['threshold'] == t.total_norm_critical
+    # straight from healthy to NaN for good: value Inf, not a finite norm under the threshold
+    norms = [1.0] * 60 + [math.nan] * 60
+    found = rows(health(event_record(norms, losses, nan_steps=set(range(60, n)))), 'exploding').iloc[0]
+    assert found['status'] == 'critical' and found['first_step'] == 60 and found['value'] == math.inf
+    # growth by growth_factor past total_norm_warning, then one NaN, then recovery
+    norms = [1.0] * 30 + list(np.geomspace(2.0, 50.0, 10)) + [math.nan] + [1.0] * 79
+    found = rows(health(event_record(norms, losses, nan_steps={40})), 'exploding').iloc[0]
+    assert found['status'] == 'critical' and found['first_step'] == found['last_step'] == 40
+    assert found['value'] == pytest.approx(50.0, rel=1e-5) and found['value'] >= found['threshold'] == t.growth_factor
+
+
+def test_a_run_with_every_step_skipped_has_no_norm_finding():
+    """The fp16 grad scaler skipped every step so far: total_norm, exploding and spikes say 'no applied step yet' (were
+    total_norm critical 'every ... NaN' and exploding warning, against nonfinite's 'normal for mixed precision')."""
+    record = event_record([math.nan, math.nan, math.inf], [2.3, 2.3, 2.3], nan_steps={0, 1}, skipped={0, 1, 2})
+    table = health(record)
+    for check in ('total_norm', 'exploding', 'spikes'):
+        row = rows(table, check).iloc[0]
+        assert row['status'] == 'ok' and 'no applied step yet' in row['reason'], check
+    assert rows(table, 'nonfinite').iloc[0]['status'] == 'ok'
+    text = summary(record)
+    assert 'CRITICAL' not in text and 'WARNING' not in text and 'advice' not in text
+
+
+def test_a_short_lasting_explosion_that_recovers_is_still_an_explosion():
+    "Norms 1, then 4 steps in a row over 100 (like the demo's lr_too_high), then back to 1: exploding over those steps."
+    norms = [1.0] * 10 + [6e4, 2e4, 3e3, 150.0] + [1.0] * 30
+    found = rows(health(event_record(norms, [1.0] * len(norms))), 'exploding').iloc[0]
+    assert found['status'] == 'critical' and (found['first_step'], found['last_step']) == (10, 13)
+    assert found['value'] == pytest.approx(6e4, rel=1e-5)
+    # two in a row are still isolated events (spikes)
+    norms = [1.0] * 10 + [6e4, 2e4] + [1.0] * 30
+    assert rows(health(event_record(norms, [1.0] * len(norms))), 'exploding').iloc[0]['status'] == 'ok'
+
+
+def test_summary_gives_each_direction_of_a_finding_its_own_line_and_remedy():
+    """grad/param ratios 1e-9 (w0, w1) and 1.72 (w2): two lines, 'raise' naming w0 and w1, 'lower' naming w2 (were one
+    line 'in 3 layers ... raise the learning rate')."""
+    record = layered_record([1e-3, 1e-3, 1e-3], ratios=[1e-9, 1e-9, 1.72])
+    lines = [l for l in summary(record).splitlines() if 'grad_param_ratio' in l]
+    assert len(lines) == 2
+    low, = [l for l in lines if 'raise the learning rate' in l]
+    high, = [l for l in lines if 'lower the learning rate' in l]
+    assert 'in 2 layers (w0, w1)' in low and 'w2' not in low
+    assert 'grad_param_ratio w2:' in high and 'w0' not in high and 'w1' not in high
+
+
+def dead_record(dead_frac, n_steps=20):
+    """Three weight layers w0..w2 with no gradient at all (grad_norm 0), `dead_frac[i]` dead units, and an output bias
+    `b` that alone keeps a gradient (0.1, as after the reviewer's too-high learning rate); loss flat at 2.3."""
+    layers = [{'name': f'w{i}', 'module': 'Linear', 'shape': (4, 4), 'numel': 16, 'depth': i} for i in range(3)]
+    layers.append({'name': 'b', 'module': 'Linear', 'shape': (4,), 'numel': 4, 'depth': 3})
+    record = GradRecord(layers)
+    idx = record.layer_index([f'w{i}' for i in range(3)] + ['b'])
+    for step in range(n_steps):
+        values = np.zeros((4, len(METRICS)))
+        values[:, METRICS.index('param_norm')] = 1.0
+        values[:3, METRICS.index('dead_frac')] = dead_frac
+        values[:3, METRICS.index('zero_frac')] = 1.0
+        values[3, METRICS.index('grad_norm')] = 0.1
+        record.add_step(step, 0, 1e-3, 2.3, idx, values)
+    return record
+
+
+def test_a_dead_network_is_not_called_healthy_by_vanishing_nor_told_to_raise_the_learning_rate():
+    """No gradient anywhere: vanishing has no ratio to judge (was ok 'gradients keep their size', value NaN); a ratio 0
+    from dead units points to dead (was 'raise the learning rate' against dead's 'a smaller learning rate')."""
+    t = Thresholds()
+    table = health(dead_record([1.0, 1.0, t.dead_warning]))
+    vanishing = rows(table, 'vanishing').iloc[0]
+    assert vanishing['status'] == 'ok' and math.isnan(vanishing['value'])
+    assert 'keep their size' not in vanishing['reason'] and 'see dead' in vanishing['reason']
+    ratio = rows(table, 'grad_param_ratio')
+    assert list(ratio['layer']) == ['w0', 'w1', 'w2'] and (ratio['value'] == 0).all()
+    assert ratio['reason'].str.contains('see dead').all() and not ratio['reason'].str.contains('raise').any()
+    assert {'w0', 'w1'} <= set(rows(table, 'dead', 'critical')['layer'])
+    # below dead_warning the units are not dead: too small a ratio still asks for a larger learning rate
+    ratio = rows(health(dead_record([0.0, 0.0, t.dead_warning / 2])), 'grad_param_ratio')
+    assert len(ratio) == 3 and ratio['reason'].str.contains('raise the learning rate').all()
