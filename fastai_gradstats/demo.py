@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .report import Comparison
+
 __all__ = ['SOURCES', 'digits_dls', 'TensorPairs', 'mlp', 'GeneralRelu', 'RowRNN', 'Experiment', 'EXPERIMENTS', 'COMPARISONS', 'run_experiment',
            'run_demo']
 
@@ -148,8 +150,6 @@ EXPERIMENTS = [
                expect={'exploding': 'critical'}),
 ]
 "The demo's runs, in the order of their `SOURCES`."
-
-from .report import Comparison  # noqa: E402  (the report reads each pair's metric from it)
 
 # each pair compares the metric of its claim: gradient size, except the units kept alive (the dead fraction)
 COMPARISONS = [Comparison(('lr_reasonable', 'lr_too_high')),

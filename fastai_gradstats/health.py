@@ -90,6 +90,8 @@ class _Run:
         self.weights = sorted([n for n in present if len(shapes[n]) >= 2], key=lambda n: depth[n])
         self.order = sorted(present, key=lambda n: depth[n])
         self.applied_rows = df[df['step'].isin(self.applied['step'])]
+        # the checks convergence depends on, run once here; `health` reports these same findings
+        self.findings_of = {check: check(self) for check in (_check_nonfinite, _check_exploding)}
         self.unsettled = _unsettled(self)
         self.converged = self.loss_settled and not self.unsettled
 
@@ -99,8 +101,8 @@ def _unsettled(run):
     did (empty: none). An isolated NaN or spike long before, from which training recovered, does not."""
     t = run.t
     late_start = int(run.late['step'].min()) if len(run.late) else None
-    why = [f"the {f['check']} check is {f['status']}" for check in (_check_nonfinite, _check_exploding)
-           for f in check(run) if f['status'] != 'ok' and (late_start is None or f['last_step'] is None
+    why = [f"the {f['check']} check is {f['status']}" for findings in run.findings_of.values()
+           for f in findings if f['status'] != 'ok' and (late_start is None or f['last_step'] is None
                                                            or f['last_step'] >= late_start)]
     if not run.late_norm <= t.total_norm_warning:  # NaN too: no finite late norm
         why.append(f"the late total norm {run.late_norm:.3g} is above {t.total_norm_warning:g} (total_norm_warning)")
@@ -442,7 +444,7 @@ def health(record, thresholds: Thresholds | None = None) -> pd.DataFrame:
     remedy). Every check has at least one row, `ok` when it found nothing."""
     df, steps, layers, t = _inputs(record, thresholds)
     run = _Run(df, steps, layers, t, record)
-    rows = [f for check in _CHECKS for f in check(run)]
+    rows = [f for check in _CHECKS for f in (run.findings_of[check] if check in run.findings_of else check(run))]
     out = pd.DataFrame(rows, columns=list(HEALTH_COLUMNS))
     out['first_step'] = out['first_step'].astype('Int64'); out['last_step'] = out['last_step'].astype('Int64')
     rank = out['status'].map({s: i for i, s in enumerate(STATUSES)})
