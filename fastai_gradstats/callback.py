@@ -63,6 +63,22 @@ def input_to_output(loss: torch.Tensor, params) -> list:
     return sorted(found, key=lambda pid: -found[pid])
 
 
+_WRAPPER_ATTRIBUTE = '_orig_mod'  # where `torch.compile`'s OptimizedModule keeps the module it compiled
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    "The user's model inside the wrappers that rename its parameters: DDP's and DataParallel's `module`, `torch.compile`'s."
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module
+        elif isinstance(getattr(model, _WRAPPER_ATTRIBUTE, None), nn.Module): model = getattr(model, _WRAPPER_ATTRIBUTE)
+        else: return model
+
+
+def _user_name(name: str) -> str:
+    "A parameter's name as the user's model spells it: without the `_orig_mod.` of a submodule `torch.compile`d in place."
+    return '.'.join(part for part in name.split('.') if part != _WRAPPER_ATTRIBUTE)
+
+
 def _rank():
     "This process's rank under torch.distributed, or None outside it."
     if torch.distributed.is_available() and torch.distributed.is_initialized(): return torch.distributed.get_rank()
@@ -253,13 +269,12 @@ class GradStats(_FitScope, Callback):
     # --- helpers -------------------------------------------------------------------------
     def _read_model(self):
         "The model's parameters by name, each one's module, and the layer table in the record."
-        model = self.learn.model
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)): model = model.module  # names as in one process
-        self._params = list(model.named_parameters())
+        model = _unwrapped(self.learn.model)
+        self._params = [(_user_name(n), p) for n, p in model.named_parameters()]
         self._module_of = {}
         for mod_name, module in model.named_modules():
             for p_name, _ in module.named_parameters(recurse=False):
-                self._module_of[f'{mod_name}.{p_name}' if mod_name else p_name] = module
+                self._module_of[_user_name(f'{mod_name}.{p_name}' if mod_name else p_name)] = module
         self._describe_layers(order=None)
 
     def _with_grads(self) -> list:

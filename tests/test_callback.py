@@ -612,3 +612,27 @@ def test_numpy_integer_arguments_train_as_ints():
 def test_input_to_output_needs_a_loss_with_a_graph():
     with pytest.raises(TypeError, match='`loss`'): input_to_output(3.0, [])
     with pytest.raises(ValueError, match='`loss`'): input_to_output(torch.tensor(1.0), [])
+
+
+# --- torch.compile ---------------------------------------------------------------------------------
+@pytest.mark.parametrize('where', ['model', 'submodule'])
+def test_a_compiled_model_keeps_its_own_parameter_names(where):
+    """`torch.compile` wraps a module in an OptimizedModule whose parameters are named `_orig_mod.<name>`: the record
+    names them as the uncompiled model does, with the statistics of a float64 reference (the eager backend: no C++
+    compiler needed, the same wrapper)."""
+    torch._dynamo.reset()
+    model = tiny_mlp()
+    plain_names = [n for n, _ in model.named_parameters()]
+    if where == 'model': model = torch.compile(model, backend='eager')
+    else: model[0] = torch.compile(model[0], backend='eager')
+    assert any('_orig_mod' in n for n, _ in model.named_parameters())  # the wrapper renames them
+    learn = make_learner(model, small_dls(n_train=48, bs=16))
+    cap = Capture()
+    learn.fit(1, 0.1, cbs=[GradStats(), cap])
+    unwrap = lambda name: name.replace('_orig_mod.', '')
+    for c in cap.captured:
+        for key in ('grads', 'params', 'requires_grad'): c[key] = {unwrap(n): v for n, v in c[key].items()}
+    record = learn.grad_stats
+    assert sorted(record.layers['name']) == sorted(plain_names)
+    assert_record_matches(record, cap.captured)
+    torch._dynamo.reset()
