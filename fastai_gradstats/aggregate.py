@@ -108,9 +108,15 @@ def by_module(record) -> pd.DataFrame:
 
 def by_param_group(record) -> pd.DataFrame:
     """`combine` with one group per optimizer parameter group (as used by discriminative learning rates),
-    named `group 0`, `group 1`, ...; parameters outside the optimizer are left out."""
+    named `group 0`, `group 1`, ...; parameters outside the optimizer are left out. A last column `lr` holds the
+    group's learning rate at that step (from `record.lrs`; NaN where it was not recorded)."""
     if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
     layers = record.layers
     groups = {n: f'group {g}' for n, g in zip(layers['name'], layers['group']) if g >= 0}
     if not groups: raise ValueError("`record` knows no optimizer parameter groups (recorded by an older version?)")
-    return combine(record, groups)
+    out = combine(record, groups)
+    keys = ['rank', 'step', 'layer'] if 'rank' in out else ['step', 'layer']
+    lrs = record.lrs.assign(layer=lambda t: 'group ' + t['group'].astype(str))
+    out['lr'] = pd.MultiIndex.from_frame(out[keys]).map(lrs.set_index(keys)['lr'].to_dict()).to_numpy(np.float64) \
+        if len(lrs) else np.nan
+    return out

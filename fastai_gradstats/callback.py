@@ -104,14 +104,14 @@ class _Waiting:
         else:  # touched once now: its pages faulted in one by one, a step at a time, cost more than the copies
             self.raws = np.empty(shape, layout.host_dtype)
             self.raws.fill(0)
-        self.steps = []  # (step, epoch, lr, carries the update norms of the step before)
+        self.steps = []  # (step, epoch, each parameter group's lr, carries the update norms of the step before)
 
     @property
     def full(self): return len(self.steps) == len(self.raws)
 
-    def add(self, raw, step, epoch, lr, carries_update):
+    def add(self, raw, step, epoch, lrs, carries_update):
         self.raws[len(self.steps), :len(raw)] = raw
-        self.steps.append((step, epoch, lr, carries_update))
+        self.steps.append((step, epoch, lrs, carries_update))
 
 
 class _FitScope:
@@ -372,10 +372,14 @@ class GradStats(_FitScope, Callback):
         if self.update_ratio:
             values = np.concatenate([values, np.full((n, 1), np.nan, np.float32)], axis=1)
             self._kept_params = params  # the plan kept a copy of them (keep=True above) for `_measure_update`
-        self.record.add_step(self.step_count, self.learn.epoch, self.learn.opt.hypers[-1]['lr'], loss,
+        self.record.add_step(self.step_count, self.learn.epoch, self._group_lrs(), loss,
                              self._plan_index, values, counts, skipped, hist, pending=self.update_ratio and not skipped)
         self._recorded_step = True
         if not skipped and (self.alerts or self.stop_on_critical): self._alert(values, counts)
+
+    def _group_lrs(self) -> list:
+        "The learning rate of each of the optimizer's parameter groups, now."
+        return [hyper['lr'] for hyper in self.learn.opt.hypers]
 
     def _may_wait(self, host, layout) -> bool:
         """Whether this step can wait to be assembled with the next ones: a routine step (`LayerStats._routine`:
@@ -403,7 +407,7 @@ class GradStats(_FitScope, Callback):
             width = layout.extra_at + 1 + len(self._plan)  # the loss, and the update norms of the step before
             waiting = self._waiting = _Waiting(self._plan, layout, self._plan_index, width, None if waiting is None else waiting.raws)
         if not waiting.steps: self.record.hold(self._assemble_waiting)
-        waiting.add(host, self.step_count, self.learn.epoch, self.learn.opt.hypers[-1]['lr'], carries_update)
+        waiting.add(host, self.step_count, self.learn.epoch, self._group_lrs(), carries_update)
         if waiting.full: self.record._add_waiting()
 
     def _assemble_waiting(self):
@@ -422,7 +426,8 @@ class GradStats(_FitScope, Callback):
                 if not carries_update: continue
                 if j == 0: self.record.set_last('update_norm', raws[0, update_at:update_at + n])
                 else: values[j - 1, :, -1] = raws[j, update_at:update_at + n]
-        columns = {'step': [s[0] for s in steps], 'epoch': [s[1] for s in steps], 'lr': [s[2] for s in steps],
+        columns = {'step': [s[0] for s in steps], 'epoch': [s[1] for s in steps], 'lr': [s[2][-1] for s in steps],
+                   'lrs': [s[2] for s in steps],
                    'loss': raws[:, layout.extra_at], 'skipped': np.zeros(k, bool)}
         self.record.fetch_pending()  # values still to fetch belong to the step before these (as `add_step` does)
         self.record._extend(columns, np.full(k, n), np.tile(waiting.layer_index, k), values.reshape(k * n, -1),

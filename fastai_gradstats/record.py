@@ -36,6 +36,7 @@ steps around this one are kept (`every`, or more where `keep_last` thinned old s
 FORMAT_VERSION = 1
 _FILES = {'meta': 'meta.json', 'steps': 'steps.parquet', 'stats': 'stats.parquet'}
 _HIST_FILE = 'hist.parquet'  # present when the run kept magnitude histograms, rows aligned with stats.parquet
+_LRS_FILE = 'lrs.parquet'    # the parameter groups' learning rates (`lrs`), when any step has them
 
 
 class _Growable:
@@ -89,6 +90,17 @@ def _rows(value, dtype, width: int, name: str, n_rows: int | None = None) -> np.
     return array.reshape(-1, width)
 
 
+def _group_lrs(lr) -> np.ndarray:
+    "`lr` (one learning rate, or a sequence of one per parameter group) as a 1-D float64 array; else a TypeError naming `lr`."
+    if isinstance(lr, (str, bytes)) or not (hasattr(lr, '__len__') or np.ndim(lr) == 0):
+        raise TypeError(f"`lr` must be a number or a list of numbers (one per parameter group), got {lr!r}")
+    try: lrs = np.asarray(lr, np.float64).reshape(-1)
+    except (TypeError, ValueError): raise TypeError(f"`lr` must be a number or a list of numbers, got {lr!r}") from None
+    if np.ndim(lr) > 1 or not len(lrs):
+        raise ValueError(f"`lr` must be a number or a non-empty flat list of numbers (one per parameter group), got {lr!r}")
+    return lrs
+
+
 def _scalar(value, kind, name: str):
     "`value` as an int or float (`kind`); else a TypeError naming `name`."
     if kind is int and not _is_int(value): raise TypeError(f"`{name}` must be an int, got {value!r}")
@@ -113,6 +125,8 @@ class GradRecord:
       old steps), and first a `rank` column in a merge of several ranks (`merge`);
     - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`, `group`
       (the optimizer's parameter group, -1 when unknown);
+    - `lrs`: one row per (recorded step, optimizer parameter group): `step`, `group`, `lr`, so discriminative
+      learning rates show (`steps['lr']` is the last group's);
     - `stopped_steps`: the steps at which `GradStats(stop_on_critical=True)` stopped training (recorded, flagged
       `skipped`, never applied; the diagnosis reads their gradients), a list, empty when it never stopped.
 
@@ -154,7 +168,8 @@ class GradRecord:
         self._row_layer = _Growable(np.int32)
         self._step_cols = {'step': _Growable(np.int64), 'epoch': _Growable(np.int32), 'lr': _Growable(np.float64),
                            'loss': _Growable(np.float32), 'skipped': _Growable(np.bool_), 'n_rows': _Growable(np.int64),
-                           'kept_every': _Growable(np.int64), 'rank': _Growable(np.int32)}
+                           'kept_every': _Growable(np.int64), 'rank': _Growable(np.int32), 'n_groups': _Growable(np.int32)}
+        self._lrs = _Growable(np.float64)  # every parameter group's learning rate, `n_groups` of them per step
         self._cache = {}
         self.pending_last = False
         self._deferred = None  # (column, fetch): where the pending values are, fetched when something reads them
@@ -219,8 +234,9 @@ class GradRecord:
     def add_step(self, step, epoch, lr, loss, layer_index, values, counts=None, skipped=False, hist=None, pending=False):
         """Append one recorded optimizer step.
 
-        `step` (an int, larger than the last step's) and `epoch` number it; `lr` and `loss` are the
-        learning rate and loss of that step; `skipped`: the optimizer did not apply it.
+        `step` (an int, larger than the last step's) and `epoch` number it; `lr` is the learning rate of that
+        step, one number or one per optimizer parameter group (a list; `steps['lr']` is the last group's, `lrs` all of
+        them); `loss` its loss; `skipped`: the optimizer did not apply it.
         `layer_index` (from `layer_index`) says which layer each row of `values` belongs to;
         `values` has one column per entry of `value_columns` (NaN for an extra column not known
         yet, see `set_last`); `counts` one per `COUNT_COLUMNS` (zeros when omitted); `hist`, when
@@ -238,7 +254,8 @@ class GradRecord:
         if hist is not None: hist = _rows(hist, self._hist.data.dtype, len(HIST_BINS), 'hist', len(values))
         # scalars first: a bad one must fail before any column grows
         step, epoch = _scalar(step, int, 'step'), _scalar(epoch, int, 'epoch')
-        lr, loss, skipped = _scalar(lr, float, 'lr'), _scalar(loss, float, 'loss'), bool(skipped)
+        group_lrs = _group_lrs(lr)
+        lr, loss, skipped = float(group_lrs[-1]), _scalar(loss, float, 'loss'), bool(skipped)
         if self._deferred is not None: self.fetch_pending()  # they belong to the step before this one
         columns = self._step_cols
         if len(columns['step']):
@@ -247,8 +264,10 @@ class GradRecord:
                 raise ValueError(f"`step` must increase: got {step} after {last}")
         self._extend_rows(layer_index, values, counts, hist)
         for name, value in (('step', step), ('epoch', epoch), ('lr', lr), ('loss', loss), ('skipped', skipped),
-                            ('n_rows', len(values)), ('kept_every', self.every), ('rank', self.rank or 0)):
+                            ('n_rows', len(values)), ('kept_every', self.every), ('rank', self.rank or 0),
+                            ('n_groups', len(group_lrs))):
             columns[name].append(value)
+        self._lrs.extend(group_lrs)
         self._grew(1)
         self.pending_last = bool(pending)
 
@@ -297,6 +316,10 @@ class GradRecord:
             raise ValueError(f"`step` must increase: got {new_steps.tolist()[:5]} after {last.tolist()}")
         self._extend_rows(layer_index, values, counts, hist)
         for name in ('step', 'epoch', 'lr', 'loss', 'skipped'): self._step_cols[name].extend(np.asarray(steps[name]))
+        # each step's parameter groups' learning rates (`lrs`, a list per step; without it: none known, only `lr`)
+        group_lrs = [np.asarray(lrs, np.float64).reshape(-1) for lrs in steps['lrs']] if 'lrs' in steps else []
+        self._step_cols['n_groups'].extend([len(lrs) for lrs in group_lrs] if group_lrs else np.zeros(len(new_steps)))
+        if group_lrs: self._lrs.extend(np.concatenate(group_lrs))
         self._step_cols['n_rows'].extend(n_rows)
         self._step_cols['kept_every'].extend(np.asarray(steps['kept_every']) if 'kept_every' in steps
                                              else np.full(len(new_steps), self.every))
@@ -333,6 +356,7 @@ class GradRecord:
         rows = np.repeat(keep, self._step_cols['n_rows'].view)
         for growable in (self._values, self._counts, self._row_layer, self._hist):
             if growable is not None: growable.compress(rows)
+        self._lrs.compress(np.repeat(keep, self._step_cols['n_groups'].view))
         for growable in self._step_cols.values(): growable.compress(keep)
         self._cache.clear()
 
@@ -371,6 +395,10 @@ class GradRecord:
     def __setstate__(self, state):
         if 'pending_last' in state: state['_pending_last'] = state.pop('pending_last')  # pickled by an older version
         self.__dict__.update(state)
+        if '_lrs' not in state:  # pickled before the groups' learning rates were kept: none known for its steps
+            self._lrs = _Growable(np.float64)
+            self._step_cols['n_groups'] = _Growable(np.int32)
+            self._step_cols['n_groups'].extend(np.zeros(len(self._step_cols['step']), np.int32))
 
     @property
     def pending_last(self) -> bool:
@@ -514,6 +542,24 @@ class GradRecord:
             self._cache['steps'] = pd.DataFrame(cols, columns=(['rank'] if self.multi_rank else []) + list(STEP_COLUMNS))
         return self._cache['steps']
 
+    @property
+    def lrs(self) -> pd.DataFrame:
+        """The learning rate of every optimizer parameter group at each recorded step: one row per (step, group), with
+        `step`, `group` (the index `layers['group']` refers to) and `lr` (first `rank` in a merge of several ranks).
+        Discriminative learning rates (`fine_tune`, `lr=slice(...)`) show here; `steps['lr']` is the last group's.
+        Runs saved before this was recorded have no rows for their steps."""
+        self._thin_if_due()
+        if 'lrs' not in self._cache:
+            n_groups = self._step_cols['n_groups'].view
+            step_of = np.repeat(np.arange(len(n_groups)), n_groups)
+            starts = np.cumsum(n_groups) - n_groups
+            cols = {'rank': self._step_cols['rank'].view[step_of]} if self.multi_rank else {}
+            cols |= {'step': self._step_cols['step'].view[step_of],
+                     'group': (np.arange(len(step_of)) - np.repeat(starts, n_groups)).astype(np.int64),
+                     'lr': self._lrs.view.copy()}
+            self._cache['lrs'] = pd.DataFrame(cols)
+        return self._cache['lrs']
+
     def __repr__(self):
         if not len(self): return f"GradRecord(no steps recorded, {len(self._layers)} layers)"
         s = self._step_cols['step'].view
@@ -550,6 +596,8 @@ class GradRecord:
             hist['layer'] = hist['layer'].astype(str)
             hist.to_parquet(path/_HIST_FILE, index=False)
         elif (path/_HIST_FILE).exists(): (path/_HIST_FILE).unlink()
+        if len(self.lrs): self.lrs.to_parquet(path/_LRS_FILE, index=False)
+        elif (path/_LRS_FILE).exists(): (path/_LRS_FILE).unlink()
         return path
 
 
@@ -606,6 +654,7 @@ def load(path) -> GradRecord:
     try:
         stats, steps = pd.read_parquet(path/_FILES['stats']), pd.read_parquet(path/_FILES['steps'])
         hist = pd.read_parquet(path/_HIST_FILE) if record.has_hist else None
+        lrs = pd.read_parquet(path/_LRS_FILE) if (path/_LRS_FILE).is_file() else None
     except Exception as e:
         raise ValueError(f"{str(path)!r} holds an unreadable parquet file: {e}") from None
     need_stats = {'step', 'epoch', 'layer', *record.value_columns, *COUNT_COLUMNS} - set(stats.columns)
@@ -632,13 +681,29 @@ def load(path) -> GradRecord:
         if (step_pos < 0).any(): raise ValueError(f"{str(path)!r}: stats.parquet has steps that steps.parquet lacks")
         order = np.argsort(step_pos, kind='stable')
         stats = stats.iloc[order]
-        record._extend(steps, np.bincount(step_pos, minlength=len(steps)), record.layer_index(stats['layer']),
+        columns = {c: steps[c] for c in steps.columns}
+        if lrs is not None: columns['lrs'] = _lrs_of_steps(lrs, steps, keys, path)
+        record._extend(columns, np.bincount(step_pos, minlength=len(steps)), record.layer_index(stats['layer']),
                        stats[record.value_columns].to_numpy(np.float32), stats[list(COUNT_COLUMNS)].to_numpy(np.int64),
                        None if hist is None else hist.iloc[order][list(HIST_BINS)].to_numpy())
     except ValueError: raise
     except Exception as e:  # anything else a damaged file can raise inside pandas or numpy
         raise ValueError(f"{str(path)!r} is not a valid GradStats run: {type(e).__name__}: {e}") from None
     return record
+
+
+def _lrs_of_steps(lrs: pd.DataFrame, steps: pd.DataFrame, keys: list, path) -> list:
+    "The learning rates of each row of `steps` from a saved `lrs` table (groups 0, 1, ... of every step), checked."
+    if not {*keys, 'group', 'lr'} <= set(lrs.columns):
+        raise ValueError(f"{str(path)!r}: {_LRS_FILE} lacks columns {sorted({*keys, 'group', 'lr'} - set(lrs.columns))}")
+    at = pd.MultiIndex.from_frame(steps[keys]).get_indexer(pd.MultiIndex.from_frame(lrs[keys]))
+    if (at < 0).any(): raise ValueError(f"{str(path)!r}: {_LRS_FILE} has steps that steps.parquet lacks")
+    lrs = lrs.assign(_at=at).sort_values(['_at', 'group'], kind='stable')
+    out = [[] for _ in range(len(steps))]
+    for i, group, lr in zip(lrs['_at'], lrs['group'], lrs['lr']):
+        if group != len(out[i]): raise ValueError(f"{str(path)!r}: {_LRS_FILE} does not hold groups 0, 1, ... of each step")
+        out[i].append(float(lr))
+    return out
 
 
 def merge(records) -> GradRecord:
@@ -679,9 +744,14 @@ def merge(records) -> GradRecord:
             parts.append((int(step), int(r_ranks[i]), r, i, slice(starts[i], starts[i] + n_rows[i]), names))
     parts.sort(key=lambda p: (p[0], p[1]))
     cols = {k: [] for k in ('step', 'epoch', 'lr', 'loss', 'skipped', 'kept_every', 'rank')}
+    cols['lrs'] = []
+    lr_starts = {id(r): np.cumsum(r._step_cols['n_groups'].view) - r._step_cols['n_groups'].view for r in records}
     rows, layer_index, values, counts, hist = [], [], [], [], []
     for step, rank, r, i, rows_of, names in parts:
-        for k in cols: cols[k].append(rank if k == 'rank' else r._step_cols[k].view[i])
+        for k in cols:
+            if k != 'lrs': cols[k].append(rank if k == 'rank' else r._step_cols[k].view[i])
+        start = lr_starts[id(r)][i]
+        cols['lrs'].append(r._lrs.view[start:start + r._step_cols['n_groups'].view[i]])
         rows.append(rows_of.stop - rows_of.start)
         layer_index.append(out.layer_index(names[r._row_layer.view[rows_of]]))
         values.append(r._values.view[rows_of]); counts.append(r._counts.view[rows_of])

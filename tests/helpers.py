@@ -236,7 +236,7 @@ def assert_record_matches(record, captured, zero_tol: float = 0.0, steps=None, s
     every captured step)."""
     by_step = {c['step']: c for c in captured}
     steps = sorted(by_step) if steps is None else list(steps)
-    df, st = record.df, record.steps
+    df, st, lrs = record.df, record.steps, record.lrs
     df, st = df[df['step'] >= since], st[st['step'] >= since].reset_index(drop=True)
     assert set(LAYER_SCHEMA) <= set(df.columns), f'missing .df columns {set(LAYER_SCHEMA) - set(df.columns)}'
     assert set(STEP_SCHEMA) <= set(st.columns), f'missing .steps columns {set(STEP_SCHEMA) - set(st.columns)}'
@@ -257,6 +257,9 @@ def assert_record_matches(record, captured, zero_tol: float = 0.0, steps=None, s
         assert bool(srow['skipped']) == cap['skipped'], f'step {s}: skipped'
         np.testing.assert_allclose(srow['loss'], cap['loss'], rtol=1e-6, err_msg=f'step {s} loss')
         np.testing.assert_allclose(srow['lr'], cap['lr'], rtol=1e-12, err_msg=f'step {s} lr')
+        group_lrs = lrs[lrs['step'] == s]
+        assert group_lrs['group'].tolist() == list(range(len(cap['lrs']))), f'step {s}: parameter groups of .lrs'
+        np.testing.assert_allclose(group_lrs['lr'], cap['lrs'], rtol=1e-12, err_msg=f'step {s} each group lr')
         total = np.concatenate([cap['grads'][n].reshape(-1).numpy() for n in names]) if names else np.zeros(0)
         with np.errstate(invalid='ignore', over='ignore'):
             np.testing.assert_allclose(srow['grad_norm'], np.sqrt(np.sum(total ** 2)), rtol=1e-5, equal_nan=True,

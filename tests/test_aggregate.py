@@ -254,7 +254,20 @@ def test_by_param_group_follows_the_optimizer_groups():
     record = learn.grad_stats
     assert list(record.layers.set_index('name')['group'].loc[['0.weight', '3.bias', '5.weight']]) == [0, 0, 1]
     groups = {n: ('group 0' if n.split('.')[0] in ('0', '1', '3') else 'group 1') for n in cap.grads[0]}
-    check(by_param_group(record), reference(cap, groups, ['group 0', 'group 1']))
+    by_group = by_param_group(record)
+    check(by_group, reference(cap, groups, ['group 0', 'group 1']))
+    # discriminative learning rates: each group's own, as the optimizer held them at that step
+    learn.fit(1, slice(1e-4, 1e-2), cbs=[GradStats(), cap := LrCapture()])
+    by_group = by_param_group(learn.grad_stats)
+    assert by_group.columns[-1] == 'lr'
+    np.testing.assert_allclose(by_group['lr'], [lr for lrs in cap.lrs for lr in lrs], rtol=1e-12)
+    assert by_group.groupby('layer')['lr'].first().tolist() == pytest.approx([1e-4, 1e-2])
+
+
+class LrCapture(Callback):
+    "Each parameter group's learning rate at every optimizer step."
+    def before_fit(self): self.lrs = []
+    def before_step(self): self.lrs.append([h['lr'] for h in self.learn.opt.hypers])
 
 
 def test_a_merge_of_ranks_is_combined_rank_by_rank():

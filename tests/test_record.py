@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fastai_gradstats
-from fastai_gradstats import GradRecord, GradStats, load
+from fastai_gradstats import GradRecord, GradStats, load, merge
 from fastai_gradstats.stats import METRICS
 
 from helpers import (LAYER_SCHEMA, STEP_SCHEMA, CPUMixedPrecision, Capture, InjectNonFinite, assert_record_matches,
@@ -500,3 +500,52 @@ def test_load_refuses_parquet_files_that_do_not_belong_together(tmp_path, damage
         load(path)
     from fastai_gradstats.cli import main
     assert main(['summary', str(path)]) == 2             # the command says so in one line, no traceback
+
+
+# --- each parameter group's learning rate ---------------------------------------------------------
+def test_lrs_keep_every_groups_learning_rate_through_thinning_save_load_and_merge(tmp_path):
+    layers = [{'name': n, 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': d, 'group': d} for d, n in enumerate('ab')]
+    record = GradRecord(layers, keep_last=4)
+    index = record.layer_index(['a', 'b'])
+    values = np.ones((2, len(METRICS)), np.float32)
+    for step in range(40):
+        record.add_step(step, 0, [1e-4 * (step + 1), 1e-3 * (step + 1)] if step != 7 else 0.5, 1.0, index, values)
+    kept = record.steps['step'].tolist()
+    assert len(kept) < 40  # thinned: .lrs keeps the same steps
+    lrs = record.lrs
+    expected = [(s, g, 0.5 if s == 7 else (1e-4, 1e-3)[g] * (s + 1)) for s in kept for g in ((0,) if s == 7 else (0, 1))]
+    assert list(zip(lrs['step'], lrs['group'])) == [(s, g) for s, g, _ in expected]
+    np.testing.assert_allclose(lrs['lr'], [lr for *_, lr in expected], rtol=1e-15)
+    assert record.steps['lr'].tolist() == [lr for s, g, lr in expected if s == 7 or g == 1]  # .steps: the last group's
+    again = load(record.save(tmp_path / 'run'))
+    pd.testing.assert_frame_equal(again.lrs, lrs)
+    other = load(tmp_path / 'run'); other.rank = 1
+    again.rank = 0
+    merged = merge([again, other])
+    assert merged.lrs.columns.tolist() == ['rank', 'step', 'group', 'lr']
+    pd.testing.assert_frame_equal(merged.lrs[merged.lrs['rank'] == 1].drop(columns='rank').reset_index(drop=True), lrs)
+    for bad, error in (([], ValueError), ([[0.1, 0.2]], ValueError), ('0.1', TypeError), ([0.1, 'x'], TypeError)):
+        with pytest.raises(error, match='`lr`'): record.add_step(100, 0, bad, 1.0, index, values)
+
+
+def test_a_run_saved_without_lrs_loads_with_none_known(tmp_path):
+    "Runs saved before the groups' learning rates were kept have no lrs.parquet: they load, with an empty `lrs`."
+    record, _ = rich_fit()
+    path = record.save(tmp_path / 'run')
+    (path / 'lrs.parquet').unlink()
+    old = load(path)
+    assert len(old.lrs) == 0 and old.steps['lr'].tolist() == record.steps['lr'].tolist()
+    assert len(load(old.save(tmp_path / 'again')).lrs) == 0
+
+
+def test_a_record_pickled_before_lrs_existed_reads_and_records_on():
+    learn = make_learner(tiny_mlp(), small_dls(n_train=32, bs=16))
+    learn.fit(1, 0.1, cbs=GradStats())
+    state = pickle.loads(pickle.dumps(learn.grad_stats.__getstate__()))
+    del state['_lrs']; del state['_step_cols']['n_groups']  # what an earlier version's pickle holds
+    old = GradRecord.__new__(GradRecord)
+    old.__setstate__(state)
+    assert len(old.lrs) == 0
+    index = old.layer_index(list(learn.grad_stats.layers['name']))
+    old.add_step(99, 1, [0.1, 0.2], 1.0, index, np.ones((len(index), len(old.value_columns)), np.float32))
+    assert old.lrs.values.tolist() == [[99, 0, 0.1], [99, 1, 0.2]]
