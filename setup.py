@@ -35,7 +35,7 @@ setuptools.setup(
     python_requires=f'>={min_python}',
     install_requires=cfg['requirements'].split(),
     extras_require={'dev': cfg['dev_requirements'].split(), 'tensorboard': cfg['tensorboard_requirements'].split(),
-                    'wandb': cfg['wandb_requirements'].split()},
+                    'wandb': cfg['wandb_requirements'].split(), 'vision': cfg['vision_requirements'].split()},
     entry_points={'console_scripts': cfg['console_scripts'].split()},
     zip_safe=False,
 )

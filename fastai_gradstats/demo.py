@@ -1,7 +1,8 @@
 """The main job: the experiments of the forum threads and posts in `SOURCES`, reproduced with `GradStats` on real data.
 
 Every experiment trains on scikit-learn's 8x8 digits (shipped with it: no download) with a
-fastai `Learner`, and `run_demo` writes each run's record, the figures as PNG and one
+fastai `Learner` (the resnet18 runs with a `vision_learner`, on the digits upscaled to 3 x 32 x 32 images,
+where torchvision imports), and `run_demo` writes each run's record, the figures as PNG and one
 self-contained `report.html`, and prints each run's health summary.
 """
 from __future__ import annotations
@@ -18,20 +19,26 @@ from torch import nn
 from .report import Comparison
 
 __all__ = ['SOURCES', 'digits_dls', 'TensorPairs', 'mlp', 'GeneralRelu', 'RowRNN', 'Experiment', 'EXPERIMENTS', 'COMPARISONS', 'run_experiment',
-           'run_demo']
+           'run_demo', 'vision_unavailable']
 
 
-def digits_dls(bs: int = 64, seed: int = 0, n_train: int = 1500, sequence: bool = False):
+def digits_dls(bs: int = 64, seed: int = 0, n_train: int = 1500, sequence: bool = False, image_size: int | None = None):
     """fastai `DataLoaders` of scikit-learn's digits: 64 pixels in [0, 1] and a label 0-9; `n_train` images train.
 
-    `sequence=True` gives each image as 16 steps of 4 pixels, for recurrent networks."""
+    `sequence=True` gives each image as 16 steps of 4 pixels, for recurrent networks; `image_size=32` gives each
+    as a 3 x 32 x 32 image (the 8 x 8 pixels upscaled, the same in the three channels), for vision models."""
     from fastai.data.core import DataLoaders
     from sklearn.datasets import load_digits
     if not isinstance(n_train, int) or not 0 < n_train < 1797:
         raise ValueError(f"`n_train` must be an int between 1 and 1796, got {n_train!r}")
+    if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8):
+        raise ValueError(f"`image_size` must be None or an int >= 8, got {image_size!r}")
+    if sequence and image_size is not None: raise ValueError("`sequence` and `image_size` cannot both be given")
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
     if sequence: x = x.view(-1, 16, 4)
+    if image_size is not None:
+        x = nn.functional.interpolate(x.view(-1, 1, 8, 8), size=image_size, mode='nearest').expand(-1, 3, -1, -1).contiguous()
     y = torch.tensor(y, dtype=torch.long)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     train, valid = order[:n_train], order[n_train:]
@@ -113,13 +120,37 @@ class Experiment:
     name: str
     seed_thread: str              # which source it answers: a key of `SOURCES`
     claim: str                    # what the thread says, checked by the run
-    model: Callable[[], nn.Module]
+    model: Callable[[], nn.Module] | None  # None: the `arch` of a fastai `vision_learner`
     lr: float
     epochs: int = 3
     quick_epochs: int = 1
     opt: str = 'Adam'
     sequence: bool = False
     expect: dict = field(default_factory=dict)  # health check -> status the run should show (tests read it)
+    arch: str | None = None       # a torchvision model for `vision_learner(pretrained=False)`, e.g. 'resnet18'
+    image_size: int | None = None # the digits as 3 x size x size images (`digits_dls`); quick runs: half the size
+    one_cycle: bool = False       # train with `fit_one_cycle` (as the thread did), else `fit`
+
+    @property
+    def quick_n_train(self) -> int:
+        "Training images of a quick run: all 1500, but 640 for a vision model (whose steps cost 10-100x an MLP's)."
+        return 1500 if self.arch is None else 640
+
+    def unavailable(self) -> str | None:
+        "Why this run cannot train here (a vision model where torchvision does not import), else None."
+        return None if self.arch is None else vision_unavailable()
+
+
+def vision_unavailable() -> str | None:
+    """Why `fastai.vision` and torchvision cannot be imported here (None: they can). A torchvision built for another
+    torch raises a RuntimeError at import, not an ImportError."""
+    try:
+        import torchvision.models  # noqa: F401
+        from fastai.vision.learner import vision_learner  # noqa: F401
+    except Exception as e:
+        return (f"torchvision does not import beside torch {torch.__version__} ({type(e).__name__}: {e}); install a "
+                "matching pair, e.g. `pip install torch==2.14.1 torchvision==0.29.1` in a venv of its own")
+    return None
 
 
 EXPERIMENTS = [
@@ -148,13 +179,21 @@ EXPERIMENTS = [
     Experiment('rnn_scale_above_1', '003', 'recurrent weight with norm 3 > 1: gradients explode through time',
                lambda: RowRNN(3.0), lr=1e-3, epochs=3, quick_epochs=1, sequence=True,
                expect={'exploding': 'critical'}),
+    # the thread's own model: cnn_learner(dls, resnet18, pretrained=False), trained with fit_one_cycle
+    Experiment('resnet18_lr_reasonable', '000', "the thread's untrained resnet18 with a sensible learning rate: are "
+               'gradient elements ever larger than 1?', None, lr=1e-3, epochs=2, quick_epochs=1, arch='resnet18',
+               image_size=32, one_cycle=True, expect={'nonfinite': 'ok'}),
+    Experiment('resnet18_lr_too_high', '000', 'the same resnet18 with a learning rate far too high (SGD at a constant '
+               'lr of 10): gradients become huge', None, lr=10.0, epochs=2, quick_epochs=1, opt='SGD', arch='resnet18',
+               image_size=32, expect={'exploding': 'critical'}),
 ]
 "The demo's runs, in the order of their `SOURCES`."
 
 # each pair compares the metric of its claim: gradient size, except the units kept alive (the dead fraction)
 COMPARISONS = [Comparison(('lr_reasonable', 'lr_too_high')),
                Comparison(('relu_default_init', 'generalrelu_kaiming'), metric='dead_frac'),
-               Comparison(('sigmoid_deep', 'relu_deep')), Comparison(('rnn_scale_below_1', 'rnn_scale_above_1'))]
+               Comparison(('sigmoid_deep', 'relu_deep')), Comparison(('rnn_scale_below_1', 'rnn_scale_above_1')),
+               Comparison(('resnet18_lr_reasonable', 'resnet18_lr_too_high'))]
 "Pairs of runs the report puts side by side, each a `report.Comparison` (a tuple of two names) naming its `metric`."
 
 
@@ -168,16 +207,26 @@ def run_experiment(exp: Experiment, quick: bool = False, progress: bool = True, 
     from fastai.optimizer import SGD, Adam
     from fastai.torch_core import set_seed
     from .callback import GradientAlert, GradStats
+    reason = exp.unavailable()
+    if reason is not None: raise RuntimeError(f"experiment {exp.name!r} cannot run here: {reason}")
     set_seed(0)  # torch, numpy and Python's random (fastai shuffles with it): the same run every time
     opt = {'Adam': Adam, 'SGD': SGD}[exp.opt]
-    learn = Learner(digits_dls(sequence=exp.sequence), exp.model(), loss_func=CrossEntropyLossFlat(),
-                    metrics=accuracy, opt_func=opt)
+    image_size = None if exp.image_size is None else exp.image_size // 2 if quick else exp.image_size
+    dls = digits_dls(sequence=exp.sequence, image_size=image_size, n_train=exp.quick_n_train if quick else 1500)
+    if exp.arch is None:
+        learn = Learner(dls, exp.model(), loss_func=CrossEntropyLossFlat(), metrics=accuracy, opt_func=opt)
+    else:
+        import torchvision.models
+        from fastai.vision.learner import vision_learner
+        learn = vision_learner(dls, getattr(torchvision.models, exp.arch), pretrained=False, n_out=10,
+                               loss_func=CrossEntropyLossFlat(), metrics=accuracy, opt_func=opt)
     cb = GradStats(**{'hist': True, **gradstats_kwargs})
+    fit = learn.fit_one_cycle if exp.one_cycle else learn.fit
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', GradientAlert)  # the summary reports them
-        if progress: learn.fit(exp.quick_epochs if quick else exp.epochs, exp.lr, cbs=cb)
+        if progress: fit(exp.quick_epochs if quick else exp.epochs, exp.lr, cbs=cb)
         else:
-            with learn.no_bar(), learn.no_logging(): learn.fit(exp.quick_epochs if quick else exp.epochs, exp.lr, cbs=cb)
+            with learn.no_bar(), learn.no_logging(): fit(exp.quick_epochs if quick else exp.epochs, exp.lr, cbs=cb)
     record = learn.grad_stats
     record.args.update({'experiment': exp.name, 'seed_thread': exp.seed_thread, 'source': SOURCES[exp.seed_thread],
                         'claim': exp.claim,
@@ -188,25 +237,32 @@ def run_experiment(exp: Experiment, quick: bool = False, progress: bool = True, 
 def run_demo(out='gradstats-demo', quick: bool = False, progress: bool = True) -> dict:
     """Run every experiment of `EXPERIMENTS`, save each record under `out/<name>`, the figures under
     `out/figures`, the report at `out/report.html`, print each run's health summary, and return the
-    records by name. An empty `out`, or a file or directory in the way of those paths, is refused (ValueError)
-    before anything trains."""
+    records by name. An experiment that cannot run here (a vision model where torchvision does not import) is
+    skipped, and the console and the report say why. An empty `out`, or a file or directory in the way of those
+    paths, is refused (ValueError) before anything trains."""
     from .report import write_report
     if not isinstance(out, (str, Path)): raise TypeError(f"`out` must be a str or Path, got {type(out).__name__}")
     if isinstance(out, str) and not out: raise ValueError("`out` is empty: give the directory to write the demo to")
     out = Path(out)
     _check_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    records, started = {}, time.perf_counter()
+    records, skipped, started = {}, {}, time.perf_counter()
     for exp in EXPERIMENTS:
         print(f"\n== {exp.name}: {exp.claim}\n   (from the {SOURCES[exp.seed_thread]})")
+        reason = exp.unavailable()
+        if reason is not None:
+            skipped[exp.name] = reason
+            print(f"   skipped: {reason}")
+            continue
         record = run_experiment(exp, quick=quick, progress=progress)
         record.save(out/exp.name)
         records[exp.name] = record
         print(record.summary())
-    report = write_report(records, out/'report.html', comparisons=COMPARISONS, figures_dir=out/'figures',
-                          title='fastai_gradstats demo: the forum experiments')
+    comparisons = [c for c in COMPARISONS if all(name in records for name in c)]
+    report = write_report(records, out/'report.html', comparisons=comparisons, figures_dir=out/'figures',
+                          title='fastai_gradstats demo: the forum experiments', skipped=skipped)
     print(f"\nSaved {len(records)} runs under {out}/, figures under {out/'figures'}/; report: {report} "
-          f"({time.perf_counter() - started:.0f} s)")
+          f"({time.perf_counter() - started:.0f} s)" + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ''))
     return records
 
 

@@ -84,7 +84,10 @@ class _Exporter(_FitScope, Callback):
     _active = False     # in a fit it sends from (not lr_find's)
 
     def start_fit(self):
-        self._active = not hasattr(self.learn, 'lr_finder')  # lr_find trains a throwaway copy: nothing to send
+        # lr_find trains a throwaway copy, and a data-parallel rank where GradStats does not record (it records on rank 0
+        # unless `all_ranks`) has nothing to send: open nothing there
+        recorder = getattr(self.learn, 'grad_stats_cb', None)
+        self._active = not hasattr(self.learn, 'lr_finder') and (recorder is None or recorder._active)
         if not self._active: return
         record = getattr(self.learn, 'grad_stats', None)
         if record is not None and record is not self._sent_from:  # send what this fit records, not what came before

@@ -166,12 +166,16 @@ def _new_ax(ax, figsize):
     return ax
 
 
-def _layer_ticks(ax, labels, axis='y', max_labels=40):
+MAX_LAYER_LABELS = 80
+"Most layer names a heatmap or gradient flow writes on its axis (every layer of a resnet18 or xresnet18); more are thinned."
+
+
+def _layer_ticks(ax, labels, axis='y', max_labels=MAX_LAYER_LABELS):
     "Label at most `max_labels` layers, evenly spread, so 200+ layers stay readable."
     n = len(labels)
     every = max(1, math.ceil(n / max_labels))
     ticks = list(range(0, n, every))
-    size = 8 if n <= 20 else 6
+    size = 8 if n <= 20 else 7
     if axis == 'y':
         ax.set_yticks(ticks); ax.set_yticklabels([labels[i] for i in ticks], fontsize=size)
     else:
@@ -273,7 +277,7 @@ def _mark_edges(ax, x, masks, colors):
 
 # --- heatmap --------------------------------------------------------------------------------
 def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=False, log=None,
-            cmap=None, max_labels=40):
+            cmap=None, max_labels=MAX_LAYER_LABELS):
     """Layer x iteration heatmap of a per-layer `metric` (`grad_norm`, `grad_param_ratio`, `dead_frac`, ...).
 
     Layers run from input (top) to output (bottom), steps from left to right. The colour scale is
@@ -297,7 +301,8 @@ def heatmap(record, metric='grad_norm', ax=None, weights_only=False, by_module=F
     if use_log:
         special[finite & (values <= 0)] = 0
         hidden = hidden | (values <= 0)
-    ax = _new_ax(ax, (10, max(2.5, min(12, 0.25 * len(table) + 1.5))))
+    # a row per layer tall enough for its 7-point name, up to MAX_LAYER_LABELS rows (beyond that, names are thinned)
+    ax = _new_ax(ax, (10, max(2.5, min(16, 0.18 * len(table) + 1.5))))
     shown = values[~hidden]
     signed = cmap is None and len(shown) and shown.min() < 0 < shown.max()
     if use_log: norm = LogNorm(shown.min(), shown.max()) if len(shown) else LogNorm(1e-8, 1)

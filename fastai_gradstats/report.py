@@ -189,7 +189,7 @@ def _check_comparisons(comparisons, records) -> list:
 
 
 def write_report(records, out='report.html', comparisons=None, figures_dir=None,
-                 title='Gradient statistics report') -> Path:
+                 title='Gradient statistics report', skipped=None) -> Path:
     """Write one self-contained HTML report of `records` (a dict of run name -> GradRecord, or one GradRecord,
     named 'run') to `out` (a str or Path).
 
@@ -200,14 +200,18 @@ def write_report(records, out='report.html', comparisons=None, figures_dir=None,
     entry (`Comparison(('a', 'b'), metric='dead_frac')`). Figures are embedded as base64 PNG, and also
     written to `figures_dir` when given, as `<name>_<section>.png` and `compare_<a>_vs_<b>.png`, where
     characters outside [A-Za-z0-9._ -] become '_' and a name whose files would clash with another's
-    gets `_2`, `_3`, ...; the report shows the names as given. `title` heads the page. A merge of several
-    ranks is refused (ValueError): give each rank's own record as a run. Returns the path written."""
+    gets `_2`, `_3`, ...; the report shows the names as given. `title` heads the page. `skipped`, a dict of run
+    name -> reason (None: none), lists the runs that could not be made and why, after the overview. A merge of
+    several ranks is refused (ValueError): give each rank's own record as a run. Returns the path written."""
     records = _check_records(records)
     for name, record in records.items(): _check_drawable(record, f'records[{name!r}]')
     comparisons = _check_comparisons(comparisons, records)
     out = _check_path(out, 'out')
     figures_dir = _check_path(figures_dir, 'figures_dir', allow_none=True)
     if not isinstance(title, str): raise TypeError(f"`title` must be a str, got {type(title).__name__}")
+    skipped = {} if skipped is None else skipped
+    if not isinstance(skipped, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in skipped.items()):
+        raise TypeError(f"`skipped` must be a dict of run name -> reason (str), or None, got {skipped!r}")
     if out.exists() and out.is_dir(): raise ValueError(f"`out` {str(out)!r} is a directory; give a file name")
     out.parent.mkdir(parents=True, exist_ok=True)
     if figures_dir is not None: figures_dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +225,9 @@ def write_report(records, out='report.html', comparisons=None, figures_dir=None,
                  '<nav>' + ''.join(f'<a href="#run-{html.escape(n)}">{html.escape(n)}</a>' for n in records) +
                  ('<a href="#comparisons">comparisons</a>' if comparisons else '') + '</nav>',
                  '<h2 id="overview">Overview</h2>', _table(overview(records))]
+        if skipped:
+            parts.append('<h2 id="skipped">Skipped runs</h2><ul class="skipped">' + ''.join(
+                f'<li><b>{html.escape(name)}</b>: {html.escape(reason)}</li>' for name, reason in skipped.items()) + '</ul>')
         for name, record in records.items():
             claim = record.args.get('claim')
             parts.append(f'<h2 id="run-{html.escape(name)}">{html.escape(name)}</h2>')

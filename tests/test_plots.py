@@ -1388,3 +1388,41 @@ def test_heatmap_signed_metric_diverges_around_zero():
     image = plots.heatmap(record, 'grad_norm').images[0]   # one sign: sequential, as before
     assert image.get_cmap().name == 'viridis' and not isinstance(image.norm, matplotlib.colors.TwoSlopeNorm)
     plt.close('all')
+
+
+# --- many layers: a resnet18's 66 tensors ------------------------------------------------------------
+def many_layer_record(n_layers=66, n_steps=12):
+    "A hand-built record of `n_layers` parameter tensors named like a resnet18's, half of them recorded from step 6 on."
+    names = [f'0.{i // 6}.{i % 6}.conv{i % 3}.{"weight" if i % 2 == 0 else "bias"}' for i in range(n_layers)]
+    layers = [{'name': n, 'module': 'Conv2d', 'shape': (8, 8, 3, 3) if i % 2 == 0 else (8,), 'numel': 576 if i % 2 == 0 else 8,
+               'depth': i, 'group': 0} for i, n in enumerate(names)]
+    record = GradRecord(layers)
+    rng = np.random.default_rng(0)
+    for step in range(n_steps):
+        present = names if step >= n_steps // 2 else names[n_layers // 2:]   # a frozen body, then all of it
+        values = rng.uniform(0.01, 1, (len(present), len(METRICS))).astype(np.float32)
+        record.add_step(step, 0, 1e-3, 1.0, record.layer_index(present), values)
+    return record, names
+
+
+def text_boxes(ax, axis):
+    "The rendered extents of the layer names on the `axis` of `ax`, in pixels, and their font sizes."
+    ax.figure.canvas.draw()
+    renderer = ax.figure.canvas.get_renderer()
+    labels = [t for t in (ax.get_yticklabels() if axis == 'y' else ax.get_xticklabels()) if t.get_text()]
+    return [t.get_text() for t in labels], [t.get_window_extent(renderer) for t in labels], [t.get_fontsize() for t in labels]
+
+
+@pytest.mark.parametrize('figure', ['heatmap', 'gradient_flow'])
+def test_sixty_six_layers_are_each_named_without_overlap(figure):
+    """A resnet18 has 62-66 tensors with a gradient: every one is named on the axis, at 7 points at least, and no two
+    names overlap on the rendered figure (they were thinned to every other layer at 6 points)."""
+    record, names = many_layer_record()
+    ax = plots.heatmap(record) if figure == 'heatmap' else plots.gradient_flow(record)
+    axis = 'y' if figure == 'heatmap' else 'x'
+    shown, boxes, sizes = text_boxes(ax, axis)
+    assert shown == names and min(sizes) >= 7
+    for a, b in zip(boxes, boxes[1:]):
+        overlap = (a.y0 < b.y1 and b.y0 < a.y1) if axis == 'y' else (a.x0 < b.x1 and b.x0 < a.x1)
+        assert not overlap, (a, b)
+    plt.close(ax.figure)

@@ -9,8 +9,19 @@ import pytest
 README = Path(__file__).parent.parent/'README.md'
 
 
-def test_python_examples_run(tmp_path):
+LAUNCHED = '# train.py\n'  # the first line of the example launched on several processes (tests/test_fastai_distributed.py)
+
+
+def python_blocks():
+    "The README's python examples run in one process, in order, and the one launched with torchrun."
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    launched = [b for b in blocks if b.startswith(LAUNCHED)]
+    assert len(launched) == 1
+    return [b for b in blocks if not b.startswith(LAUNCHED)], launched[0]
+
+
+def test_python_examples_run(tmp_path):
+    blocks, _ = python_blocks()
     assert len(blocks) >= 2
     script = tmp_path/'readme_examples.py'
     script.write_text("import matplotlib\nmatplotlib.use('Agg')\n" + '\n'.join(blocks))

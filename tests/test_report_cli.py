@@ -18,7 +18,10 @@ import pytest
 from bs4 import BeautifulSoup
 
 from fastai_gradstats import Thresholds, cli, load, overview, run_figures, write_report
-from fastai_gradstats.demo import COMPARISONS, EXPERIMENTS
+from fastai_gradstats.demo import COMPARISONS, EXPERIMENTS, vision_unavailable
+
+RAN = [e for e in EXPERIMENTS if e.unavailable() is None]          # the vision runs need a torchvision that imports
+COMPARED = [c for c in COMPARISONS if all(n in {e.name for e in RAN} for n in c)]
 from fastai_gradstats.health import CHECKS
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -42,7 +45,7 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope='module')
 def runs(demo):
     out, _ = demo
-    return {e.name: load(out/e.name) for e in EXPERIMENTS}
+    return {e.name: load(out/e.name) for e in RAN}
 
 
 @pytest.fixture(scope='module')
@@ -105,11 +108,11 @@ def check_self_contained(html):
 # --- the demo --------------------------------------------------------------------------------
 def test_demo_saves_every_run_figures_and_report(demo):
     out, _ = demo
-    for e in EXPERIMENTS:
+    for e in RAN:
         assert {'meta.json', 'steps.parquet', 'stats.parquet'} <= {p.name for p in (out/e.name).iterdir()}
         for s in SECTIONS:
             assert (out/'figures'/f'{e.name}_{s}.png').read_bytes()[:8] == PNG_MAGIC
-    for a, b in COMPARISONS:
+    for a, b in COMPARED:
         assert (out/'figures'/f'compare_{a}_vs_{b}.png').read_bytes()[:8] == PNG_MAGIC
     assert (out/'report.html').is_file()
 
@@ -123,12 +126,31 @@ def test_demo_prints_each_runs_summary(demo, runs):
 
 
 def test_saved_runs_have_the_demo_step_counts(runs):
-    "The digits demo trains 1500 images in batches of 64 (the last, partial one dropped) for `quick_epochs` epochs."
-    for e in EXPERIMENTS:
+    """The digits demo trains 1500 images (320 for a vision model) in batches of 64 (the last, partial one dropped)
+    for `quick_epochs` epochs."""
+    for e in RAN:
         record = runs[e.name]
-        assert len(record.steps) == (1500 // 64) * e.quick_epochs, e.name
+        assert len(record.steps) == (e.quick_n_train // 64) * e.quick_epochs, e.name
         assert list(record.steps['step']) == list(range(len(record.steps)))
         assert record.args['experiment'] == e.name and record.args['claim'] == e.claim
+
+
+def test_demo_says_which_runs_it_skipped_and_why(demo, soup):
+    "Where torchvision does not import, the resnet18 runs are skipped, with the reason in the console and the report."
+    out, proc = demo
+    skipped = [e for e in EXPERIMENTS if e not in RAN]
+    assert all(e.arch is not None for e in skipped)
+    if not skipped:
+        assert soup.find('h2', id='skipped') is None and 'skipped' not in proc.stdout
+        return
+    reason = vision_unavailable()
+    assert reason is not None and 'torchvision' in reason
+    for e in skipped:
+        assert f'== {e.name}' in proc.stdout and not (out/e.name).exists()
+        assert f'skipped: {reason}' in proc.stdout
+    items = section(soup, 'skipped')[0].find_all('li')
+    assert [li.find('b').get_text() for li in items] == [e.name for e in skipped]
+    assert all(reason in li.get_text() for li in items)
 
 
 def test_report_is_self_contained(demo):
@@ -139,7 +161,7 @@ def test_report_is_self_contained(demo):
 def test_report_overview_numbers_come_from_the_saved_runs(soup, runs):
     overview = section(soup, 'overview')
     table, _ = parse_table(next(el for el in overview if el.name == 'table'))
-    assert list(table['run']) == [e.name for e in EXPERIMENTS]
+    assert list(table['run']) == [e.name for e in RAN]
     for _, row in table.iterrows():
         record = runs[row['run']]
         steps = record.steps
@@ -155,7 +177,7 @@ def test_report_overview_numbers_come_from_the_saved_runs(soup, runs):
 
 
 def test_report_has_every_section_per_run(soup, runs):
-    for e in EXPERIMENTS:
+    for e in RAN:
         part = section(soup, f'run-{e.name}')
         headings = [el.get_text() for el in part if el.name == 'h3']
         assert headings[:2] == ['Summary', 'Health']
@@ -170,14 +192,14 @@ def test_report_has_every_section_per_run(soup, runs):
 
 def test_report_images_are_the_saved_figures(soup, demo):
     out, _ = demo
-    for e in EXPERIMENTS:
+    for e in RAN:
         for img in (el for el in section(soup, f'run-{e.name}') if el.name == 'img'):
             data = base64.b64decode(img['src'].split(',', 1)[1])
             assert data == (out/'figures'/f"{e.name}_{img['class'][1]}.png").read_bytes()
 
 
 def test_report_health_tables_come_from_the_saved_runs(soup, runs):
-    for e in EXPERIMENTS:
+    for e in RAN:
         table_el = next(el for el in section(soup, f'run-{e.name}') if el.name == 'table')
         table, classes = parse_table(table_el)
         health = runs[e.name].health()
@@ -192,17 +214,17 @@ def test_report_comparisons(soup, demo):
     out, _ = demo
     part = section(soup, 'comparisons')
     headings = [el.get_text() for el in part if el.name == 'h3']
-    assert headings == [f'{a} vs {b}' for a, b in COMPARISONS]
+    assert headings == [f'{a} vs {b}' for a, b in COMPARED]
     images = [el for el in part if el.name == 'img']
-    assert len(images) == len(COMPARISONS) and all('compare' in img['class'] for img in images)
-    for (a, b), img in zip(COMPARISONS, images):
+    assert len(images) == len(COMPARED) and all('compare' in img['class'] for img in images)
+    for (a, b), img in zip(COMPARED, images):
         assert base64.b64decode(img['src'].split(',', 1)[1]) == (out/'figures'/f'compare_{a}_vs_{b}.png').read_bytes()
     nav = [a['href'] for a in soup.find('nav').find_all('a')]
-    assert nav == [f'#run-{e.name}' for e in EXPERIMENTS] + ['#comparisons']
+    assert nav == [f'#run-{e.name}' for e in RAN] + ['#comparisons']
 
 
 # --- the experiments show what their threads claim ---------------------------------------------
-@pytest.mark.parametrize('exp', [e for e in EXPERIMENTS if e.expect], ids=lambda e: e.name)
+@pytest.mark.parametrize('exp', [e for e in RAN if e.expect], ids=lambda e: e.name)
 def test_expected_health_statuses(exp, runs, soup):
     health = runs[exp.name].health()
     table, _ = parse_table(next(el for el in section(soup, f'run-{exp.name}') if el.name == 'table'))
@@ -262,7 +284,7 @@ def test_rnn_below_1_claims_what_its_run_measures(runs):
     below, above = total_norms(runs['rnn_scale_below_1']), total_norms(runs['rnn_scale_above_1'])
     assert np.isfinite(below).all() and below.min() > t.vanishing_norm and below.max() <= t.total_norm_warning
     assert below.max() * 100 < above.min()
-    exp = next(e for e in EXPERIMENTS if e.name == 'rnn_scale_below_1')
+    exp = next(e for e in RAN if e.name == 'rnn_scale_below_1')
     assert 'over 100x below the norm-3 run' in exp.claim and 'does not vanish' in exp.claim
     # measured: test_expected_health_statuses holds the run and its report to these
     assert {'vanishing': 'ok', 'total_norm': 'ok', 'exploding': 'ok'}.items() <= exp.expect.items()
@@ -394,7 +416,7 @@ def test_unreadable_runs_give_a_one_line_error(demo, tmp_path, capsys, how):
 def test_demo_runs_are_reproducible():
     "`run_experiment` seeds torch, numpy and Python's random (fastai shuffles with it): two runs record the same numbers."
     from fastai_gradstats.demo import run_experiment
-    exp = next(e for e in EXPERIMENTS if e.name == 'rnn_scale_above_1')
+    exp = next(e for e in RAN if e.name == 'rnn_scale_above_1')
     a, b = (run_experiment(exp, quick=True, progress=False) for _ in range(2))
     pd.testing.assert_frame_equal(a.steps, b.steps)
     pd.testing.assert_frame_equal(a.df, b.df)
@@ -634,10 +656,10 @@ def test_demo_comparison_of_dead_units_shows_its_claim(runs):
     """'Kaiming-initialised GeneralReLU keeps more units alive': its pair compares the dead fraction, which is lower
     for GeneralReLU at every hidden layer; the other pairs compare gradient size. Every entry still unpacks as a pair."""
     from fastai_gradstats import compare_table
-    metrics = {tuple(c): getattr(c, 'metric', 'grad_rms') for c in COMPARISONS}
+    metrics = {tuple(c): getattr(c, 'metric', 'grad_rms') for c in COMPARED}
     assert metrics[('relu_default_init', 'generalrelu_kaiming')] == 'dead_frac'
     assert {m for names, m in metrics.items() if names != ('relu_default_init', 'generalrelu_kaiming')} == {'grad_rms'}
-    assert all(len(c) == 2 for c in COMPARISONS)
+    assert all(len(c) == 2 for c in COMPARED)
     table = compare_table([runs['relu_default_init'], runs['generalrelu_kaiming']], 'dead_frac', labels=['relu', 'general'])
     hidden = table.iloc[:-1]   # the output layer's units have no ReLU after them
     assert (hidden[('general', 'median')] < hidden[('relu', 'median')]).all()
