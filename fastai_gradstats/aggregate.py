@@ -24,7 +24,9 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
     `groups` maps each parameter name to its group's name (parameters not in it are left out).
     Norms combine as the square root of the sum of squares, `grad_max` as the max, counts as sums,
     `grad_mean`, `zero_frac` weighted by elements, `grad_std` pooled, `dead_frac` weighted by units
-    (NaN when no tensor of the group has units), `update_norm` as the norm of the group's step and `update_ratio` as ||Δw|| / ||w||. NaN and Inf
+    (NaN when no tensor of the group has units), `update_norm` as the norm of the group's step and `update_ratio` as
+    ||Δw|| / ||w||; `shared_zero_frac` and `unit_spread`, which are about the units of one tensor, are a group's when it
+    holds one tensor and NaN otherwise (they cannot be derived for several). NaN and Inf
     propagate (a NaN in one tensor makes the group's norm NaN), as they would in the concatenated gradient.
     Returns a DataFrame with the columns of `record.df`, ordered by step and then by the group's first
     parameter from input to output (the smallest `depth` of its parameters in `record.layers`). In a merge of
@@ -51,8 +53,8 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
         'numel': numel, 'sum': f('grad_mean') * numel,
         'ss_within': np.where(numel > 1, (numel - 1) * f('grad_std') ** 2, 0.0),
         'zeros': f('zero_frac') * numel, 'units': units, 'dead': np.nan_to_num(f('dead_frac')) * units,
-        'n_nan': df['n_nan'].to_numpy(), 'n_inf': df['n_inf'].to_numpy(),
-        'mean_i': f('grad_mean')})
+        'n_nan': df['n_nan'].to_numpy(), 'n_inf': df['n_inf'].to_numpy(), 'tensors': np.ones(len(df)),
+        'mean_i': f('grad_mean'), 'shared_zero_frac': f('shared_zero_frac'), 'unit_spread': f('unit_spread')})
     if 'update_norm' in df: work['d2'] = f('update_norm') ** 2
     # a group's place is its first parameter's depth, not when it was first recorded (a frozen body comes in later)
     depth = {}
@@ -62,8 +64,9 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
     ids = ['rank', 'step', 'layer'] if 'rank' in df else ['step', 'layer']
     if 'rank' in df: work.insert(0, 'rank', df['rank'].to_numpy())
     keys = [work[c] for c in ids]
-    sums = _reduce_groups(work[[c for c in work.columns if c not in ('rank', 'step', 'epoch', 'layer', 'grad_max', 'mean_i')]],
-                          keys, 'sum')
+    per_unit = ('shared_zero_frac', 'unit_spread')  # about the rows of one tensor: a group's own only when it is one tensor
+    sums = _reduce_groups(work[[c for c in work.columns
+                                if c not in ('rank', 'step', 'epoch', 'layer', 'grad_max', 'mean_i', *per_unit)]], keys, 'sum')
     out = pd.DataFrame(index=sums.index)
     out['epoch'] = work.groupby(keys, sort=False)['epoch'].first()
     out['grad_norm'] = np.sqrt(sums['g2'])
@@ -80,6 +83,9 @@ def combine(record: GradRecord, groups: dict) -> pd.DataFrame:
         out['grad_param_ratio'] = out['grad_norm'] / out['param_norm']
     out['grad_rms'] = out['grad_norm'] / np.sqrt(sums['numel'])
     out['n_nan'], out['n_inf'] = sums['n_nan'].astype(np.int64), sums['n_inf'].astype(np.int64)
+    alone = (sums['tensors'] == 1).to_numpy()
+    firsts = work.groupby(keys, sort=False)[list(per_unit)].first()
+    for column in per_unit: out[column] = np.where(alone, firsts[column].to_numpy(np.float64), np.nan)
     if 'd2' in sums:
         out['update_norm'] = np.sqrt(sums['d2'])
         with np.errstate(divide='ignore', invalid='ignore'): out['update_ratio'] = out['update_norm'] / out['param_norm']

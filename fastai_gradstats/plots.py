@@ -26,7 +26,7 @@ from matplotlib.transforms import blended_transform_factory, offset_copy
 from .record import GradRecord, record_method
 from .stats import HIST_BINS, HIST_DECADES, _positive_int
 
-__all__ = ['heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare',
+__all__ = ['MAX_LAYER_LABELS', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare',
            'metric_table', 'hist_table', 'flow_table', 'compare_table', 'is_weight', 'SPECIAL_COLORS']
 
 SPECIAL_COLORS = {'zero': '#000000', 'nan': '#ff00ff', 'inf': '#ff8c00'}

@@ -33,6 +33,8 @@ optimizer's parameter group (-1: not in the optimizer or unknown)."""
 STEP_COLUMNS = ('step', 'epoch', 'lr', 'loss', 'grad_norm', 'skipped', 'kept_every')
 """Columns of `GradRecord.steps`: one row per recorded optimizer step; `kept_every` is the stride at which
 steps around this one are kept (`every`, or more where `keep_last` thinned old steps)."""
+ADDED_METRICS = ('shared_zero_frac', 'unit_spread')
+"Statistics of `METRICS` added after format 1 was first written: a run saved without them loads with NaN there."
 FORMAT_VERSION = 1
 _FILES = {'meta': 'meta.json', 'steps': 'steps.parquet', 'stats': 'stats.parquet'}
 _HIST_FILE = 'hist.parquet'  # present when the run kept magnitude histograms, rows aligned with stats.parquet
@@ -657,6 +659,8 @@ def load(path) -> GradRecord:
         lrs = pd.read_parquet(path/_LRS_FILE) if (path/_LRS_FILE).is_file() else None
     except Exception as e:
         raise ValueError(f"{str(path)!r} holds an unreadable parquet file: {e}") from None
+    for column in ADDED_METRICS:  # runs saved before these statistics existed: not measured, NaN
+        if column not in stats: stats[column] = np.float32(np.nan)
     need_stats = {'step', 'epoch', 'layer', *record.value_columns, *COUNT_COLUMNS} - set(stats.columns)
     need_steps = {'step', 'epoch', 'lr', 'loss', 'skipped'} - set(steps.columns)
     if need_stats or need_steps:

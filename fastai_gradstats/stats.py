@@ -19,7 +19,7 @@ import torch
 __all__ = ['METRICS', 'LayerStats', 'count_nonfinite', 'check_zero_tol', 'HIST_BINS', 'HIST_DECADES', 'MagnitudeHistogram']
 
 METRICS = ('grad_norm', 'param_norm', 'grad_max', 'grad_mean', 'grad_std',
-           'zero_frac', 'dead_frac')
+           'zero_frac', 'dead_frac', 'shared_zero_frac', 'unit_spread')
 "Columns of the tensor `LayerStats` returns, in order."
 
 # a float32 norm below this may have lost squares to underflow (elements under about 1e-22 lose precision, under
@@ -299,6 +299,10 @@ class _Layout:
         self.host_dtype = np.dtype(np.float64 if self.dtype == torch.float64 else np.float32)
         self.numel = numel = stats.numel[owner]
         self.padding = np.add.reduceat(row_padding, starts) if n_rows else np.zeros(0)
+        # per row, the width of its unit's fan-in without padding; per tensor, its units (1-D tensors: None, see assemble)
+        self.fan_in = row_length - row_padding
+        self.units = np.diff(np.r_[starts, n_rows]).astype(np.float64)
+        self.has_units = ~np.isnan(stats.n_units[owner])
         # elements <= zero_tol and dead units per tensor / this -> zero_frac, dead_frac
         self.fraction_of = np.stack([numel, stats.n_units[owner]])
         with np.errstate(divide='ignore'):
@@ -330,7 +334,14 @@ class LayerStats:
       gradient's elements (`grad_std` with Bessel's correction, as `torch.std`; NaN for one element);
     - `zero_frac`: fraction of elements with |g| <= `zero_tol`;
     - `dead_frac`: fraction of units (slices along dim 0 of a tensor with 2+ dims: output
-      neurons or channels) whose whole gradient is <= `zero_tol`; NaN for 0-D and 1-D tensors.
+      neurons or channels) whose whole gradient is <= `zero_tol`; NaN for 0-D and 1-D tensors;
+    - `shared_zero_frac`: the smallest fraction of zeros (|g| <= `zero_tol`) in the row of a live unit (one that is
+      not dead): at most this share of the fan-in gets no gradient in every live unit: inputs that are zero, units
+      upstream that are off, kernel positions that lie outside a small feature map. NaN without units, or with no
+      live unit;
+    - `unit_spread`: the coefficient of variation (std / mean, over the units) of the units' gradient norms: 0 when
+      every unit gets a gradient of the same size, as symmetric units do (weights initialised to one constant). NaN
+      for 0-D and 1-D tensors, one unit, or no gradient at all.
     An empty tensor has norms 0 and NaN for every other statistic.
     With `hist=True` it also counts each gradient's log10 |g| histogram, as `MagnitudeHistogram` does, on at most
     `hist_sample` fixed, evenly spread elements of each tensor (None: all of them).
@@ -693,8 +704,9 @@ class LayerStats:
         np.square(rows[:, :2], out=rows[:, :2])
         out = np.empty((k, len(METRICS), len(layout.owner)))
         if n_rows:
-            with np.errstate(invalid='ignore', over='ignore'):
-                # out holds the columns of METRICS: grad_norm, param_norm, grad_max, grad_mean, grad_std, zero_frac, dead_frac
+            with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
+                # out holds the columns of METRICS: grad_norm, param_norm, grad_max, grad_mean, grad_std, zero_frac, dead_frac,
+                # shared_zero_frac, unit_spread
                 np.maximum.reduceat(rows[:, 4], layout.starts, axis=1, out=out[:, 2])
                 np.equal(rows[:, 3], layout.row_length, out=rows[:, 4])  # dead: every element (padding included) <= zero_tol
                 # per tensor: gradient and parameter sums of squares, sum, zeros, dead units
@@ -702,7 +714,8 @@ class LayerStats:
                 sums[:, 3] -= layout.padding  # zeros counted in the padding (exact integers: a tensor without zeros reads 0)
                 np.sqrt(sums[:, :2], out=out[:, :2])
                 np.divide(sums[:, 2], layout.numel, out=out[:, 3])
-                np.divide(sums[:, 3:], layout.fraction_of, out=out[:, 5:])
+                np.divide(sums[:, 3:], layout.fraction_of, out=out[:, 5:7])
+                _unit_columns(rows, sums[:, 0], layout, out)
                 # std with Bessel's correction from the sums: (sum of squares - sum * mean) / (numel - 1), NaN for one element
                 spread = out[:, 4]
                 np.multiply(sums[:, 2], out[:, 3], out=spread); np.subtract(sums[:, 0], spread, out=spread)
@@ -785,7 +798,8 @@ class LayerStats:
         host = exact.cpu().numpy()  # one copy, on these rare steps only
         for j, column in enumerate(('grad_norm', 'param_norm', 'grad_mean', 'grad_std')):
             values[rows, METRICS.index(column)] = host[:, j]
-        counts[rows] = host[:, 4:].astype(np.int64)
+        counts[rows] = host[:, 4:6].astype(np.int64)
+        values[rows, METRICS.index('unit_spread')] = host[:, 6]
         return values, counts
 
 
@@ -843,6 +857,21 @@ _WIDE = (torch.float32, torch.float64)
 _SHAPE, _DTYPE = operator.attrgetter('shape'), operator.attrgetter('dtype')
 _DATA_PTR = torch.Tensor.data_ptr
 _GRAD_NORM, _PARAM_NORM, _STD, _ZERO_FRAC = (METRICS.index(c) for c in ('grad_norm', 'param_norm', 'grad_std', 'zero_frac'))
+
+
+def _unit_columns(rows, squares, layout, out):
+    """`shared_zero_frac` and `unit_spread` of every tensor, into `out[:, 7]` and `out[:, 8]`, from `_assemble_steps`'
+    `rows` (steps, `_ROWS`, rows: each unit's squared gradient norm and its zero count, float64) and each tensor's sum
+    of `squares`."""
+    zeros = rows[:, 3]
+    live = zeros < layout.row_length  # not dead: some element (padding excepted) above zero_tol
+    share = np.where(live, (zeros - (layout.row_length - layout.fan_in)) / layout.fan_in, np.inf)
+    shared = np.minimum.reduceat(share, layout.starts, axis=1)
+    out[:, 7] = np.where(np.isinf(shared) | ~layout.has_units, np.nan, shared)
+    # std / mean of the units' norms from their sum and their sum of squares (float64: exact enough at 0 for equal norms)
+    first = np.add.reduceat(np.sqrt(rows[:, 0]), layout.starts, axis=1)
+    variation = np.sqrt(np.maximum(layout.units * squares / (first * first) - 1, 0))
+    out[:, 8] = np.where(layout.has_units & (layout.units > 1) & (first > 0), variation, np.nan)
 
 
 def _spread_safe(norms, sums, layout) -> bool:
@@ -909,8 +938,8 @@ def _exact_row_norms(layout):
 
 
 def _exact_stats(grads, params, chunk_elements=CHUNK_ELEMENTS):
-    """Float64 gradient norm, parameter norm, mean, std (as `torch.std`) and NaN and Inf counts of each
-    gradient: a `(len(grads), 6)` float64 tensor on their device. A fixed number of batched ops per group of
+    """Float64 gradient norm, parameter norm, mean, std (as `torch.std`), NaN and Inf counts and `unit_spread` of each
+    gradient: a `(len(grads), 7)` float64 tensor on their device. A fixed number of batched ops per group of
     tensors of at most `chunk_elements` elements together (one per tensor above that), whatever the number
     of tensors: a deep net whose early gradients underflow every step must not pay a loop per tensor."""
     out, group, size = [], [], 0
@@ -939,7 +968,24 @@ def _exact_group(grads, params):
         mean = total / n
         centred = (g - mean[owner]).square_()   # two passes: the std of a near-constant gradient stays exact
         std = (per_tensor(centred) / (n - 1)).sqrt().masked_fill(numel < 2, math.nan)
-        return torch.stack([grad_sq.sqrt(), param_sq.sqrt(), mean, std, nans, infs], dim=1)
+        return torch.stack([grad_sq.sqrt(), param_sq.sqrt(), mean, std, nans, infs, _exact_unit_spread(grads, g, grad_sq)], dim=1)
+
+
+def _exact_unit_spread(grads, flat, squares):
+    """`unit_spread` of each of `grads` in float64, from `flat` (their elements, float64, concatenated) and each one's sum
+    of `squares`: the units' (rows along dim 0) norms, then std / mean over them; NaN without 2+ units or any gradient."""
+    device = flat.device
+    units = [g.shape[0] if g.dim() >= 2 and g.shape[0] > 0 else 1 for g in grads]
+    row_length = torch.tensor([g.numel() // u for g, u in zip(grads, units) for _ in range(u)], device=device)
+    row_of = torch.repeat_interleave(torch.arange(len(row_length), device=device), row_length, output_size=len(flat))
+    row_norms = torch.zeros(len(row_length), dtype=torch.float64, device=device).index_add_(0, row_of, flat * flat).sqrt_()
+    tensor_of_row = torch.repeat_interleave(torch.arange(len(grads), device=device), torch.tensor(units, device=device),
+                                            output_size=len(row_length))
+    first = torch.zeros(len(grads), dtype=torch.float64, device=device).index_add_(0, tensor_of_row, row_norms)
+    n_units = torch.tensor(units, dtype=torch.float64, device=device)
+    spread = (n_units * squares / (first * first) - 1).clamp_min(0).sqrt()
+    has_units = torch.tensor([g.dim() >= 2 and u > 1 for g, u in zip(grads, units)], device=device)
+    return spread.masked_fill(~has_units | (first == 0), math.nan)
 
 
 def count_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from fastai_gradstats.stats import HIST_BINS
 from fastai_gradstats.demo import digits_dls, mlp
 
 LAYER_SCHEMA = ('step', 'epoch', 'layer', 'grad_norm', 'param_norm', 'grad_param_ratio', 'grad_max', 'grad_mean',
-                'grad_std', 'zero_frac', 'dead_frac', 'n_nan', 'n_inf')
+                'grad_std', 'zero_frac', 'dead_frac', 'shared_zero_frac', 'unit_spread', 'n_nan', 'n_inf')
 STEP_SCHEMA = ('step', 'epoch', 'lr', 'loss', 'grad_norm', 'skipped')
 
 
@@ -188,8 +188,24 @@ def reference_stats(grad, param, zero_tol: float = 0.0) -> dict:
             dead_frac=(float(np.mean([bool(np.all(row <= zero_tol)) for row in a.reshape(a.shape[0], -1)]))
                        if g.ndim >= 2 else float('nan')),
             n_nan=int(np.isnan(g).sum()), n_inf=int(np.isinf(g).sum()),
+            **unit_stats(a, zero_tol),
             mean_abs=float(np.mean(a[np.isfinite(a)])) if np.isfinite(a).any() else 0.0)
         out['grad_param_ratio'] = float(np.divide(grad_norm, param_norm))  # as documented: inf over a zero parameter, NaN for 0 / 0
+    return out
+
+
+def unit_stats(a, zero_tol: float = 0.0) -> dict:
+    """`shared_zero_frac` (the least zero fraction of a unit's row among the units not all zero) and `unit_spread`
+    (population std / mean of the units' gradient norms) of |g| `a`, from their definitions; NaN where undefined."""
+    nan = {'shared_zero_frac': float('nan'), 'unit_spread': float('nan')}
+    if a.ndim < 2 or a.shape[0] == 0 or a.size == 0: return nan
+    rows = a.reshape(a.shape[0], -1)
+    zero = rows <= zero_tol
+    live = ~zero.all(axis=1)
+    out = dict(nan)
+    if live.any(): out['shared_zero_frac'] = float(zero[live].mean(axis=1).min())
+    norms = np.sqrt((rows ** 2).sum(axis=1))
+    if len(norms) > 1 and norms.sum() > 0: out['unit_spread'] = float(norms.std() / norms.mean())
     return out
 
 
@@ -219,7 +235,8 @@ def assert_stats_close(got: dict, ref: dict, label=''):
     close('grad_norm', rtol=1e-5); close('param_norm', rtol=1e-5); close('grad_max', rtol=1e-6)
     close('grad_mean', rtol=1e-5, atol=1e-5 * ref['mean_abs'])
     close('grad_std', rtol=1e-4)
-    close('zero_frac', atol=1e-6); close('dead_frac', atol=1e-6)
+    close('zero_frac', atol=1e-6); close('dead_frac', atol=1e-6); close('shared_zero_frac', atol=1e-6)
+    if 'unit_spread' in got: close('unit_spread', rtol=1e-4, atol=1e-5)
     if 'grad_param_ratio' in got: close('grad_param_ratio', rtol=1e-5)
     for name in ('n_nan', 'n_inf'):
         if name in got: assert int(got[name]) == ref[name], f'{label} {name}: {int(got[name])} != {ref[name]}'

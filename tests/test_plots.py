@@ -649,9 +649,11 @@ def test_many_layers_render(tmp_path):
     check_heatmap_image(ax, expected, np.arange(len(cap.grads)),
                         log=ax.images[0].norm.__class__ is matplotlib.colors.LogNorm)
     labels = [t.get_text() for t in ax.get_yticklabels()]
-    assert 1 < len(labels) <= 40   # readable: a subset of labels, in depth order
+    assert 1 < len(labels) <= plots.MAX_LAYER_LABELS   # readable: a subset of labels, in depth order ...
     ticks = ax.get_yticks()
     assert labels == [names[int(t)] for t in ticks]
+    _, boxes, sizes = text_boxes(ax, 'y')            # ... that do not overlap
+    assert min(sizes) >= 7 and all(a.y0 >= b.y1 or b.y0 >= a.y1 for a, b in zip(boxes, boxes[1:]))
     save_png(ax.figure, tmp_path, 'many_heatmap')
     render_all(record, tmp_path, 'many')
 
@@ -1346,7 +1348,9 @@ def test_gradient_flow_width_is_capped_and_the_legend_clear_of_the_bars():
                       columns=['step', 'layer', 'grad_rms', 'grad_max'])
     ax = plots.gradient_flow(df)
     assert ax.figure.get_size_inches()[0] <= 16
-    assert 1 < len(ax.get_xticklabels()) <= 40
+    assert 1 < len(ax.get_xticklabels()) <= plots.MAX_LAYER_LABELS
+    _, boxes, sizes = text_boxes(ax, 'x')   # the names thinned so that they do not overlap
+    assert min(sizes) >= 7 and all(a.x0 >= b.x1 or b.x0 >= a.x1 for a, b in zip(boxes, boxes[1:]))
     assert _clear(ax.figure, ax.get_legend(), ax)
     ax = plots.gradient_flow(_flow_record())
     assert {'Inf', 'NaN', 'max |g|', 'rms |g|'} == {t.get_text() for t in ax.get_legend().get_texts()}

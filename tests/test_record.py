@@ -549,3 +549,15 @@ def test_a_record_pickled_before_lrs_existed_reads_and_records_on():
     index = old.layer_index(list(learn.grad_stats.layers['name']))
     old.add_step(99, 1, [0.1, 0.2], 1.0, index, np.ones((len(index), len(old.value_columns)), np.float32))
     assert old.lrs.values.tolist() == [[99, 0, 0.1], [99, 1, 0.2]]
+
+
+def test_a_run_saved_before_the_unit_statistics_loads_with_them_unknown(tmp_path):
+    "stats.parquet of a run saved before shared_zero_frac and unit_spread existed lacks them: they load as NaN, the rest as saved."
+    record, _ = rich_fit()
+    path = record.save(tmp_path / 'run')
+    stats = pd.read_parquet(path / 'stats.parquet')
+    stats.drop(columns=['shared_zero_frac', 'unit_spread']).to_parquet(path / 'stats.parquet', index=False)
+    old = load(path)
+    assert old.df[['shared_zero_frac', 'unit_spread']].isna().all().all()
+    pd.testing.assert_frame_equal(old.df.drop(columns=['shared_zero_frac', 'unit_spread']),
+                                  record.df.drop(columns=['shared_zero_frac', 'unit_spread']))

@@ -452,11 +452,12 @@ def test_refine_fixes_many_rows_with_batched_ops(chunk_elements):
         for i, (g, p) in enumerate(zip(grads, params)):
             ref = reference_stats(g, p)
             got = dict(zip(METRICS, values[i].tolist()), n_nan=counts[i, 0], n_inf=counts[i, 1])
-            for key in ('grad_norm', 'param_norm', 'grad_mean', 'grad_std'):
+            for key in ('grad_norm', 'param_norm', 'grad_mean', 'grad_std', 'unit_spread'):
                 assert got[key] == pytest.approx(ref[key], rel=1e-5, nan_ok=True), (i, key)
             assert (got['n_nan'], got['n_inf']) == (ref['n_nan'], ref['n_inf'])
         reductions[n] = sum(name in ('index_add_', 'norm', 'std', 'mean', 'sum') for name in calls.names)
-    if chunk_elements > 1000: assert reductions[10] == reductions[60] == 2
+    # per group of tensors: two segmented sums for the tensors' columns, two for their units' norms (unit_spread)
+    if chunk_elements > 1000: assert reductions[10] == reductions[60] == 4
     else: assert reductions[60] > reductions[10]   # groups of at most chunk_elements / 8 elements
 
 
