@@ -167,7 +167,7 @@ class GradStats(_FitScope, Callback):
         update_ratio:bool=False, # Also record ||w_after - w_before|| / ||w_before|| per layer (keeps a copy of the weights)
         alerts:bool=True,        # Warn once when NaN/Inf gradients or an explosion first appear (`GradientAlert`)
         stop_on_critical:bool=False, # Stop training at that step, before the optimizer applies it, keeping the record
-        thresholds:Thresholds|None=None, # What counts as an explosion (`total_norm_critical`); default `Thresholds()`
+        thresholds:Thresholds|None=None, # The diagnosis' thresholds, for the live alerts and the record's `health()`; default `Thresholds()`
         keep_last:int|None=None, # Bound memory: keep every step of the last `keep_last` recorded, thin older ones geometrically
         all_ranks:bool=False,    # Under data parallel, record on every rank (tagged `rank`), not only on rank 0
     ):
@@ -185,6 +185,7 @@ class GradStats(_FitScope, Callback):
                                        'hist_sample': hist_sample, 'update_ratio': update_ratio, 'keep_last': keep_last},
                                  extra_columns=('update_norm',) if update_ratio else (), hist_dtype=hist_dtype,
                                  keep_last=keep_last, every=int(every))
+        self.record.thresholds = thresholds  # the diagnosis of the record uses them too
         self.step_count, self._active, self._params, self._plan, self._recorded_step = 0, False, None, None, False
         self._plan_params, self._plan_devices = None, None
         self._kept_params, self._alerted, self.stopped_at = None, set(), None
@@ -318,8 +319,8 @@ class GradStats(_FitScope, Callback):
         groups = getattr(opt, 'param_lists', None) or [g['params'] for g in getattr(opt, 'param_groups', [])]
         group_of = {id(p): i for i, group in enumerate(groups) for p in group}
         self.record.set_layers([{'name': n, 'module': type(self._module_of[n]).__name__, 'shape': tuple(p.shape),
-                                 'numel': p.numel(), 'depth': d, 'group': group_of.get(id(p), -1)}
-                                for d, (n, p) in enumerate(by_depth)])
+                                 'numel': p.numel(), 'depth': d, 'group': group_of.get(id(p), -1),
+                                 'requires_grad': p.requires_grad} for d, (n, p) in enumerate(by_depth)])
         self._plan_key, self._plan_params = None, None
 
     def _record(self, skipped):

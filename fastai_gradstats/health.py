@@ -26,7 +26,7 @@ MODEL = 'model'
 
 def _inputs(record, thresholds):
     if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
-    if thresholds is None: thresholds = Thresholds()
+    if thresholds is None: thresholds = record.thresholds if record.thresholds is not None else Thresholds()
     if not isinstance(thresholds, Thresholds):
         raise TypeError(f"`thresholds` must be a fastai_gradstats.health.Thresholds, got {type(thresholds).__name__}")
     if not len(record): raise ValueError("`record` is empty: no step was recorded, nothing to diagnose")

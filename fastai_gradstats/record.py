@@ -7,6 +7,8 @@ file (no pickle), so a run from someone else is safe to open and other tools rea
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .stats import HIST_BINS, METRICS, _is_int, _positive_int
+from .thresholds import Thresholds
 
 __all__ = ['GradRecord', 'load', 'merge', 'record_method', 'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS', 'EXTRA_COLUMNS']
 
@@ -27,9 +30,10 @@ optimizer took (0 on a skipped step); `df` then also derives `update_ratio` = up
 (`param_norm` is measured before the step)."""
 COUNT_COLUMNS = ('n_nan', 'n_inf')
 "Integer per-layer columns: how many gradient elements are NaN, and how many are ±Inf."
-LAYER_COLUMNS = ('name', 'module', 'shape', 'numel', 'depth', 'group')
+LAYER_COLUMNS = ('name', 'module', 'shape', 'numel', 'depth', 'group', 'requires_grad')
 """Columns of `GradRecord.layers`: one row per parameter tensor, `depth` 0 nearest the input, `group` the
-optimizer's parameter group (-1: not in the optimizer or unknown)."""
+optimizer's parameter group (-1: not in the optimizer or unknown), `requires_grad` whether it required a gradient
+in the last fit (None: unknown, as in runs saved before it was recorded)."""
 STEP_COLUMNS = ('step', 'epoch', 'lr', 'loss', 'grad_norm', 'skipped', 'kept_every')
 """Columns of `GradRecord.steps`: one row per recorded optimizer step; `kept_every` is the stride at which
 steps around this one are kept (`every`, or more where `keep_last` thinned old steps)."""
@@ -126,11 +130,13 @@ class GradRecord:
       (the stride at which steps around this one are kept: `every`, or more where `keep_last` thinned
       old steps), and first a `rank` column in a merge of several ranks (`merge`);
     - `layers`: one row per parameter tensor: `name`, `module`, `shape`, `numel`, `depth`, `group`
-      (the optimizer's parameter group, -1 when unknown);
+      (the optimizer's parameter group, -1 when unknown), `requires_grad` (in the last fit; None when unknown);
     - `lrs`: one row per (recorded step, optimizer parameter group): `step`, `group`, `lr`, so discriminative
       learning rates show (`steps['lr']` is the last group's);
     - `stopped_steps`: the steps at which `GradStats(stop_on_critical=True)` stopped training (recorded, flagged
-      `skipped`, never applied; the diagnosis reads their gradients), a list, empty when it never stopped.
+      `skipped`, never applied; the diagnosis reads their gradients), a list, empty when it never stopped;
+    - `thresholds`: the `Thresholds` the run was recorded with (`GradStats(thresholds=...)`; None: the defaults),
+      which `health`, `summary` and the report use unless given others; `save` and `load` keep them.
 
     Arguments: `layers`, the layer table (dicts with the `layers` columns, or set later with `set_layers`);
     `args`, a dict of the callback's arguments (saved with the run); `extra_columns`, value columns after
@@ -139,6 +145,7 @@ class GradRecord:
     `keep_last` recorded and thin older ones geometrically (None: keep all); `every`, the stride at which
     the steps are recorded (the `kept_every` of steps that were not thinned).
     """
+    thresholds = None  # the `Thresholds` the run was recorded with (None: the defaults); older records lack their own
     _deferred = None  # records pickled before `set_last_later` existed have no such attribute of their own
     stopped_steps = ()  # nor before `stopped_steps`
     _waiting = None   # nor before `hold` existed
@@ -188,9 +195,13 @@ class GradRecord:
         (e.g. `'2.weight (2x16)'`), so that their `grad_rms` and the like keep its size."""
         self._add_waiting()  # the steps waiting refer to the layers as they are
         for layer in layers:
-            missing = set(LAYER_COLUMNS) - set(layer) - {'group'}
+            missing = set(LAYER_COLUMNS) - set(layer) - {'group', 'requires_grad'}
             if missing: raise ValueError(f"`layers` entry {layer!r} lacks {sorted(missing)}")
             entry = {k: layer.get(k, -1) for k in LAYER_COLUMNS}
+            entry['requires_grad'] = layer.get('requires_grad')
+            if entry['requires_grad'] is not None and not isinstance(entry['requires_grad'], (bool, np.bool_)):
+                raise TypeError(f"`layers` entry {layer!r}: `requires_grad` must be True, False or None")
+            if entry['requires_grad'] is not None: entry['requires_grad'] = bool(entry['requires_grad'])
             if not isinstance(entry['name'], str): raise TypeError(f"`layers` entry {layer!r}: `name` must be a str")
             for key in ('numel', 'depth', 'group'):
                 if not _is_int(entry[key]):
@@ -476,7 +487,7 @@ class GradRecord:
 
     @property
     def layers(self) -> pd.DataFrame:
-        "One row per parameter tensor seen, with `name`, `module`, `shape`, `numel`, `depth` and `group`."
+        "One row per parameter tensor seen, with `name`, `module`, `shape`, `numel`, `depth`, `group` and `requires_grad`."
         if 'layers' not in self._cache:
             self._cache['layers'] = pd.DataFrame(self._layers, columns=list(LAYER_COLUMNS))
         return self._cache['layers']
@@ -586,6 +597,7 @@ class GradRecord:
         meta = {'format': 'fastai_gradstats.record', 'format_version': FORMAT_VERSION, 'version': __version__,
                 'args': self.args, 'extra_columns': self.value_columns[len(METRICS):], 'rank': self.rank,
                 'multi_rank': self.multi_rank, 'stopped_steps': list(self.stopped_steps),
+                'thresholds': None if self.thresholds is None else dataclasses.asdict(self.thresholds),
                 'hist_dtype': None if self._hist is None else self._hist.data.dtype.name,
                 'layers': [dict(l, shape=list(l['shape'])) for l in self._layers]}
         (path/_FILES['meta']).write_text(json.dumps(meta, indent=1, default=_json_default))
@@ -608,9 +620,10 @@ def record_method(func, name=None):
 
     The modules above the record (plots, health) add their functions this way, so the record
     itself imports none of them."""
+    @functools.wraps(func)  # its signature and docstring: Shift-Tab and help() show them, less the record
     def method(self, *args, **kwargs): return func(self, *args, **kwargs)
-    method.__name__ = method.__qualname__ = name or func.__name__
-    method.__doc__ = func.__doc__
+    method.__name__ = name or func.__name__
+    method.__qualname__ = f'GradRecord.{method.__name__}'
     setattr(GradRecord, method.__name__, method)
     return func
 
@@ -653,6 +666,7 @@ def load(path) -> GradRecord:
         raise ValueError(f"{str(path/_FILES['meta'])!r} is not a valid GradStats run: {e}") from None
     record.rank, record.multi_rank = meta.get('rank'), bool(meta.get('multi_rank', False))
     record.stopped_steps = [int(s) for s in meta.get('stopped_steps', [])]
+    record.thresholds = _thresholds_of(meta.get('thresholds'), path)
     try:
         stats, steps = pd.read_parquet(path/_FILES['stats']), pd.read_parquet(path/_FILES['steps'])
         hist = pd.read_parquet(path/_HIST_FILE) if record.has_hist else None
@@ -694,6 +708,16 @@ def load(path) -> GradRecord:
     except Exception as e:  # anything else a damaged file can raise inside pandas or numpy
         raise ValueError(f"{str(path)!r} is not a valid GradStats run: {type(e).__name__}: {e}") from None
     return record
+
+
+def _thresholds_of(saved, path):
+    """The `Thresholds` saved in meta.json (None: none saved). Fields this version does not know are left out, and
+    those the run's version did not know take their defaults."""
+    if saved is None: return None
+    if not isinstance(saved, dict): raise ValueError(f"{str(path)!r}: meta.json's `thresholds` is not a table of thresholds")
+    known = {f.name for f in dataclasses.fields(Thresholds)}
+    try: return Thresholds(**{k: v for k, v in saved.items() if k in known})
+    except (TypeError, ValueError) as e: raise ValueError(f"{str(path)!r}: meta.json's `thresholds` are invalid: {e}") from None
 
 
 def _lrs_of_steps(lrs: pd.DataFrame, steps: pd.DataFrame, keys: list, path) -> list:
@@ -739,6 +763,7 @@ def merge(records) -> GradRecord:
                      None if first._hist is None else first._hist.data.dtype)
     out.multi_rank = True
     out.stopped_steps = sorted({s for r in records for s in r.stopped_steps})
+    out.thresholds = first.thresholds  # the ranks of one run share them
     parts = []
     for r_ranks, r in zip(ranks, records):
         n_rows = r._step_cols['n_rows'].view

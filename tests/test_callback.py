@@ -636,3 +636,26 @@ def test_a_compiled_model_keeps_its_own_parameter_names(where):
     assert sorted(record.layers['name']) == sorted(plain_names)
     assert_record_matches(record, cap.captured)
     torch._dynamo.reset()
+
+
+def test_layers_say_which_parameters_required_a_gradient(tmp_path):
+    "`.layers.requires_grad` is each parameter's flag in the last fit, kept by save/load; a fine_tune's second fit updates it."
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(64, 16), nn.ReLU()), nn.Linear(16, 10))
+    learn = make_learner(model, small_dls(n_train=48, bs=16), opt_func=Adam,
+                         splitter=lambda m: [params(m[0]), params(m[1])])
+    learn.freeze()
+    cb = GradStats()
+    learn.fit(1, 1e-3, cbs=cb)
+    flags = lambda r: dict(zip(r.layers['name'], r.layers['requires_grad']))
+    assert flags(learn.grad_stats) == {n: p.requires_grad for n, p in learn.model.named_parameters()}
+    assert flags(learn.grad_stats) == {'0.0.weight': False, '0.0.bias': False, '1.weight': True, '1.bias': True}
+    learn.unfreeze()
+    learn.fit(1, 1e-3, cbs=cb)
+    assert set(flags(learn.grad_stats).values()) == {True} and len(learn.grad_stats) == 6
+    from fastai_gradstats import load
+    assert flags(load(learn.grad_stats.save(tmp_path/'run'))) == flags(learn.grad_stats)
+    unknown = GradRecord([{'name': 'a', 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': 0}])
+    assert unknown.layers['requires_grad'].tolist() == [None]
+    with pytest.raises(TypeError, match='requires_grad'):
+        GradRecord([{'name': 'a', 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': 0, 'requires_grad': 'yes'}])

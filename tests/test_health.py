@@ -21,7 +21,7 @@ import fastai_gradstats
 from fastai_gradstats import GradientAlert, GradRecord, GradStats, Thresholds, load, suggest_clip, summary
 from fastai_gradstats.health import health
 from fastai_gradstats.demo import digits_dls, mlp
-from helpers import digits
+from helpers import digits, make_learner, small_dls, tiny_mlp
 from fastai_gradstats.health import CHECKS, HEALTH_COLUMNS
 from fastai_gradstats.stats import METRICS
 
@@ -964,3 +964,29 @@ def test_a_dead_network_is_not_called_healthy_by_vanishing_nor_told_to_raise_the
     # below dead_warning the units are not dead: too small a ratio still asks for a larger learning rate
     ratio = rows(health(dead_record([0.0, 0.0, t.dead_warning / 2])), 'grad_param_ratio')
     assert len(ratio) == 3 and ratio['reason'].str.contains('raise the learning rate').all()
+
+
+# --- the thresholds a run was recorded with --------------------------------------------------------------
+def test_thresholds_given_to_gradstats_reach_the_records_diagnosis_live_and_after_save_load(tmp_path, capsys):
+    """`GradStats(thresholds=T)`: the record's health(), summary() and `gradstats summary` hold it against T (here a
+    spike factor so low that every rise is a spike), before and after save/load, unless others are passed."""
+    import inspect
+    from fastai_gradstats import GradStats, Thresholds, cli, load
+    strict = Thresholds(spike_factor=1.0001, spike_window=3)
+    learn = make_learner(tiny_mlp(), small_dls(n_train=256, bs=16))
+    learn.fit(1, 0.1, cbs=GradStats(thresholds=strict))
+    record = learn.grad_stats
+    assert record.thresholds == strict
+    spikes = lambda h: h[h['check'] == 'spikes'].iloc[0]
+    assert spikes(record.health())['threshold'] == strict.spike_factor
+    assert spikes(record.health(Thresholds()))['threshold'] == Thresholds().spike_factor   # passed ones win
+    loaded = load(record.save(tmp_path/'run'))
+    assert loaded.thresholds == strict
+    pd.testing.assert_frame_equal(loaded.health(), record.health())
+    assert loaded.summary() == record.summary()
+    assert cli.main(['summary', str(tmp_path/'run')]) == 0
+    assert capsys.readouterr().out.rstrip('\n') == record.summary()
+    # the record's methods show their real signatures (Shift-Tab, help())
+    assert list(inspect.signature(record.health).parameters) == ['thresholds']
+    assert list(inspect.signature(record.summary).parameters) == ['thresholds', 'show_ok']
+    assert 'show_ok' in record.summary.__doc__
