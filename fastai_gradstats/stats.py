@@ -339,9 +339,10 @@ class LayerStats:
       not dead): at most this share of the fan-in gets no gradient in every live unit: inputs that are zero, units
       upstream that are off, kernel positions that lie outside a small feature map. NaN without units, or with no
       live unit;
-    - `unit_spread`: the coefficient of variation (std / mean, over the units) of the units' gradient norms: 0 when
-      every unit gets a gradient of the same size, as symmetric units do (weights initialised to one constant). NaN
-      for 0-D and 1-D tensors, one unit, or no gradient at all.
+    - `unit_spread`: how much the units' gradients differ: sqrt(var(norms) + var(sums / sqrt(fan-in))) / mean(norm),
+      the variances over the units of their rows' L2 norms and sums: 0 when every unit gets the same gradient, as
+      symmetric units do (weights initialised to one constant); not for units whose gradients are each other's
+      negatives (the two outputs of a softmax). NaN for 0-D and 1-D tensors, one unit, or no gradient at all.
     An empty tensor has norms 0 and NaN for every other statistic.
     With `hist=True` it also counts each gradient's log10 |g| histogram, as `MagnitudeHistogram` does, on at most
     `hist_sample` fixed, evenly spread elements of each tensor (None: all of them).
@@ -868,10 +869,22 @@ def _unit_columns(rows, squares, layout, out):
     share = np.where(live, (zeros - (layout.row_length - layout.fan_in)) / layout.fan_in, np.inf)
     shared = np.minimum.reduceat(share, layout.starts, axis=1)
     out[:, 7] = np.where(np.isinf(shared) | ~layout.has_units, np.nan, shared)
-    # std / mean of the units' norms from their sum and their sum of squares (float64: exact enough at 0 for equal norms)
-    first = np.add.reduceat(np.sqrt(rows[:, 0]), layout.starts, axis=1)
-    variation = np.sqrt(np.maximum(layout.units * squares / (first * first) - 1, 0))
-    out[:, 8] = np.where(layout.has_units & (layout.units > 1) & (first > 0), variation, np.nan)
+    # the spread of the units' norms and of their sums (scaled to a norm's size by the fan-in's square root), from their
+    # sums and sums of squares in float64 (exact enough at 0 for equal units), over the mean norm
+    norms, sums = np.sqrt(rows[:, 0]), rows[:, 2] / np.sqrt(layout.fan_in)
+    first = np.add.reduceat(norms, layout.starts, axis=1)
+    spread = _spread_of_units(first, squares, np.add.reduceat(sums, layout.starts, axis=1),
+                              np.add.reduceat(sums * sums, layout.starts, axis=1), layout.units)
+    out[:, 8] = np.where(layout.has_units & (layout.units > 1) & (first > 0), spread, np.nan)
+
+
+def _spread_of_units(norm_sum, norm_squares, sum_sum, sum_squares, units):
+    """`unit_spread` (numpy or torch) from, per tensor, the sum and the sum of squares of its units' norms and of their
+    sums (each over the square root of the fan-in), and its number of `units`: sqrt(var(norms) + var(sums)) / mean(norm),
+    the variances over the units. The caller masks the tensors without units, with one, or without any gradient."""
+    mean = norm_sum / units
+    variance = (norm_squares / units - mean * mean) + (sum_squares / units - (sum_sum / units) ** 2)
+    return (variance * (variance > 0)) ** 0.5 / mean
 
 
 def _spread_safe(norms, sums, layout) -> bool:
@@ -976,16 +989,20 @@ def _exact_unit_spread(grads, flat, squares):
     of `squares`: the units' (rows along dim 0) norms, then std / mean over them; NaN without 2+ units or any gradient."""
     device = flat.device
     units = [g.shape[0] if g.dim() >= 2 and g.shape[0] > 0 else 1 for g in grads]
-    row_length = torch.tensor([g.numel() // u for g, u in zip(grads, units) for _ in range(u)], device=device)
+    lengths = [max(1, g.numel() // u) for g, u in zip(grads, units) for _ in range(u)]
+    row_length = torch.tensor(lengths, device=device)
     row_of = torch.repeat_interleave(torch.arange(len(row_length), device=device), row_length, output_size=len(flat))
-    row_norms = torch.zeros(len(row_length), dtype=torch.float64, device=device).index_add_(0, row_of, flat * flat).sqrt_()
+    per_row = torch.zeros(len(row_length), 2, dtype=torch.float64, device=device).index_add_(
+        0, row_of, torch.stack([flat * flat, flat], dim=1))
+    norms, sums = per_row[:, 0].sqrt(), per_row[:, 1] / row_length.to(torch.float64).sqrt()
     tensor_of_row = torch.repeat_interleave(torch.arange(len(grads), device=device), torch.tensor(units, device=device),
                                             output_size=len(row_length))
-    first = torch.zeros(len(grads), dtype=torch.float64, device=device).index_add_(0, tensor_of_row, row_norms)
+    per_tensor = torch.zeros(len(grads), 3, dtype=torch.float64, device=device).index_add_(
+        0, tensor_of_row, torch.stack([norms, sums, sums * sums], dim=1))
     n_units = torch.tensor(units, dtype=torch.float64, device=device)
-    spread = (n_units * squares / (first * first) - 1).clamp_min(0).sqrt()
+    spread = _spread_of_units(per_tensor[:, 0], squares, per_tensor[:, 1], per_tensor[:, 2], n_units)
     has_units = torch.tensor([g.dim() >= 2 and u > 1 for g, u in zip(grads, units)], device=device)
-    return spread.masked_fill(~has_units | (first == 0), math.nan)
+    return spread.masked_fill(~has_units | (per_tensor[:, 0] == 0), math.nan)
 
 
 def count_nonfinite(grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -188,15 +188,16 @@ def reference_stats(grad, param, zero_tol: float = 0.0) -> dict:
             dead_frac=(float(np.mean([bool(np.all(row <= zero_tol)) for row in a.reshape(a.shape[0], -1)]))
                        if g.ndim >= 2 else float('nan')),
             n_nan=int(np.isnan(g).sum()), n_inf=int(np.isinf(g).sum()),
-            **unit_stats(a, zero_tol),
+            **unit_stats(a, zero_tol, g),
             mean_abs=float(np.mean(a[np.isfinite(a)])) if np.isfinite(a).any() else 0.0)
         out['grad_param_ratio'] = float(np.divide(grad_norm, param_norm))  # as documented: inf over a zero parameter, NaN for 0 / 0
     return out
 
 
-def unit_stats(a, zero_tol: float = 0.0) -> dict:
-    """`shared_zero_frac` (the least zero fraction of a unit's row among the units not all zero) and `unit_spread`
-    (population std / mean of the units' gradient norms) of |g| `a`, from their definitions; NaN where undefined."""
+def unit_stats(a, zero_tol: float = 0.0, signed=None) -> dict:
+    """`shared_zero_frac` (the least zero fraction of a unit's row among the units not all zero) of |g| `a`, and
+    `unit_spread` (sqrt(var(row norms) + var(row sums / sqrt(row length))) / mean(row norm), population variances) of
+    the gradient `signed`, from their definitions; NaN where undefined."""
     nan = {'shared_zero_frac': float('nan'), 'unit_spread': float('nan')}
     if a.ndim < 2 or a.shape[0] == 0 or a.size == 0: return nan
     rows = a.reshape(a.shape[0], -1)
@@ -205,7 +206,9 @@ def unit_stats(a, zero_tol: float = 0.0) -> dict:
     out = dict(nan)
     if live.any(): out['shared_zero_frac'] = float(zero[live].mean(axis=1).min())
     norms = np.sqrt((rows ** 2).sum(axis=1))
-    if len(norms) > 1 and norms.sum() > 0: out['unit_spread'] = float(norms.std() / norms.mean())
+    if len(norms) > 1 and norms.sum() > 0 and signed is not None:
+        sums = signed.reshape(signed.shape[0], -1).sum(axis=1) / np.sqrt(rows.shape[1])
+        out['unit_spread'] = float(np.sqrt(norms.var() + sums.var()) / norms.mean())
     return out
 
 
