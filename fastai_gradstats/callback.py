@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.training import GradientClip
 from fastcore.basics import store_attr
 
 from .record import GradRecord
@@ -83,6 +84,14 @@ def _rank():
     "This process's rank under torch.distributed, or None outside it."
     if torch.distributed.is_available() and torch.distributed.is_initialized(): return torch.distributed.get_rank()
     return None
+
+
+def _training_setup(learn) -> dict:
+    """What the diagnosis reads of how a fit trains, beside the gradients: the training batch size (a loss summed over
+    the batch is that many times a mean's) and the `max_norm` of a `GradientClip` among its callbacks (None: none)."""
+    clip = [cb.max_norm for cb in learn.cbs if isinstance(cb, GradientClip)]
+    dl = getattr(getattr(learn, 'dls', None), 'train', None)
+    return {'batch_size': getattr(dl, 'bs', None), 'gradient_clip': float(clip[0]) if clip else None}
 
 
 WAITING_BYTES = 2 ** 22
@@ -233,6 +242,7 @@ class GradStats(_FitScope, Callback):
         self.learn.grad_stats = self.record
         self._read_model()
         self._plan, self._plan_key, self._plan_params, self._placed = None, None, None, frozenset()
+        self.record.args.update(_training_setup(self.learn))
 
     def before_step(self):
         if not self._active: return

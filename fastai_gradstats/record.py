@@ -585,10 +585,11 @@ class GradRecord:
 
         The directory holds `stats.parquet` (the `df` less the columns `load` derives again: `grad_param_ratio`,
         `grad_rms`, `update_ratio`), `steps.parquet` (the `steps` less its total `grad_norm`), `hist.parquet` (the
-        histogram counts, when the record keeps them) and `meta.json` (format and package version, `args`, the
-        layer table). `args` holds what the callback recorded with (`every`, `zero_tol`, `hist`, `hist_sample`,
-        `update_ratio`, `keep_last`) and whatever was added to it, not its alert settings. `load` reads it back with
-        the same `keep_last` and `every`."""
+        histogram counts, when the record keeps them), `lrs.parquet` (each parameter group's learning rate) and
+        `meta.json` (format and package version, `args`, the thresholds, the layer table). `args` holds what the
+        callback recorded with (`every`, `zero_tol`, `hist`, `hist_sample`, `update_ratio`, `keep_last`), what the
+        last fit trained with (`batch_size`, `gradient_clip`: a GradientClip's max_norm or None) and whatever was added
+        to it. `load` reads it back with the same `keep_last` and `every`."""
         if not isinstance(path, (str, Path)): raise TypeError(f"`path` must be a str or Path, got {type(path).__name__}")
         path = Path(path)
         if path.exists() and not path.is_dir(): raise ValueError(f"`path` {str(path)!r} exists and is not a directory")

@@ -659,3 +659,13 @@ def test_layers_say_which_parameters_required_a_gradient(tmp_path):
     assert unknown.layers['requires_grad'].tolist() == [None]
     with pytest.raises(TypeError, match='requires_grad'):
         GradRecord([{'name': 'a', 'module': 'Linear', 'shape': (2,), 'numel': 2, 'depth': 0, 'requires_grad': 'yes'}])
+
+
+def test_the_record_keeps_the_batch_size_and_gradient_clip_of_the_fit():
+    "`args['batch_size']` is the training DataLoader's, `args['gradient_clip']` a GradientClip's max_norm (None without)."
+    learn = make_learner(tiny_mlp(), small_dls(n_train=48, bs=16))
+    cb = GradStats()
+    learn.fit(1, 0.1, cbs=cb)
+    assert learn.grad_stats.args['batch_size'] == 16 and learn.grad_stats.args['gradient_clip'] is None
+    learn.fit(1, 0.1, cbs=[cb, GradientClip(max_norm=0.5)])
+    assert learn.grad_stats.args['gradient_clip'] == 0.5
