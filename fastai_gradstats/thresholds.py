@@ -4,7 +4,10 @@ Defaults follow the summary table of the textbook section on gradient statistics
 "Gradient Statistics", `demo.SOURCES['004']`: gradient norm healthy 0.1-10, warning 10-100, critical >100 or NaN; zero ratio
 <5%, 5-20%, >20%; layer spread <10x, 10-100x, >100x; gradient-to-parameter ratio around 1e-3,
 >1 too large, <1e-6 too small; vanishing below 1e-7; dead neurons warning >20%, critical >50%).
-The rest (spikes, trends, loss context) are this package's choices, documented per field.
+The textbook says its norm bands "vary by architecture": the diagnosis never condemns a norm for its level alone
+(a healthy resnet18 sits above 100), it reads growth within a phase of training, NaN/Inf and the loss; the bands
+set the floors those readings need (see `fastai_gradstats.health`). The rest (spikes, trends, loss context, steps,
+skipped steps, symmetric units) are this package's choices, documented per field.
 Pure Python: the callback uses it for live alerts, `health` for the diagnosis.
 """
 from __future__ import annotations
@@ -40,6 +43,12 @@ class Thresholds:
     loss_converged: float = 0.5          # "converged": the late loss is at most this fraction of the early loss ...
     loss_flat: float = 0.05              # ... and moves across the late window by at most this fraction of the first loss
     clip_percentile: float = 95.0        # clipping advice: this percentile of the total norm over healthy steps
+    chance_margin: float = 0.25          # a first loss within this fraction of ln(classes) is a uniform guess (chance)
+    step_low: float = 1e-5               # a step that moves the weights by less than this fraction of their size is too small
+    update_high: float = 1.0             # update_ratio above this: a step larger than the weights themselves
+    skipped_warning: float = 0.1         # steps skipped by the grad scaler (after its first calibration) ...
+    skipped_critical: float = 0.5        # ... most of them: the updates are thrown away
+    symmetric_spread: float = 1e-3       # units whose gradients differ by less than this (unit_spread) are copies of one another
 
     def __post_init__(self):
         for f in fields(self):
@@ -55,12 +64,12 @@ class Thresholds:
         pairs = [('total_norm_low', 'total_norm_warning'), ('total_norm_warning', 'total_norm_critical'),
                  ('zero_frac_warning', 'zero_frac_critical'), ('layer_spread_warning', 'layer_spread_critical'),
                  ('ratio_low', 'ratio_high'), ('dead_warning', 'dead_critical'),
-                 ('depth_ratio_warning', 'depth_ratio_critical')]
+                 ('depth_ratio_warning', 'depth_ratio_critical'), ('skipped_warning', 'skipped_critical')]
         for low, high in pairs:
             if getattr(self, low) > getattr(self, high):
                 raise ValueError(f"Thresholds.{low} ({getattr(self, low)}) must not exceed Thresholds.{high} ({getattr(self, high)})")
         for name in ('zero_frac_warning', 'zero_frac_critical', 'dead_warning', 'dead_critical', 'loss_fall',
-                     'loss_converged', 'loss_flat'):
+                     'loss_converged', 'loss_flat', 'chance_margin', 'skipped_warning', 'skipped_critical'):
             if getattr(self, name) > 1: raise ValueError(f"Thresholds.{name} is a fraction and must be <= 1, got {getattr(self, name)}")
         if self.clip_percentile > 100: raise ValueError(f"Thresholds.clip_percentile must be <= 100, got {self.clip_percentile}")
         if self.spike_window < 3 or self.spike_window != int(self.spike_window):

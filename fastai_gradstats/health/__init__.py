@@ -1,0 +1,163 @@
+"""The diagnosis: turn a record's numbers into findings, causes first, with a remedy each.
+
+`health(record)` returns one row per finding; `summary(record)` says the same in a few lines. Both read only the
+record's DataFrames, so they work the same on a live and on a loaded run, and hold it against the thresholds it was
+recorded with (`GradStats(thresholds=...)`) unless others are passed. Each family of checks has a module of its own:
+`norms` (NaN/Inf, explosions, spikes, skipped steps, the loss's scale), `flow` (vanishing with depth, layer spread,
+grad/param ratio), `units` (dead and symmetric units, zero gradients attributed), `setup` (parameters without a
+gradient or outside the optimizer), `progress` (the loss read with the gradients: converged, a learning rate far too
+low, weights that do not move, nothing learned, stuck); `run` holds what they all read. The thresholds come from
+`Thresholds` (the textbook table of `demo.SOURCES['004']`), but no norm is condemned for its level alone, as the
+textbook's bands "vary by architecture"; the loss in `record.steps` separates convergence from being stuck and from
+vanishing, as the forum thread of `demo.SOURCES['001']` asks.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..record import record_method
+from ..thresholds import Thresholds
+from .flow import check_grad_param_ratio, check_layer_spread, check_vanishing
+from .norms import (check_exploding, check_loss_scale, check_nonfinite, check_skipped, check_spikes, check_total_norm,
+                    spike_mask)
+from .progress import (check_converged, check_lr_too_low, check_not_learning, check_stuck, check_update_ratio, unsettled)
+from .run import HEALTH_COLUMNS, MODEL, STATUSES, Run, check_inputs
+from .setup import check_no_gradient, check_not_in_optimizer
+from .units import check_dead, check_symmetric, check_zero_frac
+
+__all__ = ['Thresholds', 'health', 'summary', 'suggest_clip', 'HEALTH_COLUMNS', 'CHECKS', 'STATUSES']
+
+# the order of the findings of one status: causes before the symptoms they explain, notes last
+_ORDER = (check_skipped, check_not_in_optimizer, check_no_gradient, check_loss_scale, check_symmetric, check_lr_too_low,
+          check_update_ratio, check_exploding, check_nonfinite, check_vanishing, check_dead, check_spikes,
+          check_not_learning, check_stuck, check_total_norm, check_converged, check_layer_spread, check_grad_param_ratio,
+          check_zero_frac)
+def _name(check) -> str: return check.__name__[len('check_'):]
+
+
+CHECKS = tuple(map(_name, _ORDER))
+"The checks `health` runs, in the order its findings of one status are listed: causes before the symptoms they explain."
+# the order they run in: each reads the findings of those before it (loss_scale -> exploding -> converged -> ...)
+_RUN = (check_skipped, check_not_in_optimizer, check_no_gradient, check_loss_scale, check_symmetric, check_nonfinite,
+        check_exploding, 'converged', check_vanishing, check_dead, check_spikes, check_lr_too_low, check_update_ratio,
+        check_total_norm, check_layer_spread, check_grad_param_ratio, check_zero_frac, check_not_learning, check_stuck,
+        check_converged)
+
+
+def _diagnose(record, thresholds) -> Run:
+    "Every check on `record`, in dependency order; the run with its `findings` by check."
+    run = Run(record, check_inputs(record, thresholds))
+    for check in _RUN:
+        if check == 'converged': run.converged = run.loss_settled and not unsettled(run)
+        else: run.findings[_name(check)] = check(run)
+    return run
+
+
+def health(record, thresholds: Thresholds | None = None) -> pd.DataFrame:
+    """Diagnose `record` (a GradRecord, live or loaded) against `thresholds` (a `Thresholds`; None: those the record
+    was made with, else the defaults): one row per finding, worst first, and of one status causes first (`CHECKS`).
+
+    Columns: `check` (one of `CHECKS`), `layer` (a parameter name or `'model'`), `status`
+    (`critical`, `warning`, `ok`), `value` (what was measured), `threshold` (what it was held
+    against), `first_step`, `last_step` (where the finding holds) and `reason` (one line with a
+    remedy). Every check has at least one row, `ok` when it found nothing."""
+    run = _diagnose(record, thresholds)
+    return _table(run)
+
+
+def _table(run) -> pd.DataFrame:
+    rows = [f for check in _ORDER for f in run.findings[_name(check)]]
+    out = pd.DataFrame(rows, columns=list(HEALTH_COLUMNS))
+    out['first_step'] = out['first_step'].astype('Int64'); out['last_step'] = out['last_step'].astype('Int64')
+    rank = out['status'].map({s: i for i, s in enumerate(STATUSES)})
+    check_rank = out['check'].map({c: i for i, c in enumerate(CHECKS)})
+    return (out.assign(_r=rank, _c=check_rank).sort_values(['_r', '_c'], kind='stable').drop(columns=['_r', '_c'])
+            .reset_index(drop=True))
+
+
+def suggest_clip(record, thresholds: Thresholds | None = None) -> dict:
+    """A `GradientClip` max_norm for this model: the `clip_percentile` of the total norm over healthy steps
+    (finite, applied, not spikes within their phase, at most `total_norm_critical`), as AutoClip does, and how many
+    applied steps it would have clipped (steps the grad scaler skipped are left out of both). When no step is healthy
+    (the run exploded from the start), a percentile of exploded norms would only keep the explosion: max_norm is then
+    `total_norm_warning`, where the healthy band ends. `thresholds`: a `Thresholds` (None: those the record was made
+    with, else the defaults). Norms are those of the tensors the optimizer holds.
+
+    Returns a dict with `max_norm`, `n_clipped`, `n_steps` (the applied steps), `percentile`, `n_healthy`
+    (the healthy steps) and `base`: `'healthy'` (max_norm is the percentile of the healthy norms) or
+    `'total_norm_warning'` (no healthy step: max_norm is that threshold, `percentile` was not used)."""
+    run = Run(record, check_inputs(record, thresholds))
+    return _clip(run)
+
+
+def _clip(run) -> dict:
+    t, norms = run.t, run.norms
+    if not np.isfinite(norms).any(): raise ValueError("`record` has no finite total norm to base a clipping value on")
+    spikes, _ = spike_mask(norms, run.phase, t)
+    healthy = norms[np.isfinite(norms) & ~spikes & (norms <= t.total_norm_critical)]
+    if len(healthy): max_norm, base = float(np.percentile(healthy, t.clip_percentile)), 'healthy'
+    else: max_norm, base = float(t.total_norm_warning), 'total_norm_warning'
+    return {'max_norm': max_norm, 'n_clipped': int((~(norms <= max_norm)).sum()),  # NaN and Inf would be clipped too
+            'n_steps': int(len(norms)), 'percentile': float(t.clip_percentile), 'n_healthy': int(len(healthy)),
+            'base': base}
+
+
+def summary(record, thresholds: Thresholds | None = None, show_ok: bool = False) -> str:
+    """A short text of `health`, worst first and of one status causes first, for notebooks and terminals; with clipping
+    advice when the gradients explode or spike. `thresholds`: a `Thresholds` (None: those the record was made with, else
+    the defaults). `show_ok` also lists the checks that found nothing. Of several layers with one finding, the worst
+    named is the one farthest from its threshold (by ratio, either way)."""
+    if not isinstance(show_ok, bool): raise TypeError(f"`show_ok` must be True or False, got {show_ok!r}")
+    run = _diagnose(record, thresholds)
+    table = _table(run)
+    steps = record.steps
+    counts = table['status'].value_counts()
+    ranks = f" on {steps['rank'].nunique()} ranks" if 'rank' in steps else ''  # a merge: each step once per rank
+    head = (f"Gradient health: {counts.get('critical', 0)} critical, {counts.get('warning', 0)} warning(s) over "
+            f"{steps['step'].nunique()} recorded step(s) ({int(steps['step'].min())}-{int(steps['step'].max())}){ranks}, "
+            f"{record.df['layer'].nunique()} parameter tensors")
+    lines = [head]
+    shown = table if show_ok else table[table['status'] != 'ok']
+    # a check's findings on both sides of their thresholds (steps too small here, too large there) call for opposite
+    # remedies: one line per side
+    side = np.sign(shown['value'].to_numpy(float) - shown['threshold'].to_numpy(float))
+    side = pd.Series(np.where(side > 0, 'above', np.where(side < 0, 'below', '')), index=shown.index)
+    for (status, check, _), group in shown.groupby([shown['status'], shown['check'], side], sort=False):
+        worst = group.iloc[_distance(group).argmax()] if len(group) > 1 else group.iloc[0]
+        first, last = group['first_step'].min(), group['last_step'].max()
+        where = '' if pd.isna(first) else f" [step {first}]" if first == last else f" [steps {first}-{last}]"
+        if len(group) > 1:
+            names = list(group['layer'])
+            listed = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
+            lines.append(f"  {status.upper():8} {check} in {len(names)} layers ({listed}); worst {worst['layer']}: "
+                         f"{worst['reason']}{where}")
+        else:
+            layer = '' if worst['layer'] == MODEL else f" {worst['layer']}"
+            lines.append(f"  {status.upper():8} {check}{layer}: {worst['reason']}{where}")
+    converged = table[(table['check'] == 'converged') & table['reason'].str.startswith('loss fell')]
+    if len(converged) and not show_ok: lines.append(f"  ok       converged: {converged.iloc[0]['reason']}")
+    if len(run.problems(['exploding', 'spikes'])):
+        try:
+            clip = _clip(run)
+            t = run.t
+            base = (f"the {clip['percentile']:g}th percentile of the {clip['n_healthy']} healthy total norms"
+                    if clip['base'] == 'healthy' else
+                    f"total_norm_warning, the top of the healthy band: no applied step's total norm is healthy, i.e. "
+                    f"finite, at most {t.total_norm_critical:g} and not a spike, so none can give a percentile")
+            lines.append(f"  advice: GradientClip(max_norm={clip['max_norm']:.3g}) ({base}) would have clipped "
+                         f"{clip['n_clipped']} of {clip['n_steps']} steps")
+        except ValueError as e: lines.append(f"  advice: no clipping value: {e}")
+    return '\n'.join(lines)
+
+
+def _distance(findings) -> np.ndarray:
+    "How far each finding's value lies from its threshold, |log(value / threshold)| (0 where either is unknown)."
+    with np.errstate(divide='ignore', invalid='ignore'):
+        far = np.abs(np.log(findings['value'].to_numpy(float) / findings['threshold'].to_numpy(float)))
+    return np.nan_to_num(far, nan=0.0, posinf=np.inf)
+
+
+record_method(health)
+record_method(summary)
+record_method(suggest_clip)

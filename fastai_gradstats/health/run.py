@@ -1,0 +1,153 @@
+"""What every check reads of a record, computed once: the applied steps and their phases, the loss and its chance
+level, the layers by kind and depth, and the findings the checks before have made."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from ..record import GradRecord
+from ..thresholds import Thresholds
+
+MODEL = 'model'
+HEALTH_COLUMNS = ('check', 'layer', 'status', 'value', 'threshold', 'first_step', 'last_step', 'reason')
+STATUSES = ('critical', 'warning', 'ok')
+NO_APPLIED = ("no applied step yet: every recorded step was skipped by the optimizer (e.g. the fp16 grad scaler), "
+              "so no gradient has been used (see skipped)")
+
+
+def finding(check, status, reason, layer=MODEL, value=np.nan, threshold=np.nan, first_step=None, last_step=None):
+    "One row of `health`."
+    return {'check': check, 'layer': layer, 'status': status, 'value': float(value), 'threshold': float(threshold),
+            'first_step': first_step, 'last_step': last_step, 'reason': reason}
+
+
+def span(steps):
+    "The first and last of `steps` as ints, (None, None) for none."
+    steps = list(steps)
+    return (int(min(steps)), int(max(steps))) if steps else (None, None)
+
+
+def check_inputs(record, thresholds):
+    "`record` and the thresholds to hold it against: those passed, else those it was recorded with, else the defaults."
+    if not isinstance(record, GradRecord): raise TypeError(f"`record` must be a GradRecord, got {type(record).__name__}")
+    if thresholds is None: thresholds = record.thresholds if record.thresholds is not None else Thresholds()
+    if not isinstance(thresholds, Thresholds):
+        raise TypeError(f"`thresholds` must be a fastai_gradstats.health.Thresholds, got {type(thresholds).__name__}")
+    if not len(record): raise ValueError("`record` is empty: no step was recorded, nothing to diagnose")
+    return thresholds
+
+
+def applied_mask(steps, record):
+    """Which `steps` count as applied: those the optimizer applied, and the ones `GradStats(stop_on_critical=True)`
+    stopped at (flagged skipped, since they were never applied, but their gradients are the finding)."""
+    applied = ~steps['skipped'].to_numpy(bool)
+    if record.stopped_steps: applied |= np.isin(steps['step'].to_numpy(), record.stopped_steps)
+    return applied
+
+
+def _phases(rows, position, n):
+    """A phase number for each of `n` applied steps (`position`: the applied step of each of `rows`): it changes where
+    the set of recorded tensors does (a frozen body unfrozen, a new head, gradual unfreezing), so that norms are
+    compared like with like. A merge of ranks starts a phase at each rank's first step."""
+    codes = rows['layer'].cat.codes.to_numpy(np.float64)
+    signature = np.stack([np.bincount(position, weights=w, minlength=n) for w in (np.ones_like(codes), codes, codes ** 2)], 1)
+    change = np.r_[False, (np.abs(np.diff(signature, axis=0)) > 0).any(axis=1)]
+    return np.cumsum(change)
+
+
+class Run:
+    """The shared reading of a record for the checks: `t` (the thresholds), `df`, `layers`; `applied` and `not_applied`
+    steps; per applied step its total norm over the tensors the optimizer holds (`norms`) and its `phase`; the loss at
+    the start and at the end; the chance level of a classifier's loss; the weights (2+-D tensors, no embedding tables)
+    in depth order; and `findings`, by check, as the checks before have made them."""
+    def __init__(self, record, t):
+        self.record, self.t = record, t
+        self.df, self.layers, self.stopped_steps = record.df, record.layers, list(record.stopped_steps)
+        steps = record.steps
+        applied = applied_mask(steps, record)
+        self.applied, self.not_applied = steps[applied].reset_index(drop=True), steps[~applied]
+        table = self.layers.set_index('name')
+        self.depth, self.module, self.shape = table['depth'], table['module'], table['shape']
+        self.group, self.numel = table['group'], table['numel']
+        names = self.df['layer'].astype(str)
+        self.names = names
+        present = pd.unique(names)
+        self.order = sorted(present, key=lambda n: self.depth[n])
+        self.weights = [n for n in self.order if len(self.shape[n]) >= 2 and self.module[n] != 'Embedding']
+        # each row's applied step (its place in `applied`; -1: a skipped step), by step and, in a merge, rank
+        keys = ['rank', 'step'] if 'rank' in steps else ['step']
+        position = pd.MultiIndex.from_frame(self.applied[keys]).get_indexer(pd.MultiIndex.from_frame(self.df[keys]))
+        self.applied_rows = self.df[position >= 0]
+        self.position = position[position >= 0]
+        # the optimizer's tensors, when it is known: gradients it never uses (no parameter group) cannot explode training
+        known = (self.group >= 0).any()
+        self.optimized = [n for n in present if self.group[n] >= 0] if known else list(present)
+        self.norms = self._total_norms()
+        self.phase = _phases(self.applied_rows, self.position, len(self.applied))
+        self.findings = {}
+        self._read_loss()
+
+    def _total_norms(self):
+        "The total norm of each applied step over the optimizer's tensors (all of them when it is unknown; NaN: none)."
+        used = self.names[self.applied_rows.index].isin(self.optimized).to_numpy()
+        squares = self.applied_rows['grad_norm'].to_numpy(np.float64)[used] ** 2
+        with np.errstate(invalid='ignore', over='ignore'):
+            total = np.sqrt(np.bincount(self.position[used], weights=squares, minlength=len(self.applied)))
+        total[np.bincount(self.position[used], minlength=len(self.applied)) == 0] = np.nan
+        return total
+
+    def _read_loss(self):
+        t, n = self.t, len(self.applied)
+        self.enough = n >= 10
+        loss = self.applied['loss'].to_numpy(np.float64)
+        finite = loss[np.isfinite(loss)]
+        tail = finite[len(finite) - max(1, len(finite) // 5):] if len(finite) else finite
+        # the start is the very first loss, at the initial weights: the loss of the next steps may already have exploded,
+        # or converged
+        self.loss_start = float(finite[0]) if len(finite) else math.nan
+        self.loss_end = float(np.median(tail)) if len(tail) else math.nan
+        self.falling = self.loss_end < (1 - t.loss_fall) * self.loss_start
+        self.rising = self.loss_end > (1 + t.loss_fall) * self.loss_start or (len(finite) < n and len(finite) > 0
+                                                                            and not np.isfinite(loss[-1]))
+        self.flat = bool(self.enough and len(finite) >= n // 2 and not self.falling and not self.rising)
+        if len(tail) >= 2 and self.loss_start > 0:
+            half = len(tail) // 2  # how much the late loss still moves, against where training started
+            self.late_change = abs(np.median(tail[half:]) - np.median(tail[:half])) / self.loss_start
+        else: self.late_change = math.nan
+        self.loss_settled = bool(self.enough and self.loss_end <= t.loss_converged * self.loss_start
+                                 and self.late_change <= t.loss_flat)
+        # a classifier's loss at a uniform guess: ln(classes) of the output-most weight (ln 2 for one output, BCE)
+        out = self.weights[-1] if self.weights else None
+        classes = self.shape[out][0] if out is not None else 0
+        self.classes = max(2, classes) if classes else 0
+        self.chance = math.log(self.classes) if self.classes else math.nan
+        self.at_chance = bool(abs(self.loss_start - self.chance) <= t.chance_margin * self.chance)
+        late = self.norms[len(self.norms) - max(1, len(self.norms) // 5):]
+        late = late[np.isfinite(late)]
+        self.late_norm = float(np.median(late)) if len(late) else math.nan
+
+    @property
+    def late_steps(self):
+        "The last fifth of the applied steps."
+        n = len(self.applied)
+        return self.applied['step'].iloc[n - max(1, n // 5):] if n else self.applied['step']
+
+    def problems(self, checks=None) -> list:
+        "The findings made so far that are not ok (of `checks` only, when given)."
+        return [f for check, found in self.findings.items() if checks is None or check in checks
+                for f in found if f['status'] != 'ok']
+
+    def per_layer(self, column, layers=None, rows=None, how='median'):
+        "`how` ('median', 'min', ...) of `column` per layer over applied `rows` (default: all), finite values only."
+        rows = self.applied_rows if rows is None else rows
+        names = self.names[rows.index]
+        if layers is not None:
+            keep = names.isin(layers)
+            rows, names = rows[keep], names[keep]
+        values = rows[column]
+        keep = np.isfinite(values.to_numpy(np.float64))
+        grouped = values[keep].groupby(names[keep].to_numpy())
+        out = getattr(grouped, how)()
+        return out.reindex([n for n in self.order if n in out.index])

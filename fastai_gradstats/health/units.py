@@ -1,0 +1,97 @@
+"""The checks of units (rows of a weight: neurons, channels): dead units, symmetric units, and what the zero
+gradient elements are. Zeros are attributed before they are judged: whole rows are dead units (the dead check);
+positions that every live unit shares (`shared_zero_frac`: inputs that are always zero, like the digits' border pixels,
+units upstream that are off, kernel positions outside a small feature map) are the data or the architecture; rows of an
+embedding table are categories not in the batch. Only the remaining, scattered zeros could point elsewhere."""
+from __future__ import annotations
+
+import numpy as np
+
+from .run import finding, span
+
+
+def last_third(run):
+    "The applied rows of the last third of the applied steps (at least 3 steps), where units are judged dead."
+    steps = run.applied['step']
+    keep = steps.iloc[len(steps) - max(3, len(steps) // 3):]
+    return run.applied_rows[run.applied_rows['step'].isin(keep)]
+
+
+def dead_fractions(run):
+    """Per weight, the least dead fraction over the last third of the applied steps: at most this share of its units
+    got no gradient at every one of those steps (a unit off for one batch is not dead)."""
+    return run.per_layer('dead_frac', run.weights, last_third(run), how='min')
+
+
+def check_dead(run):
+    t = run.t
+    dead = dead_fractions(run)
+    rows = []
+    for layer, value in dead.items():
+        if value < t.dead_warning: continue
+        status, threshold = ('critical', t.dead_critical) if value >= t.dead_critical else ('warning', t.dead_warning)
+        units = run.shape[layer][0]
+        after = '' if not run.problems(['exploding']) else ' (they died in the explosion: see exploding)'
+        rows.append(finding('dead', status, f"{value:.0%} of {layer}'s {units} units got no gradient at any step of the last "
+                            f"third of training (dead neurons){after}: use Kaiming init, LeakyReLU/GeneralRelu, a smaller "
+                            "learning rate, or check the biases", layer=layer, value=value, threshold=threshold,
+                            first_step=span(last_third(run)['step'])[0], last_step=span(last_third(run)['step'])[1]))
+    return rows or [finding('dead', 'ok', f"no weight keeps {t.dead_warning:.0%} or more of its units dead through the last "
+                            "third of training", value=float(dead.max()) if len(dead) else np.nan, threshold=t.dead_warning)]
+
+
+def check_symmetric(run):
+    "Units that get the same gradient at every step: copies of one another, from weights initialised to one constant."
+    t = run.t
+    spread = run.per_layer('unit_spread', run.weights)
+    norms = run.per_layer('grad_norm', run.weights)
+    rows = []
+    for layer, value in spread.items():
+        if value >= t.symmetric_spread or not norms.get(layer, 0) > 0: continue  # no gradient at all is the dead check's
+        units = run.shape[layer][0]
+        rows.append(finding('symmetric', 'critical', f"the {units} units of {layer} get the same gradient (median "
+                            f"unit_spread {value:.2g}): they are copies of one another, so the layer acts as one unit "
+                            "(weights initialised to one constant, e.g. zeros or fill_); initialise them randomly "
+                            "(PyTorch's default, or Kaiming)", layer=layer, value=value, threshold=t.symmetric_spread,
+                            first_step=span(run.applied['step'])[0], last_step=span(run.applied['step'])[1]))
+    return rows or [finding('symmetric', 'ok', 'the units of every weight get gradients of their own', threshold=t.symmetric_spread)]
+
+
+def check_zero_frac(run):
+    """Zero gradient elements, attributed: dead units, positions every live unit shares, embedding rows not in the
+    batch, and the scattered rest; only a large scattered rest in a weight warns."""
+    t = run.t
+    rows = run.applied_rows
+    names = run.names[rows.index]
+    out = []
+    medians = run.per_layer('zero_frac')
+    for layer, zero in medians.items():
+        if zero <= t.zero_frac_warning: continue
+        part = rows[names == layer]
+        if run.module[layer] == 'Embedding':
+            out.append(finding('zero_frac', 'ok', f"median {zero:.1%} of {layer}'s gradient elements are zero: rows of an "
+                               "embedding table whose categories are not in the batch get none, which is how embeddings learn",
+                               layer=layer, value=zero, threshold=t.zero_frac_warning))
+            continue
+        if len(run.shape[layer]) < 2:
+            out.append(finding('zero_frac', 'ok', f"median {zero:.1%} of {layer}'s gradient elements are zero (a 1-D "
+                               "parameter: the units it belongs to got none, see dead)", layer=layer, value=zero,
+                               threshold=t.zero_frac_warning))
+            continue
+        dead = np.nan_to_num(part['dead_frac'].to_numpy(np.float64))
+        shared = (1 - dead) * np.nan_to_num(part['shared_zero_frac'].to_numpy(np.float64))
+        scattered = np.maximum(part['zero_frac'].to_numpy(np.float64) - dead - shared, 0)
+        d, s, r = float(np.median(dead)), float(np.median(shared)), float(np.median(scattered))
+        what = (f"median {zero:.1%} of {layer}'s gradient elements are zero: {d:.1%} in dead units (see dead), {s:.1%} at "
+                "fan-in positions no live unit got a gradient through (inputs that are always zero, units upstream that are "
+                f"off, kernel positions outside a small feature map), {r:.1%} scattered")
+        if r > t.zero_frac_critical:
+            first, last = span(part['step'][scattered > t.zero_frac_critical])
+            out.append(finding('zero_frac', 'warning', f"{what}: scattered zeros inside live units point to gradients that "
+                               "underflow (fp16 without a loss scale?) or a loss that masks most outputs", layer=layer,
+                               value=r, threshold=t.zero_frac_critical, first_step=first, last_step=last))
+        else:
+            out.append(finding('zero_frac', 'ok', f"{what}: the data or the architecture, not a problem by itself",
+                               layer=layer, value=r, threshold=t.zero_frac_critical))
+    return out or [finding('zero_frac', 'ok', f"every layer's median zero fraction is at most {t.zero_frac_warning:.0%}",
+                           threshold=t.zero_frac_warning)]
