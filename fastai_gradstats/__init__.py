@@ -27,6 +27,7 @@ from .health import summary, suggest_clip, HEALTH_COLUMNS, CHECKS, STATUSES
 from . import health  # the module (fastai_gradstats.health.Thresholds); its function is `record.health()`
 from .report import write_report, run_figures, overview, Comparison
 from .export import TensorBoardGradStats, WandbGradStats, step_scalars, log10_histogram, SCALARS, STEP_SCALAR_COLUMNS
+from .live import ShowGradStats, live_figure
 
 __all__ = ['__version__',
            # record while training
@@ -43,4 +44,6 @@ __all__ = ['__version__',
            'HEALTH_COLUMNS', 'CHECKS', 'STATUSES',
            # report and export
            'write_report', 'run_figures', 'overview', 'Comparison', 'TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'log10_histogram',
-           'SCALARS', 'STEP_SCALAR_COLUMNS']
+           'SCALARS', 'STEP_SCALAR_COLUMNS',
+           # watch while training
+           'ShowGradStats', 'live_figure']

@@ -22,7 +22,7 @@ from fastai.callback.core import Callback
 from fastcore.basics import store_attr
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 from matplotlib.transforms import blended_transform_factory
 
 from .callback import GradStats, _FitScope
@@ -32,11 +32,11 @@ from .thresholds import Thresholds
 
 __all__ = ['ShowGradStats', 'live_figure']
 
-ALERT_NAMES = {'nonfinite': 'NaN/Inf gradients', 'exploding': 'exploding gradients'}
-"What each kind of `GradientAlert` (`GradStats._alerted`) is called in the title."
+_ALERT_NAMES = {'nonfinite': 'NaN/Inf gradients', 'exploding': 'exploding gradients'}
+# what each kind of `GradientAlert` that GradStats keeps in `_alerted` is called in the title
 _STATUS_COLORS = {'critical': '#b00000', 'warning': '#a05000', 'ok': '#1b7a1b'}
 _TITLE_CHARS = 160    # a longer finding is shortened: the whole text is in `record.summary()`
-_MAX_COLUMNS = 480    # the heatmap draws at most this many steps (about one per pixel): every k-th, back from the last
+_MAX_COLUMNS = 250    # the heatmap draws at most this many steps (2 pixels each): every k-th, back from the last
 _FIRST_COST = 0.1     # seconds one draw is assumed to take before the first one is timed
 _now = time.perf_counter
 
@@ -73,17 +73,17 @@ def _title(record, alerts) -> tuple[str, str, str]:
     status, finding, reason, more = _worst(record)
     if more: finding += f' (+{more} more findings: record.summary())'
     if alerts:
-        finding = 'ALERT ' + ', '.join(ALERT_NAMES[kind] for kind in sorted(alerts)) + ' | ' + finding
+        finding = 'ALERT ' + ', '.join(_ALERT_NAMES[kind] for kind in sorted(alerts)) + ' | ' + finding
         status = 'critical'
     return finding, textwrap.shorten(reason, _TITLE_CHARS, placeholder=' ...') if reason else '', status
 
 
 def _check_alerts(alerts) -> tuple:
     if isinstance(alerts, str) or not hasattr(alerts, '__iter__'):
-        raise TypeError(f"`alerts` must be a collection of alert kinds ({', '.join(ALERT_NAMES)}), got {alerts!r}")
+        raise TypeError(f"`alerts` must be a collection of alert kinds ({', '.join(_ALERT_NAMES)}), got {alerts!r}")
     alerts = tuple(alerts)
-    unknown = [a for a in alerts if a not in ALERT_NAMES]
-    if unknown: raise ValueError(f"unknown `alerts` {unknown}; known: {', '.join(ALERT_NAMES)}")
+    unknown = [a for a in alerts if a not in _ALERT_NAMES]
+    if unknown: raise ValueError(f"unknown `alerts` {unknown}; known: {', '.join(_ALERT_NAMES)}")
     return alerts
 
 
@@ -91,6 +91,7 @@ def _norm_curve(ax, steps, thresholds):
     "The total gradient norm per recorded step, the healthy band shaded, NaN/Inf steps marked at the top edge."
     x, norms = steps['step'].to_numpy(), steps['grad_norm'].to_numpy(float)
     ax.plot(x, norms, color='#1f4e9c', lw=1.2, marker='.' if len(x) < 40 else None, label='total norm')
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     finite = norms[np.isfinite(norms)]
     if len(finite) and (finite > 0).all():
         ax.set_yscale('log')
@@ -117,8 +118,8 @@ def live_figure(record, fig=None, alerts=()) -> Figure:
     """The picture `ShowGradStats` shows, for `record` (a GradRecord, live or loaded): the total gradient norm per
     step (log scale when every finite norm is positive, the healthy band of the record's thresholds shaded, NaN/Inf
     steps marked at the top) beside the layer x step heatmap of `grad_norm` (`plots.heatmap`), titled with the worst
-    finding of `record.health()` so far (shortened; 'healthy so far' when there is none). Of more than 480 steps, the
-    heatmap draws every k-th step back from the last (as many as there are pixels), the curve all of them.
+    finding of `record.health()` so far (shortened; 'healthy so far' when there is none). Of more than 250 steps, the
+    heatmap draws every k-th step back from the last (2 pixels or more each), the curve all of them.
 
     `alerts` names the kinds of `GradientAlert` raised while training (`'nonfinite'`, `'exploding'`), put first in
     the title. Draws on `fig` (cleared first) when given, else on a new Figure that pyplot does not know of (nothing
@@ -134,7 +135,8 @@ def live_figure(record, fig=None, alerts=()) -> Figure:
         raise ValueError(f"`record` is a merge of {steps['rank'].nunique()} ranks, which would draw over each other: "
                          "draw one rank's saved run")
     n_layers = record.df['layer'].nunique() if len(steps) else 0
-    size = (11.5, min(9.0, max(3.8, 0.15 * n_layers + 2.0)))  # a row of the heatmap per layer, tall enough for its name
+    # a heatmap row per layer, as tall as its name; a line of text for a record without steps
+    size = (11.5, min(9.0, max(3.8, 0.15 * n_layers + 2.0)) if len(steps) else 1.2)
     if fig is None: fig = Figure(figsize=size, dpi=90)
     else:
         fig.clear()
@@ -144,10 +146,16 @@ def live_figure(record, fig=None, alerts=()) -> Figure:
         return fig
     curve, cells = fig.subplots(1, 2, width_ratios=(1, 1.5))
     _norm_curve(curve, steps, record.thresholds or Thresholds())
-    heatmap(_columns(record, steps), 'grad_norm', ax=cells, max_labels=max(4, int(size[1] * 72 / 9)))
-    bar = cells.images[0].colorbar
-    if bar is not None and isinstance(bar.norm, LogNorm): _decades_only(bar.ax.yaxis)
+    cells_height = size[1] - 1.6   # inches: the figure less the titles and the step axis
+    if n_layers:
+        heatmap(_columns(record, steps), 'grad_norm', ax=cells, max_labels=max(4, int(cells_height * 72 / 8)))  # 8 pt a name
+        bar = cells.images[0].colorbar
+        if bar is not None and isinstance(bar.norm, LogNorm): _decades_only(bar.ax.yaxis)
+    else:   # steps at which no parameter had a gradient (all frozen)
+        cells.text(0.5, 0.5, 'no parameter had a gradient', ha='center', va='center', transform=cells.transAxes)
     cells.set_title('gradient norm per layer (input at top) and step', fontsize=9, y=1.01)
+    if len(steps) == 1:   # one step: its number, not the fractions a locator puts around a lone point
+        for ax in (curve, cells): ax.set_xticks(steps['step'].to_numpy())
     headline, detail, status = _title(record, alerts)
     top = 1 - 0.32 / size[1]   # inches from the top edge, whatever the figure's height
     fig.suptitle(headline, y=top, va='top', color=_STATUS_COLORS[status], fontsize=11, fontweight='bold')
@@ -158,7 +166,8 @@ def live_figure(record, fig=None, alerts=()) -> Figure:
 
 def _columns(record, steps):
     """What the heatmap draws: the record, or for more than `_MAX_COLUMNS` steps the rows of every k-th step back from
-    the last one (evenly spaced as the steps are): a wider table only costs time, its columns would share pixels."""
+    the last one (evenly spaced as the steps are): narrower columns would hardly show, and the table behind the
+    heatmap costs time in proportion to its cells."""
     if len(steps) <= _MAX_COLUMNS: return record
     stride = math.ceil(len(steps) / _MAX_COLUMNS)
     kept = steps['step'].to_numpy()[::-1][::stride]
@@ -174,17 +183,27 @@ def _png(fig) -> bytes:
 
 
 # --- where it is shown ---------------------------------------------------------------------------
-def _notebook_display():
-    """IPython's `display` when this process is a notebook kernel (Jupyter, VS Code, Colab: an IPython shell with a
-    kernel), else None. IPython is never imported here: a process that has not imported it is no kernel."""
+def _notebook():
+    """(IPython's shell, its `display`) when this process is a notebook kernel (Jupyter, VS Code, Colab: an IPython
+    shell with a kernel), else None. IPython is never imported here: a process that has not imported it is no kernel."""
     ipython = sys.modules.get('IPython')
     if ipython is None: return None
     try:
         shell = ipython.get_ipython()
         if shell is None or getattr(shell, 'kernel', None) is None: return None
-        return importlib.import_module('IPython.display').display
+        return shell, importlib.import_module('IPython.display').display
     except Exception:  # an IPython that is broken or half there: the plain line will do
         return None
+
+
+def _show_once(fig, shell, display):
+    """Display `fig` now, and give it the `_ipython_display_` IPython uses to show an object: returned by the cell
+    that displayed it (`ShowGradStats.replay(run)` as its last line), it would show twice; in later cells it shows."""
+    display(_bundle(fig), raw=True)
+    shown_in = shell.execution_count
+    def show():
+        if shell.execution_count != shown_in: display(_bundle(fig), raw=True)
+    fig._ipython_display_ = show
 
 
 def _check_seconds(value, name):
@@ -209,7 +228,7 @@ class ShowGradStats(_FitScope, Callback):
 
     def __init__(self,
         every:float=3.0,       # Redraw at most every this many seconds (in a notebook)
-        max_share:float=0.02,  # Skip a redraw while drawing would take more than this share of the time since the fit began
+        max_share:float=0.02,  # Skip a redraw while drawing would take more than this share of the time since the fit began (1: no limit)
     ):
         every, max_share = _check_seconds(every, 'every'), _check_share(max_share)
         store_attr()
@@ -220,8 +239,8 @@ class ShowGradStats(_FitScope, Callback):
         """Draw the picture of the end of a fit for `record` (a GradRecord, live or loaded: `fastai_gradstats.load`)
         and return the Figure (`live_figure`); in a notebook it is also displayed, once."""
         fig = live_figure(record)
-        display = _notebook_display()
-        if display is not None: display(_bundle(fig), raw=True)
+        notebook = _notebook()
+        if notebook is not None: _show_once(fig, *notebook)
         return fig
 
     # --- events --------------------------------------------------------------------------
@@ -234,7 +253,8 @@ class ShowGradStats(_FitScope, Callback):
         # lr_find trains a throwaway copy; a data-parallel rank where GradStats does not record has nothing to show
         self._active = recorder is not None and recorder._active and not hasattr(self.learn, 'lr_finder')
         if not self._active: return
-        self._recorder, self._display = recorder, _notebook_display()
+        notebook = _notebook()
+        self._recorder, self._display = recorder, None if notebook is None else notebook[1]
         self._first_step = recorder.step_count   # this fit's steps start here (GradStats counts on across fits)
         self._started = self._last_drawn = _now()
         self._spent, self._cost = 0.0, _FIRST_COST
@@ -242,15 +262,16 @@ class ShowGradStats(_FitScope, Callback):
         self._printed = set()   # the epochs of this fit that have their line
 
     def after_batch(self):
-        if self._active and self._display is not None and self._due(): self._draw()
+        if self._active and self._display is not None and self._due(): self._safely(self._draw)
 
     def after_epoch(self):
-        if self._active and self._display is None: self._print_epoch(self.learn.epoch, final=self.learn.epoch == self.n_epoch - 1)
+        if self._active and self._display is None:
+            self._safely(self._print_epoch, self.learn.epoch, self.learn.epoch == self.n_epoch - 1)
 
     def end_fit(self):
         if not self._active: return
-        if self._display is not None: self._draw()
-        elif self.learn.epoch not in self._printed: self._print_epoch(self.learn.epoch, final=True)  # a fit cut short
+        if self._display is not None: self._safely(self._draw)
+        elif self.learn.epoch not in self._printed: self._safely(self._print_epoch, self.learn.epoch, True)  # a fit cut short
         self._active, self._figure, self._handle, self._display, self._recorder = False, None, None, None, None
 
     # --- helpers -------------------------------------------------------------------------
@@ -261,8 +282,17 @@ class ShowGradStats(_FitScope, Callback):
     def _affordable(self) -> bool:
         """Whether one more draw (timed as long as the last one) and the final one keep the time spent drawing within
         `max_share` of the time since the fit began. The final draw is always made: keeping room for it keeps the
-        whole within `max_share`, unless the fit is too short for any draw but the final one."""
+        whole within `max_share`, unless the fit is too short for any draw but the final one. `max_share=1`: no limit."""
+        if self.max_share >= 1: return True
         return self._spent + 2 * self._cost <= self.max_share * (_now() - self._started)
+
+    def _safely(self, show, *args):
+        "Draw or print; a failure ends the live view of this fit with a warning, never the fit nor its record."
+        try: show(*args)
+        except Exception as error:
+            self._active = False
+            warnings.warn(f"ShowGradStats stopped showing ({type(error).__name__}: {error}); the fit and its record go on",
+                          stacklevel=3)
 
     def _timed(self, work):
         start = _now()
@@ -273,7 +303,7 @@ class ShowGradStats(_FitScope, Callback):
             self._last_drawn = _now()
 
     def _alerts(self) -> set:
-        return set(getattr(self._recorder, '_alerted', ())) & set(ALERT_NAMES)
+        return set(getattr(self._recorder, '_alerted', ())) & set(_ALERT_NAMES)
 
     def _draw(self):
         "Draw the record on the kept figure and show it: in place of the last picture of this fit, or as a new output."
@@ -304,7 +334,7 @@ def _worst_short(record, alerts) -> str:
     "The worst finding as a few words for the terminal line: 'ok', 'WARNING spikes', 'ALERT NaN/Inf gradients; ...'."
     status, finding, _, _ = _worst(record)
     words = 'ok' if status == 'ok' else finding
-    if alerts: words = 'ALERT ' + ', '.join(ALERT_NAMES[k] for k in sorted(alerts)) + '; ' + words
+    if alerts: words = 'ALERT ' + ', '.join(_ALERT_NAMES[k] for k in sorted(alerts)) + '; ' + words
     return words
 
 
