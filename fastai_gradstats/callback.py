@@ -94,6 +94,23 @@ def _training_setup(learn) -> dict:
     return {'batch_size': getattr(dl, 'bs', None), 'gradient_clip': float(clip[0]) if clip else None}
 
 
+PHASE_START = 3
+"The first recorded total norms of a phase (the same tensors training) that the explosion alert measures growth from."
+
+
+def _explodes(total: float, phase_start: list, t: Thresholds) -> str:
+    """Why a step's total norm is an explosion the alerts warn of ('' when it is not), as the diagnosis reads one: above
+    `total_norm_critical` and `growth_factor` times the least of the first norms of its phase, or ten times
+    `total_norm_critical` from the phase's first step (a level alone is not one: a healthy resnet18 starts above 100)."""
+    if not math.isfinite(total) or total <= t.total_norm_critical: return ''
+    start = [n for n in phase_start if math.isfinite(n)]
+    if start and total > t.growth_factor * min(start):
+        return f"{total / min(start):.3g}x the {min(start):.3g} its phase started at, above {t.total_norm_critical:g}"
+    if start and start[0] > 10 * t.total_norm_critical:
+        return f"huge from the phase's first step, over 10x {t.total_norm_critical:g}"
+    return ''
+
+
 WAITING_BYTES = 2 ** 22
 """Most bytes of host copies `GradStats` keeps before assembling the steps they hold into its record (at most
 `MAX_WAITING` steps); a model whose copy is larger than half of this adds every step as it comes."""
@@ -151,7 +168,7 @@ class _FitScope:
 
 _BOOKKEEPING = frozenset({'step_count', 'stopped_at', '_active', '_params', '_module_of', '_plan', '_plan_key', '_plan_devices', '_plan_index', '_plan_params',
                            '_placed', '_in_step', '_stopping', '_recorded_step', '_pending_update', '_kept_params', '_alerted', '_waiting',
-                           '_not_routine', '_checks_to_skip'})
+                           '_not_routine', '_checks_to_skip', '_phase_key', '_phase_start', '_phase_noted'})
 
 
 class GradStats(_FitScope, Callback):
@@ -166,6 +183,8 @@ class GradStats(_FitScope, Callback):
     _not_routine = _checks_to_skip = 0
     _placed = frozenset()
     _in_step = None    # (epoch, iter) of the batch whose step began (before_step) and has not ended (after_step)
+    _phase_key, _phase_start = None, ()  # the tensors of the phase the alerts measure growth in, and its first norms
+    _phase_noted = None  # the last step whose norm `_phase_start` took
     _stopping = False  # stop_on_critical raised CancelFitException in this fit
 
     def __init__(self,
@@ -350,6 +369,7 @@ class GradStats(_FitScope, Callback):
                 # a model split between devices: one LayerStats (and one host copy) per device
                 self._plan = LayerStats(shapes, *settings) if len(set(devices)) <= 1 else _PerDevice(devices, shapes, *settings)
                 self._plan_index, self._plan_key, self._plan_devices = self.record.layer_index(key), key, devices
+                if key != self._phase_key: self._phase_key, self._phase_start = key, []  # other tensors train: a new phase
             self._plan_params = params
         loss = self.learn.loss
         # fastai's loss is a TensorBase, whose __torch_function__ would wrap every op after it: use a plain tensor
@@ -388,6 +408,12 @@ class GradStats(_FitScope, Callback):
         self._recorded_step = True
         if not skipped and (self.alerts or self.stop_on_critical): self._alert(values, counts)
 
+    def _note_phase_start(self, total):
+        "Keep this step's total norm (`total()`) among the first `PHASE_START` of its phase, once per step."
+        if len(self._phase_start) < PHASE_START and self._phase_noted != self.step_count:
+            self._phase_start.append(total())
+            self._phase_noted = self.step_count
+
     def _group_lrs(self) -> list:
         "The learning rate of each of the optimizer's parameter groups, now."
         return [hyper['lr'] for hyper in self.learn.opt.hypers]
@@ -399,6 +425,8 @@ class GradStats(_FitScope, Callback):
         every step: `refine` must redo them all), the check itself is skipped for 1, 2, 4, ... up to 64 steps,
         which then take the per-step path as the failed ones did."""
         if 2 * len(host) * host.itemsize > WAITING_BYTES: return False
+        rows = host[:len(layout.row_length)]  # each row's gradient norm
+        self._note_phase_start(lambda: math.sqrt(float(np.dot(rows, rows))))
         if self._checks_to_skip:
             self._checks_to_skip -= 1
             return False
@@ -449,8 +477,10 @@ class GradStats(_FitScope, Callback):
             if update is not None: self.record.set_last_later('update_norm', lambda: _to_host(update))
 
     def _alert(self, values, counts):
-        "Warn once per kind when a critical condition first appears; stop before the optimizer step if asked."
+        """Warn once per kind when a critical condition first appears (NaN/Inf gradients, or an explosion, see
+        `_explodes`); stop before the optimizer step if asked."""
         names = self._plan_key
+        self._note_phase_start(lambda: math.sqrt(np.square(values[:, METRICS.index('grad_norm')], dtype=np.float64).sum()))
         problems = []
         if counts.any():
             bad_rows = np.flatnonzero(counts.sum(1) > 0)
@@ -458,9 +488,10 @@ class GradStats(_FitScope, Callback):
                              f"{names[bad_rows[-1]]} ({int(counts[:, 0].sum())} NaN, {int(counts[:, 1].sum())} Inf)"))
         norms = values[:, METRICS.index('grad_norm')]
         total = math.sqrt(np.square(norms, dtype=np.float64).sum())  # float64: squares of large float32 norms overflow
-        if math.isfinite(total) and total > self.thresholds.total_norm_critical:
-            problems.append(('exploding', f"total gradient norm {total:.3g} > {self.thresholds.total_norm_critical:g} at "
-                             f"step {self.step_count}, largest in {names[int(np.argmax(norms))]}"))
+        exploding = _explodes(total, self._phase_start, self.thresholds)
+        if exploding:
+            problems.append(('exploding', f"total gradient norm {total:.3g} at step {self.step_count} ({exploding}), "
+                             f"largest in {names[int(np.argmax(norms))]}"))
         if not problems: return
         for kind, message in problems:
             if self.alerts and kind not in self._alerted:

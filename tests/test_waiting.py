@@ -112,7 +112,10 @@ def test_a_step_refine_needs_is_handled_at_once_after_the_steps_waiting(monkeypa
     assert_record_matches(record, cap.captured)
 
 
-def _critical(limit): return Thresholds(total_norm_low=limit / 100, total_norm_warning=limit / 10, total_norm_critical=limit)
+def _critical(limit):
+    "Thresholds under which the first total norm above `limit` is an explosion (growth_factor barely above 1)."
+    return Thresholds(total_norm_low=limit / 100, total_norm_warning=limit / 10, total_norm_critical=limit,
+                      growth_factor=1.0 + 1e-9)
 
 
 def test_stop_on_critical_keeps_the_steps_that_waited(monkeypatch):

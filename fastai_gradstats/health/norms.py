@@ -160,7 +160,8 @@ def _huge_from_the_start(run, scale):
     t = run.t
     first = run.norms[np.isfinite(run.norms)][:1]
     if not len(first) or first[0] / scale <= t.total_norm_critical: return []
-    over_chance = run.loss_start / run.chance if run.chance > 0 else math.nan
+    # a loss's scale says something only of a classifier of 2+ classes (one output may be a regression's)
+    over_chance = run.loss_start / run.chance if run.chance > 0 and run.outputs >= 2 else math.nan
     if not (over_chance >= 10 or first[0] / scale > 10 * t.total_norm_critical): return []
     loss = (f" and a first loss of {run.loss_start:.3g}, {over_chance:.3g}x that of a uniform guess over "
             f"{run.classes} classes (ln {run.classes} = {run.chance:.3g})" if over_chance >= 10 else '')

@@ -120,8 +120,8 @@ class Run:
                                  and self.late_change <= t.loss_flat)
         # a classifier's loss at a uniform guess: ln(classes) of the output-most weight (ln 2 for one output, BCE)
         out = self.weights[-1] if self.weights else None
-        classes = self.shape[out][0] if out is not None else 0
-        self.classes = max(2, classes) if classes else 0
+        self.outputs = self.shape[out][0] if out is not None else 0
+        self.classes = max(2, self.outputs) if self.outputs else 0
         self.chance = math.log(self.classes) if self.classes else math.nan
         self.at_chance = bool(abs(self.loss_start - self.chance) <= t.chance_margin * self.chance)
         late = self.norms[len(self.norms) - max(1, len(self.norms) // 5):]
