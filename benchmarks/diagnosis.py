@@ -1140,6 +1140,8 @@ def totals(rows) -> dict:
         healthy_with_critical=sum((r['n_critical'] or 0) > 0 for r in healthy if not r['error']),
         criticals_on_healthy=sum(r['n_critical'] or 0 for r in healthy if not r['error']),
         healthy_with_more_than_one_warning=sum((r['n_warning'] or 0) > 1 for r in healthy if not r['error']),
+        warnings_on_healthy=sum(r['n_warning'] or 0 for r in healthy if not r['error']),
+        healthy_with_warning=sum((r['n_warning'] or 0) > 0 for r in healthy if not r['error']),
         faults=len(faults), faults_found=sum(bool(r['found']) for r in faults),
         faults_named_first=sum(bool(r['named_first']) for r in faults),
         remedies_fitting=sum(bool(r['remedy_ok']) for r in faults),
@@ -1191,7 +1193,7 @@ def totals_text(t) -> str:
         f"- false criticals on healthy runs: {t['criticals_on_healthy']} critical finding(s), on "
         f"{t['healthy_with_critical']} of {t['healthy']} healthy runs",
         f"- false warnings on healthy runs: {t['healthy_with_more_than_one_warning']} of {t['healthy']} healthy runs "
-        "have more than one warning",
+        f"have more than one warning; {t['warnings_on_healthy']} warning(s) in all, on {t['healthy_with_warning']} run(s)",
         f"- faults found (any non-ok finding of an expected check, on the expected layer): "
         f"{t['faults_found']} of {t['faults']}",
         f"- faults named first (the first problem line): {t['faults_named_first']} of {t['faults']}",

@@ -9,6 +9,8 @@ import pandas as pd
 from .norms import loss_scale_of
 from .run import finding, span
 
+RECURRENT = ('RNN', 'LSTM', 'GRU')  # modules whose gradients add up over time steps
+
 # findings that account for a loss that does not fall (of these, `dead` only when critical)
 EXPLAINS_A_FLAT_LOSS = ('skipped', 'not_in_optimizer', 'symmetric', 'lr_too_low', 'update_ratio', 'exploding',
                         'nonfinite', 'vanishing')
@@ -103,10 +105,15 @@ def check_not_learning(run):
     first, last = span(run.applied['step'])
     chance = (f", a uniform guess over {run.classes} classes (ln {run.classes} = {run.chance:.3g})" if run.at_chance else '')
     status = 'critical' if run.at_chance else 'warning'
+    recurrent = sorted(set(run.module[run.module.isin(RECURRENT)]))
+    through_time = (f"; or, in this recurrent network ({', '.join(recurrent)}), the gradient vanishes through time before "
+                    "it reaches the early steps (GradStats sees each weight's gradient summed over the time steps, so it "
+                    "cannot show that fall): keep the recurrent weight's norm near 1, use an LSTM/GRU, or shorten the "
+                    "sequences" if recurrent else '')
     return [finding('not_learning', status, f"the loss stays at {run.loss_end:.3g} (from {run.loss_start:.3g}{chance}) "
                     f"while the gradients are normal (late total norm {run.late_norm:.3g}) and the steps are not small: "
                     "nothing is being learned; the labels may carry no signal (shuffled, or not matched to their inputs), "
-                    "or the inputs may not reach the model: check a batch (learn.dls.one_batch())",
+                    f"or the inputs may not reach the model: check a batch (learn.dls.one_batch()){through_time}",
                     value=run.loss_end, threshold=run.chance, first_step=first, last_step=last)]
 
 
