@@ -10,7 +10,7 @@ from .run import finding, span
 
 def live_rms(run, rows):
     "Root mean square gradient of each of `rows` over its live units' elements (dead units left out)."
-    numel = run.names[rows.index].map(run.numel).to_numpy(np.float64)
+    numel = run.of_rows(rows, run.numel).astype(np.float64)
     live = 1 - np.nan_to_num(rows['dead_frac'].to_numpy(np.float64))
     with np.errstate(divide='ignore', invalid='ignore'):
         return rows['grad_norm'].to_numpy(np.float64) / np.sqrt(numel * live)
@@ -18,9 +18,8 @@ def live_rms(run, rows):
 
 def depth_profile(run):
     "Median live rms gradient of each weight over the applied steps, from input to output."
-    rows = run.applied_rows[run.names[run.applied_rows.index].isin(run.weights)]
-    rows = rows.assign(live_rms=live_rms(run, rows))
-    return run.per_layer('live_rms', run.weights, rows).dropna()
+    rows = run.applied_rows[run.mask(run.applied_rows, run.weights)]
+    return run.per_layer('live_rms', run.weights, rows, values=live_rms(run, rows)).dropna()
 
 
 def check_vanishing(run):
@@ -81,9 +80,9 @@ def check_vanishing(run):
 def check_layer_spread(run):
     "Max over min weight-gradient norm across layers, per step: a note, and a warning only when extreme and unexplained."
     t = run.t
-    rows = run.applied_rows[run.names[run.applied_rows.index].isin(run.weights)]
+    rows = run.applied_rows[run.mask(run.applied_rows, run.weights)]
     rows = rows[np.isfinite(rows['grad_norm']) & (rows['grad_norm'] > 0)]
-    if rows['layer'].nunique() < 2:
+    if len(np.unique(rows['layer'].cat.codes.to_numpy())) < 2:
         return [finding('layer_spread', 'ok', 'fewer than two weights with gradients: no spread to measure')]
     per_step = rows.groupby('step')['grad_norm'].agg(['max', 'min'])
     spread = float((per_step['max'] / per_step['min']).median())

@@ -25,22 +25,28 @@ def step_sizes(run):
     """Per weight, the median over applied steps of how far a step moves it, as a fraction of its size: the recorded
     `update_ratio` when there is one; else an upper bound from the learning rate, lr x max(10 x grad/param, 1 / rms(w)),
     which holds for SGD (with momentum up to 0.9) and for Adam-like optimizers (a step of about lr per element)."""
-    is_weight = run.names[run.applied_rows.index].isin(run.weights).to_numpy()
+    is_weight = run.mask(run.applied_rows, run.weights)
     rows, position = run.applied_rows[is_weight], run.position[is_weight]
     if 'update_ratio' in rows: return run.per_layer('update_ratio', run.weights, rows), 'update_ratio'
-    names = run.names[rows.index]
-    lrs = run.record.lrs
-    keys = [c for c in ('rank', 'step') if c in lrs]
-    if len(lrs):
-        at = [run.applied[c].to_numpy()[position] for c in keys] + [names.map(run.group).to_numpy()]
-        lr = pd.MultiIndex.from_arrays(at).map(lrs.set_index([*keys, 'group'])['lr'].to_dict()).to_numpy(np.float64)
-    else: lr = np.full(len(rows), np.nan)
-    lr = np.where(np.isfinite(lr), lr, run.applied['lr'].to_numpy(np.float64)[position])  # else the last group's
-    numel = names.map(run.numel).to_numpy(np.float64)
+    lr = _group_lrs(run, rows, position)
+    numel = run.of_rows(rows, run.numel).astype(np.float64)
     with np.errstate(divide='ignore', invalid='ignore'):
         bound = lr * np.maximum(10 * rows['grad_param_ratio'].to_numpy(np.float64),
                                 np.sqrt(numel) / rows['param_norm'].to_numpy(np.float64))
-    return run.per_layer('bound', run.weights, rows.assign(bound=bound)), 'bound'
+    return run.per_layer('bound', run.weights, rows, values=bound), 'bound'
+
+
+def _group_lrs(run, rows, position) -> np.ndarray:
+    """The learning rate of each of `rows` (applied steps `position`): its parameter group's at that step (`record.lrs`),
+    else the step's (the last group's)."""
+    step_lr = run.applied['lr'].to_numpy(np.float64)[position]
+    lrs = run.record.lrs
+    if not len(lrs): return step_lr
+    keys = [c for c in ('rank', 'step') if c in lrs]
+    table = lrs.set_index([*keys, 'group'])['lr']
+    at = pd.MultiIndex.from_arrays([run.applied[c].to_numpy()[position] for c in keys] + [run.of_rows(rows, run.group)])
+    lr = table.reindex(at).to_numpy(np.float64)  # NaN where the group has no rate of its own (-1)
+    return np.where(np.isfinite(lr), lr, step_lr)
 
 
 def check_lr_too_low(run):

@@ -71,9 +71,10 @@ class Run:
         table = self.layers.set_index('name')
         self.depth, self.module, self.shape = table['depth'], table['module'], table['shape']
         self.group, self.numel = table['group'], table['numel']
-        names = self.df['layer'].astype(str)
-        self.names = names
-        present = pd.unique(names)
+        # layers as their categorical codes (fast to group and look up), and what each code is
+        self.categories = list(self.df['layer'].cat.categories)
+        self.code_of = {n: i for i, n in enumerate(self.categories)}
+        present = [self.categories[c] for c in pd.unique(self.df['layer'].cat.codes.to_numpy()) if c >= 0]
         self.order = sorted(present, key=lambda n: self.depth[n])
         self.weights = [n for n in self.order if len(self.shape[n]) >= 2 and self.module[n] != 'Embedding']
         # each row's applied step (its place in `applied`; -1: a skipped step), by step and, in a merge, rank
@@ -91,7 +92,7 @@ class Run:
 
     def _total_norms(self):
         "The total norm of each applied step over the optimizer's tensors (all of them when it is unknown; NaN: none)."
-        used = self.names[self.applied_rows.index].isin(self.optimized).to_numpy()
+        used = self.mask(self.applied_rows, self.optimized)
         squares = self.applied_rows['grad_norm'].to_numpy(np.float64)[used] ** 2
         with np.errstate(invalid='ignore', over='ignore'):
             total = np.sqrt(np.bincount(self.position[used], weights=squares, minlength=len(self.applied)))
@@ -139,15 +140,21 @@ class Run:
         return [f for check, found in self.findings.items() if checks is None or check in checks
                 for f in found if f['status'] != 'ok']
 
-    def per_layer(self, column, layers=None, rows=None, how='median'):
-        "`how` ('median', 'min', ...) of `column` per layer over applied `rows` (default: all), finite values only."
+    def mask(self, rows, layers) -> np.ndarray:
+        "Which of `rows` (of `df`) belong to one of `layers` (names)."
+        return np.isin(rows['layer'].cat.codes.to_numpy(), [self.code_of[n] for n in layers])
+
+    def of_rows(self, rows, attribute: pd.Series) -> np.ndarray:
+        "`attribute` (a Series by layer name, e.g. `self.numel`) for each of `rows`."
+        return attribute.reindex(self.categories).to_numpy()[rows['layer'].cat.codes.to_numpy()]
+
+    def per_layer(self, column, layers=None, rows=None, how='median', values=None):
+        """`how` ('median', 'min', ...) of `column` (or of `values`, one per row) per layer over applied `rows`
+        (default: all), finite values only, in depth order."""
         rows = self.applied_rows if rows is None else rows
-        names = self.names[rows.index]
-        if layers is not None:
-            keep = names.isin(layers)
-            rows, names = rows[keep], names[keep]
-        values = rows[column]
-        keep = np.isfinite(values.to_numpy(np.float64))
-        grouped = values[keep].groupby(names[keep].to_numpy())
-        out = getattr(grouped, how)()
+        values = rows[column].to_numpy(np.float64) if values is None else np.asarray(values, np.float64)
+        keep = np.isfinite(values)
+        if layers is not None: keep &= self.mask(rows, layers)
+        out = getattr(pd.Series(values[keep]).groupby(rows['layer'].cat.codes.to_numpy()[keep]), how)()
+        out.index = [self.categories[c] for c in out.index]
         return out.reindex([n for n in self.order if n in out.index])

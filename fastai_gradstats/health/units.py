@@ -62,31 +62,33 @@ def check_zero_frac(run):
     batch, and the scattered rest; only a large scattered rest in a weight warns."""
     t = run.t
     rows = run.applied_rows
-    names = run.names[rows.index]
-    out = []
+    zero = rows['zero_frac'].to_numpy(np.float64)
+    dead = np.nan_to_num(rows['dead_frac'].to_numpy(np.float64))
+    shared = (1 - dead) * np.nan_to_num(rows['shared_zero_frac'].to_numpy(np.float64))
+    scattered = np.maximum(zero - dead - shared, 0)
     medians = run.per_layer('zero_frac')
-    for layer, zero in medians.items():
-        if zero <= t.zero_frac_warning: continue
-        part = rows[names == layer]
+    parts = {name: run.per_layer('zero_frac', rows=rows, values=v) for name, v in
+             (('dead', dead), ('shared', shared), ('scattered', scattered))}
+    out = []
+    for layer, z in medians.items():
+        if z <= t.zero_frac_warning: continue
         if run.module[layer] == 'Embedding':
-            out.append(finding('zero_frac', 'ok', f"median {zero:.1%} of {layer}'s gradient elements are zero: rows of an "
+            out.append(finding('zero_frac', 'ok', f"median {z:.1%} of {layer}'s gradient elements are zero: rows of an "
                                "embedding table whose categories are not in the batch get none, which is how embeddings learn",
-                               layer=layer, value=zero, threshold=t.zero_frac_warning))
+                               layer=layer, value=z, threshold=t.zero_frac_warning))
             continue
         if len(run.shape[layer]) < 2:
-            out.append(finding('zero_frac', 'ok', f"median {zero:.1%} of {layer}'s gradient elements are zero (a 1-D "
-                               "parameter: the units it belongs to got none, see dead)", layer=layer, value=zero,
+            out.append(finding('zero_frac', 'ok', f"median {z:.1%} of {layer}'s gradient elements are zero (a 1-D "
+                               "parameter: the units it belongs to got none, see dead)", layer=layer, value=z,
                                threshold=t.zero_frac_warning))
             continue
-        dead = np.nan_to_num(part['dead_frac'].to_numpy(np.float64))
-        shared = (1 - dead) * np.nan_to_num(part['shared_zero_frac'].to_numpy(np.float64))
-        scattered = np.maximum(part['zero_frac'].to_numpy(np.float64) - dead - shared, 0)
-        d, s, r = float(np.median(dead)), float(np.median(shared)), float(np.median(scattered))
-        what = (f"median {zero:.1%} of {layer}'s gradient elements are zero: {d:.1%} in dead units (see dead), {s:.1%} at "
+        d, s, r = (float(parts[k].get(layer, 0.0)) for k in ('dead', 'shared', 'scattered'))
+        what = (f"median {z:.1%} of {layer}'s gradient elements are zero: {d:.1%} in dead units (see dead), {s:.1%} at "
                 "fan-in positions no live unit got a gradient through (inputs that are always zero, units upstream that are "
                 f"off, kernel positions outside a small feature map), {r:.1%} scattered")
         if r > t.zero_frac_critical:
-            first, last = span(part['step'][scattered > t.zero_frac_critical])
+            over = run.mask(rows, [layer]) & (scattered > t.zero_frac_critical)
+            first, last = span(rows['step'][over])
             out.append(finding('zero_frac', 'warning', f"{what}: scattered zeros inside live units point to gradients that "
                                "underflow (fp16 without a loss scale?) or a loss that masks most outputs", layer=layer,
                                value=r, threshold=t.zero_frac_critical, first_step=first, last_step=last))
