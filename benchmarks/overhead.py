@@ -340,7 +340,11 @@ def record_at_scale(n_steps, n_layers, batch=1000, seed=0):
         return float(np.median(times))
     df_seconds, steps_seconds = build('df'), build('steps')
     assert len(record.df) == n_steps * n_layers
-    return allocated, used, df_seconds, steps_seconds
+    views = []
+    for _ in range(3):   # shown in a notebook right after a fit: its .steps and sampled diagnosis from scratch
+        record._cache.clear()
+        start = time.perf_counter(); record._repr_html_(); views.append(time.perf_counter() - start)
+    return allocated, used, df_seconds, steps_seconds, float(np.median(views))
 
 
 # --- scaling with the number of layers -----------------------------------------------------------
@@ -421,7 +425,7 @@ def main(argv=None):
     if args.quick: per_step_cost(10, steps=5)  # a smoke run of the scaling code (it checks every step was recorded)
     scaling = [] if args.quick else [per_step_cost(n) for n in (10, 100, 1000)]
     long_steps, long_layers = (10_000, 100) if args.quick else (100_000, 100)
-    long_allocated, long_used, df_seconds, steps_seconds = record_at_scale(long_steps, long_layers)
+    long_allocated, long_used, df_seconds, steps_seconds, view_seconds = record_at_scale(long_steps, long_layers)
     lines = [f'# GradStats overhead{" (--quick: a smoke test, not a measurement)" if args.quick else ""}', '',
              f'Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, '
              f'{platform.platform()}.', 'Versions: ' + ', '.join(f'{k} {v}' for k, v in versions().items()) + '.', '',
@@ -466,7 +470,8 @@ def main(argv=None):
               f'({long_used / (long_steps * long_layers):.0f} bytes per (step, layer)), {long_allocated / 1e6:.0f} MB '
               f'allocated ({long_allocated / (long_steps * long_layers):.0f} bytes; the arrays grow by a quarter at a time); building its `.df` '
               f'({long_steps * long_layers:,} rows) took {df_seconds:.2f} s and its `.steps` {steps_seconds:.3f} s '
-              '(median of 3 builds; both are cached once built).']
+              '(median of 3 builds; both are cached once built); showing it in a notebook (`_repr_html_`, from an empty '
+              f'cache: its `.steps` and the diagnosis of {fastai_gradstats.SAMPLE_STEPS} sampled steps) {view_seconds * 1e3:.0f} ms.']
     if scaling:
         lines += ['', 'Cost of GradStats() per step (its callback events alone, mean over the steps after the first), by number of Linear layers:', '',
                   '| layers | parameter tensors | us per step | us per tensor | first half of steps | second half | ratio to its training step |',

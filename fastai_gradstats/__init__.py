@@ -23,11 +23,12 @@ from .aggregate import combine, by_module, by_param_group, module_of
 from . import plots
 from .plots import (heatmap, magnitude_hist, gradient_flow, layer_curves, update_ratio, compare, metric_table, hist_table,
                     flow_table, compare_table, is_weight, SPECIAL_COLORS, MAX_LAYER_LABELS)
-from .health import summary, suggest_clip, HEALTH_COLUMNS, CHECKS, STATUSES
+from .health import summary, suggest_clip, verdict, HEALTH_COLUMNS, CHECKS, STATUSES
 from . import health  # the module (fastai_gradstats.health.Thresholds); its function is `record.health()`
 from .report import write_report, run_figures, overview, Comparison
 from .export import TensorBoardGradStats, WandbGradStats, step_scalars, log10_histogram, SCALARS, STEP_SCALAR_COLUMNS
 from .live import ShowGradStats, live_figure
+from .view import SAMPLE_STEPS, record_text, record_html
 
 __all__ = ['__version__',
            # record while training
@@ -41,7 +42,7 @@ __all__ = ['__version__',
            'plots', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare', 'metric_table',
            'hist_table', 'flow_table', 'compare_table', 'is_weight', 'SPECIAL_COLORS', 'MAX_LAYER_LABELS', 'health', 'summary',
            'suggest_clip',
-           'HEALTH_COLUMNS', 'CHECKS', 'STATUSES',
+           'verdict', 'HEALTH_COLUMNS', 'CHECKS', 'STATUSES', 'SAMPLE_STEPS', 'record_text', 'record_html',
            # report and export
            'write_report', 'run_figures', 'overview', 'Comparison', 'TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'log10_histogram',
            'SCALARS', 'STEP_SCALAR_COLUMNS',

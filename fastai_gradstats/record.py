@@ -86,6 +86,13 @@ class _Growable:
     def __len__(self): return self.n
 
 
+def _ranges(starts, lengths) -> np.ndarray:
+    "The indices start, start + 1, ... of each of the ranges (`starts[i]`, `lengths[i]` long), one after another."
+    lengths = np.asarray(lengths, np.int64)
+    offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(np.asarray(starts, np.int64), lengths) + offsets
+
+
 def _rows(value, dtype, width: int, name: str, n_rows: int | None = None) -> np.ndarray:
     "`value` as an array of rows of `width` (`n_rows` of them when given); else a TypeError or ValueError naming `name`."
     try: array = np.asarray(value, dtype)
@@ -491,6 +498,26 @@ class GradRecord:
         if 'layers' not in self._cache:
             self._cache['layers'] = pd.DataFrame(self._layers, columns=list(LAYER_COLUMNS))
         return self._cache['layers']
+
+    def _subset(self, positions) -> 'GradRecord':
+        """A new record of the steps at `positions` (indices into `steps`, increasing), with the same layers, arguments,
+        thresholds and stops: a sample of a long run that reads like the run (its `steps`, `df`, `lrs`)."""
+        self._thin_if_due()
+        positions = np.asarray(positions, np.int64)
+        out = GradRecord(self._layers, self.args, self.value_columns[len(METRICS):],
+                         None if self._hist is None else self._hist.data.dtype, every=self.every)
+        out.rank, out.multi_rank, out.thresholds = self.rank, self.multi_rank, self.thresholds
+        out.stopped_steps = list(self.stopped_steps)
+        n_rows = self._step_cols['n_rows'].view
+        starts = np.cumsum(n_rows) - n_rows
+        rows = _ranges(starts[positions], n_rows[positions])
+        columns = {k: self._step_cols[k].view[positions] for k in ('step', 'epoch', 'lr', 'loss', 'skipped', 'kept_every', 'rank')}
+        groups = self._step_cols['n_groups'].view
+        group_starts = np.cumsum(groups) - groups
+        columns['lrs'] = [self._lrs.view[group_starts[p]:group_starts[p] + groups[p]] for p in positions]
+        out._extend(columns, n_rows[positions], self._row_layer.view[rows], self._values.view[rows], self._counts.view[rows],
+                    None if self._hist is None else self._hist.view[rows])
+        return out
 
     def _row_step(self):
         return np.repeat(np.arange(len(self._step_cols['step'])), self._step_cols['n_rows'].view)

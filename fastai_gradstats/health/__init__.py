@@ -26,7 +26,7 @@ from .run import HEALTH_COLUMNS, MODEL, STATUSES, Run, check_inputs
 from .setup import check_no_gradient, check_not_in_optimizer
 from .units import check_dead, check_symmetric, check_zero_frac
 
-__all__ = ['Thresholds', 'health', 'summary', 'suggest_clip', 'HEALTH_COLUMNS', 'CHECKS', 'STATUSES']
+__all__ = ['Thresholds', 'health', 'summary', 'suggest_clip', 'verdict', 'HEALTH_COLUMNS', 'CHECKS', 'STATUSES']
 
 # the order of the findings of one status: causes before the symptoms they explain, notes last
 _ORDER = (check_skipped, check_not_in_optimizer, check_no_gradient, check_loss_scale, check_symmetric, check_lr_too_low,
@@ -117,26 +117,9 @@ def summary(record, thresholds: Thresholds | None = None, show_ok: bool = False)
     head = (f"Gradient health: {counts.get('critical', 0)} critical, {counts.get('warning', 0)} warning(s) over "
             f"{steps['step'].nunique()} recorded step(s) ({int(steps['step'].min())}-{int(steps['step'].max())}){ranks}, "
             f"{record.df['layer'].nunique()} parameter tensors")
-    lines = [head]
-    shown = table if show_ok else table[table['status'] != 'ok']
-    # a check's findings on both sides of their thresholds (steps too small here, too large there) call for opposite
-    # remedies: one line per side
-    side = np.sign(shown['value'].to_numpy(float) - shown['threshold'].to_numpy(float))
-    side = pd.Series(np.where(side > 0, 'above', np.where(side < 0, 'below', '')), index=shown.index)
-    for (status, check, _), group in shown.groupby([shown['status'], shown['check'], side], sort=False):
-        worst = group.iloc[_distance(group).argmax()] if len(group) > 1 else group.iloc[0]
-        first, last = group['first_step'].min(), group['last_step'].max()
-        where = '' if pd.isna(first) else f" [step {first}]" if first == last else f" [steps {first}-{last}]"
-        if len(group) > 1:
-            names = list(group['layer'])
-            listed = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
-            lines.append(f"  {status.upper():8} {check} in {len(names)} layers ({listed}); worst {worst['layer']}: "
-                         f"{worst['reason']}{where}")
-        else:
-            layer = '' if worst['layer'] == MODEL else f" {worst['layer']}"
-            lines.append(f"  {status.upper():8} {check}{layer}: {worst['reason']}{where}")
-    converged = table[(table['check'] == 'converged') & table['reason'].str.startswith('loss fell')]
-    if len(converged) and not show_ok: lines.append(f"  ok       converged: {converged.iloc[0]['reason']}")
+    lines = [head] + [f"  {line}" for line in _lines(table if show_ok else table[table['status'] != 'ok'])]
+    converged = _converged(table)
+    if converged and not show_ok: lines.append(f"  ok       converged: {converged}")
     if len(run.problems(['exploding', 'spikes'])):
         try:
             clip = _clip(run)
@@ -151,6 +134,48 @@ def summary(record, thresholds: Thresholds | None = None, show_ok: bool = False)
     return '\n'.join(lines)
 
 
+def _lines(shown) -> list:
+    """One line per (status, check, side) of the health rows `shown`, in their order: `STATUS   check layer: reason [steps]`,
+    or `STATUS   check in N layers (a, b, ...); worst x: reason` for several layers."""
+    lines = []
+    # a check's findings on both sides of their thresholds (steps too small here, too large there) call for opposite
+    # remedies: one line per side
+    side = np.sign(shown['value'].to_numpy(float) - shown['threshold'].to_numpy(float))
+    side = pd.Series(np.where(side > 0, 'above', np.where(side < 0, 'below', '')), index=shown.index)
+    for (status, check, _), group in shown.groupby([shown['status'], shown['check'], side], sort=False):
+        worst = group.iloc[_distance(group).argmax()] if len(group) > 1 else group.iloc[0]
+        first, last = group['first_step'].min(), group['last_step'].max()
+        where = '' if pd.isna(first) else f" [step {first}]" if first == last else f" [steps {first}-{last}]"
+        if len(group) > 1:
+            names = list(group['layer'])
+            listed = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
+            lines.append(f"{status.upper():8} {check} in {len(names)} layers ({listed}); worst {worst['layer']}: "
+                         f"{worst['reason']}{where}")
+        else:
+            layer = '' if worst['layer'] == MODEL else f" {worst['layer']}"
+            lines.append(f"{status.upper():8} {check}{layer}: {worst['reason']}{where}")
+    return lines
+
+
+def _converged(table) -> str:
+    "The converged check's reason when the run converged, else ''."
+    found = table[(table['check'] == 'converged') & table['reason'].str.startswith('loss fell')]
+    return found.iloc[0]['reason'] if len(found) else ''
+
+
+def verdict(record, thresholds: Thresholds | None = None) -> dict:
+    """The diagnosis in one line, for a headline: `status` ('critical', 'warning' or 'healthy'), the numbers of
+    `critical` and `warning` findings, `line` (the first problem line of `summary`, or the convergence note, or ''),
+    and `findings` (how many problem lines `summary` has). `thresholds` as for `health`."""
+    table = health(record, thresholds)
+    counts = table['status'].value_counts()
+    problems = _lines(table[table['status'] != 'ok'])
+    status = 'critical' if counts.get('critical', 0) else 'warning' if counts.get('warning', 0) else 'healthy'
+    line = problems[0] if problems else (f"converged: {_converged(table)}" if _converged(table) else '')
+    return {'status': status, 'critical': int(counts.get('critical', 0)), 'warning': int(counts.get('warning', 0)),
+            'line': ' '.join(line.split()), 'findings': len(problems)}
+
+
 def _distance(findings) -> np.ndarray:
     "How far each finding's value lies from its threshold, |log(value / threshold)| (0 where either is unknown)."
     with np.errstate(divide='ignore', invalid='ignore'):
@@ -161,3 +186,4 @@ def _distance(findings) -> np.ndarray:
 record_method(health)
 record_method(summary)
 record_method(suggest_clip)
+record_method(verdict)
