@@ -22,7 +22,7 @@ from .callback import GradStats, GradientAlert, input_to_output
 from .aggregate import combine, by_module, by_param_group, module_of
 from . import plots
 from .plots import (heatmap, magnitude_hist, gradient_flow, layer_curves, update_ratio, compare, metric_table, hist_table,
-                    flow_table, compare_table, is_weight, SPECIAL_COLORS, MAX_LAYER_LABELS)
+                    flow_table, compare_table, is_weight, SPECIAL_COLORS, MAX_LAYER_LABELS, total_norm)
 from .health import summary, suggest_clip, verdict, HEALTH_COLUMNS, CHECKS, STATUSES
 from . import health  # the module (fastai_gradstats.health.Thresholds); its function is `record.health()`
 from .report import write_report, run_figures, overview, Comparison
@@ -39,7 +39,7 @@ __all__ = ['__version__',
            'input_to_output',
            'record_method', 'combine', 'by_module', 'by_param_group', 'module_of',
            # draw and diagnose
-           'plots', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare', 'metric_table',
+           'plots', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'total_norm', 'compare', 'metric_table',
            'hist_table', 'flow_table', 'compare_table', 'is_weight', 'SPECIAL_COLORS', 'MAX_LAYER_LABELS', 'health', 'summary',
            'suggest_clip',
            'verdict', 'HEALTH_COLUMNS', 'CHECKS', 'STATUSES', 'SAMPLE_STEPS', 'record_text', 'record_html',

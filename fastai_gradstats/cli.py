@@ -63,9 +63,10 @@ def main(argv=None) -> int:
             from .demo import run_demo
             run_demo(args.out, quick=args.quick)
         elif args.command == 'report':
+            from .questions import answer
             from .report import write_report
             records = {name: _load(p) for name, p in zip(_names(args.runs), args.runs)}
-            print(f"wrote {write_report(records, args.out)}")
+            print(f"wrote {write_report(records, args.out, questions=answer(records))}")
         elif args.command == 'summary':
             from .health import summary
             print(summary(_load(args.run), show_ok=args.all))

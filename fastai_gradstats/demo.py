@@ -130,6 +130,7 @@ class Experiment:
     arch: str | None = None       # a torchvision model for `vision_learner(pretrained=False)`, e.g. 'resnet18'
     image_size: int | None = None # the digits as 3 x size x size images (`digits_dls`); quick runs: half the size
     one_cycle: bool = False       # train with `fit_one_cycle` (as the thread did), else `fit`
+    title: str = ''               # what the run is, for a reader (the report's headings; default: its name)
 
     @property
     def quick_n_train(self) -> int:
@@ -159,36 +160,36 @@ HEALTHY = ('skipped', 'symmetric', 'lr_too_low', 'exploding', 'nonfinite', 'vani
 
 EXPERIMENTS = [
     Experiment('lr_reasonable', '000', 'with a sensible learning rate, are gradient elements ever larger than 1?',
-               lambda: mlp(4, 64), lr=3e-3, epochs=4, quick_epochs=2, expect=dict.fromkeys((*HEALTHY, 'dead'), 'ok')),
+               lambda: mlp(4, 64), lr=3e-3, epochs=4, quick_epochs=2, expect=dict.fromkeys((*HEALTHY, 'dead'), 'ok'), title='4-layer ReLU MLP, Adam at lr 3e-3 (sensible)'),
     Experiment('lr_too_high', '000', 'a learning rate set far too high makes gradients huge', lambda: mlp(4, 64),
-               lr=1.0, epochs=2, quick_epochs=1, expect={'exploding': 'critical'}),
+               lr=1.0, epochs=2, quick_epochs=1, expect={'exploding': 'critical'}, title='4-layer ReLU MLP, Adam at lr 1 (far too high)'),
     Experiment('relu_default_init', '001', 'plain ReLU with default init: many units get zero gradient',
-               lambda: mlp(6, 64), lr=3e-3, epochs=3, quick_epochs=2),
+               lambda: mlp(6, 64), lr=3e-3, epochs=3, quick_epochs=2, title="6-layer plain ReLU MLP, PyTorch's default init"),
     Experiment('generalrelu_kaiming', '001', 'Kaiming-initialised GeneralReLU keeps more units alive',
                lambda: mlp(6, 64, act=lambda: GeneralRelu(0.1, 0.4), init='kaiming', leak=0.1), lr=3e-3, epochs=3,
-               quick_epochs=2, expect=dict.fromkeys((*HEALTHY, 'dead'), 'ok')),
+               quick_epochs=2, expect=dict.fromkeys((*HEALTHY, 'dead'), 'ok'), title='6-layer GeneralReLU MLP, Kaiming init'),
     Experiment('sigmoid_deep', '002', 'a deep sigmoid network: gradients vanish towards the input',
                lambda: mlp(10, 64, act=nn.Sigmoid), lr=1e-3, epochs=3, quick_epochs=1,
-               expect={'vanishing': 'critical'}),
+               expect={'vanishing': 'critical'}, title='10-layer sigmoid MLP'),
     Experiment('relu_deep', '002', 'the same depth with Kaiming-initialised ReLU: gradients keep their size',
                lambda: mlp(10, 64, init='kaiming'), lr=1e-3, epochs=3, quick_epochs=1,
-               expect=dict.fromkeys(HEALTHY, 'ok')),
+               expect=dict.fromkeys(HEALTHY, 'ok'), title='10-layer ReLU MLP, Kaiming init'),
     # GradStats sees one gradient per weight, summed over the 16 time steps, not the gradient at each step
     Experiment('rnn_scale_below_1', '003', 'recurrent weight with norm 0.5 < 1 (the post: gradients likely vanish '
                'through time): the total norm, summed over time steps, stays small, over 100x below the norm-3 run, '
                'but does not vanish',
                lambda: RowRNN(0.5), lr=1e-3, epochs=3, quick_epochs=1, sequence=True,
-               expect={'vanishing': 'ok', 'exploding': 'ok', 'total_norm': 'ok', 'nonfinite': 'ok', 'not_learning': 'critical'}),
+               expect={'vanishing': 'ok', 'exploding': 'ok', 'total_norm': 'ok', 'nonfinite': 'ok', 'not_learning': 'critical'}, title='ReLU RNN, recurrent weight x0.5'),
     Experiment('rnn_scale_above_1', '003', 'recurrent weight with norm 3 > 1: gradients explode through time',
                lambda: RowRNN(3.0), lr=1e-3, epochs=3, quick_epochs=1, sequence=True,
-               expect={'exploding': 'critical'}),
+               expect={'exploding': 'critical'}, title='ReLU RNN, recurrent weight x3'),
     # the thread's own model: cnn_learner(dls, resnet18, pretrained=False), trained with fit_one_cycle
     Experiment('resnet18_lr_reasonable', '000', "the thread's untrained resnet18 with a sensible learning rate: are "
                'gradient elements ever larger than 1?', None, lr=1e-3, epochs=2, quick_epochs=1, arch='resnet18',
-               image_size=32, one_cycle=True, expect={'nonfinite': 'ok'}),
+               image_size=32, one_cycle=True, expect={'nonfinite': 'ok'}, title='untrained resnet18, Adam one-cycle at lr 1e-3 (sensible)'),
     Experiment('resnet18_lr_too_high', '000', 'the same resnet18 with a learning rate far too high (SGD at a constant '
                'lr of 10): gradients become huge', None, lr=10.0, epochs=2, quick_epochs=1, opt='SGD', arch='resnet18',
-               image_size=32, expect={'exploding': 'critical'}),
+               image_size=32, expect={'exploding': 'critical'}, title='untrained resnet18, SGD at lr 10 (far too high)'),
 ]
 "The demo's runs, in the order of their `SOURCES`."
 
@@ -232,8 +233,7 @@ def run_experiment(exp: Experiment, quick: bool = False, progress: bool = True, 
             with learn.no_bar(), learn.no_logging(): fit(exp.quick_epochs if quick else exp.epochs, exp.lr, cbs=cb)
     record = learn.grad_stats
     record.args.update({'experiment': exp.name, 'seed_thread': exp.seed_thread, 'source': SOURCES[exp.seed_thread],
-                        'claim': exp.claim,
-                        'lr': exp.lr, 'opt': exp.opt})
+                        'claim': exp.claim, 'title': exp.title or exp.name, 'lr': exp.lr, 'opt': exp.opt})
     return record
 
 
@@ -262,8 +262,9 @@ def run_demo(out='gradstats-demo', quick: bool = False, progress: bool = True) -
         records[exp.name] = record
         print(record.summary())
     comparisons = [c for c in COMPARISONS if all(name in records for name in c)]
+    from .questions import answer
     report = write_report(records, out/'report.html', comparisons=comparisons, figures_dir=out/'figures',
-                          title='fastai_gradstats demo: the forum experiments', skipped=skipped)
+                          title='fastai_gradstats demo: the forum experiments', skipped=skipped, questions=answer(records))
     print(f"\nSaved {len(records)} runs under {out}/, figures under {out/'figures'}/; report: {report} "
           f"({time.perf_counter() - started:.0f} s)" + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ''))
     return records

@@ -26,7 +26,7 @@ from matplotlib.transforms import blended_transform_factory, offset_copy
 from .record import GradRecord, record_method
 from .stats import HIST_BINS, HIST_DECADES, _positive_int
 
-__all__ = ['MAX_LAYER_LABELS', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'compare',
+__all__ = ['MAX_LAYER_LABELS', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'total_norm', 'compare',
            'metric_table', 'hist_table', 'flow_table', 'compare_table', 'is_weight', 'SPECIAL_COLORS']
 
 SPECIAL_COLORS = {'zero': '#000000', 'nan': '#ff00ff', 'inf': '#ff8c00'}
@@ -585,6 +585,45 @@ def update_ratio(record, layers=None, ax=None, band=(1e-4, 1e-2)):
 
 
 # --- comparing runs -------------------------------------------------------------------------
+def total_norm(records, labels=None, ax=None, bands=(0.1, 10.0, 100.0)):
+    """The total gradient norm per step of one or more runs on one log axis, with the textbook's bands shaded (`bands`:
+    healthy from, warning from, critical from; None: no bands): `records` a list of GradRecords or of their `.steps`
+    DataFrames, `labels` their names. NaN/Inf steps are marked at the top of the axes. Returns the Axes."""
+    if isinstance(records, (GradRecord, pd.DataFrame)) or not isinstance(records, (list, tuple)) or not records:
+        raise TypeError("`records` must be a non-empty list of GradRecords (or their .steps DataFrames)")
+    tables = []
+    for i, rec in enumerate(records):
+        steps = rec.steps if isinstance(rec, GradRecord) else rec
+        if not isinstance(steps, pd.DataFrame) or not {'step', 'grad_norm'} <= set(steps.columns):
+            raise TypeError(f"`records[{i}]` must be a GradRecord or a .steps DataFrame (with step and grad_norm)")
+        _check_one_rank(steps, f'records[{i}]', 'steps')
+        tables.append(steps)
+    labels = [f'run {i}' for i in range(len(tables))] if labels is None else list(labels)
+    if len(labels) != len(tables) or not all(isinstance(l, str) for l in labels):
+        raise ValueError(f"`labels` must be {len(tables)} strings, one per record, got {labels!r}")
+    if bands is not None and (len(bands) != 3 or not all(isinstance(b, (int, float)) and b > 0 for b in bands)
+                              or not bands[0] <= bands[1] <= bands[2]):
+        raise ValueError(f"`bands` must be None or three increasing positive numbers, got {bands!r}")
+    ax = _new_ax(ax, (9, 3.5))
+    ax.set_yscale('log')
+    for steps, label in zip(tables, labels):
+        norms = steps['grad_norm'].to_numpy(float)
+        line, = ax.plot(steps['step'].to_numpy(), np.where(np.isfinite(norms) & (norms > 0), norms, np.nan), label=label)
+        bad = ~np.isfinite(norms)
+        if bad.any():
+            ax.plot(steps['step'].to_numpy()[bad], np.ones(bad.sum()), linestyle='none', marker='v', color=line.get_color(),
+                    transform=ax.get_xaxis_transform(), clip_on=False, label=f'{label}: NaN/Inf')
+    if bands is not None:
+        low, warn, crit = bands
+        top = max(ax.get_ylim()[1], crit * 10)
+        ax.axhspan(low, warn, color='#2ca02c', alpha=0.08, label=f'healthy {low:g}-{warn:g}')
+        ax.axhspan(crit, top, color='#d62728', alpha=0.06, label=f'over {crit:g}')
+    ax.set_xlabel('step'); ax.set_ylabel('total gradient norm')
+    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    _integer_steps(ax)
+    return ax
+
+
 def compare_table(records, metric='grad_rms', labels=None, weights_only=True):
     """Per run and aligned layer, the mean and the median over iterations of `metric`.
 

@@ -1430,3 +1430,23 @@ def test_sixty_six_layers_are_each_named_without_overlap(figure):
         overlap = (a.y0 < b.y1 and b.y0 < a.y1) if axis == 'y' else (a.x0 < b.x1 and b.x0 < a.x1)
         assert not overlap, (a, b)
     plt.close(ax.figure)
+
+
+def test_total_norm_draws_each_runs_steps_with_the_textbooks_bands():
+    "One line per run whose y data are its .steps total norms (NaN where not finite, marked at the top), and the bands."
+    record, _ = many_layer_record(n_layers=4, n_steps=12)
+    other, _ = many_layer_record(n_layers=4, n_steps=12)
+    other.add_step(12, 0, 1e-3, 1.0, other.layer_index(list(other.layers['name'])),
+                   np.full((4, len(METRICS)), np.nan, np.float32))
+    ax = plots.total_norm([record, other.steps], labels=['a', 'b'])
+    lines = [l for l in ax.lines if l.get_label() in ('a', 'b')]
+    np.testing.assert_allclose(lines[0].get_ydata(), record.steps['grad_norm'], rtol=1e-12)
+    expected = other.steps['grad_norm'].to_numpy()
+    np.testing.assert_allclose(lines[1].get_ydata()[:-1], expected[:-1], rtol=1e-12)
+    assert np.isnan(lines[1].get_ydata()[-1]) and any(l.get_label() == 'b: NaN/Inf' for l in ax.lines)
+    assert len(ax.patches) == 2 and {t.get_text() for t in ax.get_legend().get_texts()} >= {'healthy 0.1-10', 'over 100'}
+    plt.close(ax.figure)
+    for bad, error in ((record, TypeError), ([record], ValueError)):
+        with pytest.raises(error, match='`records`|`labels`'):
+            plots.total_norm(bad) if error is TypeError else plots.total_norm(bad, labels=['a', 'b'])
+    with pytest.raises(ValueError, match='`bands`'): plots.total_norm([record], bands=(10, 1, 100))

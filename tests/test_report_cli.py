@@ -65,6 +65,19 @@ def section(soup, h2_id):
     return out
 
 
+def run_part(soup, name):
+    "The elements inside a run's folded section, `<details id=run-name>`, after its `<summary>`."
+    details = soup.find('details', id=f'run-{name}')
+    assert details is not None, name
+    return [el for el in details.children if getattr(el, 'name', None) and el.name != 'summary']
+
+
+def comparison_labels(soup):
+    "The runs each folded comparison draws, as its summary names them ('a vs b', without its metric)."
+    folded = soup.find('h2', id='comparisons').find_next_siblings('details', class_='comparison')
+    return [d.find('summary').get_text().rsplit(' (', 1)[0] for d in folded]
+
+
 def parse_table(table):
     head = [th.get_text() for th in table.find('thead').find_all('th')]
     body = [[td.get_text() for td in tr.find_all('td')] for tr in table.find('tbody').find_all('tr')]
@@ -177,11 +190,19 @@ def test_report_overview_numbers_come_from_the_saved_runs(soup, runs):
 
 
 def test_report_has_every_section_per_run(soup, runs):
+    """Each run is folded (<details>) under its readable title, with its verdict and, for a problem, its worst check's
+    name; inside: claim, Summary, Health, then the figures under titles a reader understands."""
     for e in RAN:
-        part = section(soup, f'run-{e.name}')
-        headings = [el.get_text() for el in part if el.name == 'h3']
-        assert headings[:2] == ['Summary', 'Health']
-        assert headings[2:] == [s.replace('_', ' ') for s in SECTIONS]
+        details = soup.find('details', id=f'run-{e.name}')
+        heading = details.find('summary')
+        verdict = runs[e.name].verdict()
+        assert heading.find('span', class_='status').get_text() == verdict['status']
+        assert e.title in heading.get_text() and f'({e.name})' in heading.get_text()
+        if verdict['status'] != 'healthy': assert verdict['line'].split()[1].rstrip(':') in heading.find('span', class_='why').get_text()
+        part = run_part(soup, e.name)
+        headings = [el.get_text() for el in part if el.name == 'h4']
+        assert headings == ['Summary', 'Health', 'Gradient norm per layer and step', 'Gradient magnitudes (log10 |g|) per step',
+                            'Gradient flow from input to output']
         claim = [el for el in part if el.name == 'p' and 'claim' in el.get('class', [])]
         assert len(claim) == 1 and e.claim in claim[0].get_text()
         pre = [el for el in part if el.name == 'pre']
@@ -193,14 +214,14 @@ def test_report_has_every_section_per_run(soup, runs):
 def test_report_images_are_the_saved_figures(soup, demo):
     out, _ = demo
     for e in RAN:
-        for img in (el for el in section(soup, f'run-{e.name}') if el.name == 'img'):
+        for img in (el for el in run_part(soup, e.name) if el.name == 'img'):
             data = base64.b64decode(img['src'].split(',', 1)[1])
             assert data == (out/'figures'/f"{e.name}_{img['class'][1]}.png").read_bytes()
 
 
 def test_report_health_tables_come_from_the_saved_runs(soup, runs):
     for e in RAN:
-        table_el = next(el for el in section(soup, f'run-{e.name}') if el.name == 'table')
+        table_el = next(el for el in run_part(soup, e.name) if el.name == 'table')
         table, classes = parse_table(table_el)
         health = runs[e.name].health()
         assert list(table['check']) == list(health['check'])
@@ -212,22 +233,83 @@ def test_report_health_tables_come_from_the_saved_runs(soup, runs):
 
 def test_report_comparisons(soup, demo):
     out, _ = demo
-    part = section(soup, 'comparisons')
-    headings = [el.get_text() for el in part if el.name == 'h3']
-    assert headings == [f'{a} vs {b}' for a, b in COMPARED]
-    images = [el for el in part if el.name == 'img']
+    folded = soup.find('h2', id='comparisons').find_next_siblings('details')
+    assert [d.find('summary').get_text() for d in folded] == [f'{a} vs {b} ({c.metric})' for c in COMPARED for a, b in [c]]
+    images = [d.find('img') for d in folded]
     assert len(images) == len(COMPARED) and all('compare' in img['class'] for img in images)
     for (a, b), img in zip(COMPARED, images):
         assert base64.b64decode(img['src'].split(',', 1)[1]) == (out/'figures'/f'compare_{a}_vs_{b}.png').read_bytes()
     nav = [a['href'] for a in soup.find('nav').find_all('a')]
-    assert nav == [f'#run-{e.name}' for e in RAN] + ['#comparisons']
+    assert nav == ['#questions', '#overview', '#runs', '#comparisons']
+
+
+# --- the report opens with the threads' questions, answered ------------------------------------------------------------
+def test_the_report_opens_with_one_section_per_question_with_its_verdict_numbers_and_figure(soup, runs, demo):
+    """The questions come first (before the overview), one per source whose runs ran, each with its source, the claim,
+    a verdict among confirmed / partly confirmed / not confirmed, its numbers and its figure (the file it saved)."""
+    from fastai_gradstats.demo import SOURCES
+    from fastai_gradstats.questions import QUESTIONS, VERDICTS
+    out, _ = demo
+    h2 = [h.get('id') for h in soup.find_all('h2')]
+    assert h2.index('questions') < h2.index('overview') < h2.index('runs')
+    sections = soup.find_all('section', class_='question')
+    ran = [q for q in QUESTIONS if all(r in runs for r in q.runs)]
+    assert [s['id'] for s in sections] == [f'question-{q.source}' for q in ran] and len(ran) == 5
+    for section, q in zip(sections, ran):
+        assert section.find('h3').get_text() == q.question
+        assert SOURCES[q.source] in section.find('p', class_='source').get_text()
+        assert q.claim in section.find('p', class_='claim').get_text()
+        verdict = section.find('span', class_='verdict').get_text()
+        assert verdict in VERDICTS
+        img = section.find('img')
+        assert base64.b64decode(img['src'].split(',', 1)[1]) == (out/'figures'/f'question_{q.source}.png').read_bytes()
+        assert [r.strip() for r in section.find('p', class_='runs').get_text()[len('Runs: '):].split('(')[0].split(',')] == list(q.runs)
+
+
+def answers_of(soup):
+    return {s['id'][len('question-'):]: (s.find('span', class_='verdict').get_text(), s.find('p', class_='answer').get_text())
+            for s in soup.find_all('section', class_='question')}
+
+
+def test_the_verdicts_follow_from_the_saved_runs(soup, runs):
+    """Each verdict recomputed here from the saved runs' tables: gradients >= 1 are rare with a sensible learning rate
+    (histograms) and 100x larger with one far too high; plain ReLU keeps more zeros and a higher loss; sigmoids lose
+    4x+ per layer towards the input; the x3 recurrent weight's first gradient is 100x the x0.5's (the vanishing half
+    cannot be seen in a summed gradient: partly); the textbook's 100 separates the sensible runs from the broken ones."""
+    from fastai_gradstats.stats import HIST_BINS
+    found = answers_of(soup)
+    def share_ge_one(record):
+        h = record.hist
+        weight = h['numel'] / h[list(HIST_BINS)].sum(axis=1)
+        above = [b for b in HIST_BINS[HIST_BINS.index('1e0'):] if b != 'nan']
+        per_step = (h[above].sum(axis=1) * weight).groupby(h['step']).sum() / h['numel'].groupby(h['step']).sum()
+        return per_step.mean()
+    sensible, high = runs['lr_reasonable'], runs['lr_too_high']
+    ok_000 = share_ge_one(sensible) < 1e-3 and np.nanmax(high.df['grad_max']) > 100 * sensible.df['grad_max'].max()
+    assert found['000'][0] == ('confirmed' if ok_000 else 'not confirmed')
+    assert f"{sensible.df['grad_max'].max():.3g}" in found['000'][1]
+    plain, general = runs['relu_default_init'], runs['generalrelu_kaiming']
+    ok_001 = plain.df['zero_frac'].mean() > 2 * general.df['zero_frac'].mean() and \
+        general.steps['loss'].iloc[-5:].mean() < plain.steps['loss'].iloc[-5:].mean()
+    assert found['001'][0] == ('confirmed' if ok_001 else 'not confirmed')
+    ratio = depth_ratio(runs['sigmoid_deep'])
+    assert found['002'][0] == ('confirmed' if ratio > 1e4 and ratio ** 0.1 >= 4 and depth_ratio(runs['relu_deep']) < 100
+                               else 'not confirmed')
+    first = lambda r: r.df[(r.df.step == 0) & (r.df.layer == 'rnn.weight_ih_l0')].grad_norm.item()
+    assert found['003'][0] == ('partly confirmed' if first(runs['rnn_scale_above_1']) > 100 * first(runs['rnn_scale_below_1'])
+                               else 'not confirmed')
+    peaks = {n: np.nanmax(np.where(np.isfinite(total_norms(runs[n])), total_norms(runs[n]), np.nan))
+             for n in ('lr_reasonable', 'generalrelu_kaiming', 'relu_deep', 'lr_too_high', 'rnn_scale_above_1')}
+    sensible_ok = all(peaks[n] <= 100 for n in ('lr_reasonable', 'generalrelu_kaiming', 'relu_deep'))
+    broken_over = all(peaks[n] > 100 for n in ('lr_too_high', 'rnn_scale_above_1'))
+    assert found['004'][0] == ('confirmed' if sensible_ok and broken_over else 'partly confirmed' if broken_over else 'not confirmed')
 
 
 # --- the experiments show what their threads claim ---------------------------------------------
 @pytest.mark.parametrize('exp', [e for e in RAN if e.expect], ids=lambda e: e.name)
 def test_expected_health_statuses(exp, runs, soup):
     health = runs[exp.name].health()
-    table, _ = parse_table(next(el for el in section(soup, f'run-{exp.name}') if el.name == 'table'))
+    table, _ = parse_table(next(el for el in run_part(soup, exp.name) if el.name == 'table'))
     for check, status in exp.expect.items():
         assert worst(health, check) == status, (exp.name, check)
         assert worst(table, check) == status, (exp.name, check)
@@ -305,12 +387,12 @@ def test_report_command_on_saved_runs(demo, runs, tmp_path):
         assert int(row['steps']) == len(runs[row['run']].steps)
         assert close(num(row['last_loss']), float(runs[row['run']].steps['loss'].iloc[-1]))
     for name in ('sigmoid_deep', 'relu_deep'):
-        part = section(soup, f'run-{name}')
+        part = run_part(soup, name)
         assert [img['class'][1] for img in part if img.name == 'img'] == list(SECTIONS)
         assert next(el for el in part if el.name == 'pre').get_text() == runs[name].summary()
-    compare = [el for el in section(soup, 'comparisons') if el.name == 'img']
+    compare = [d.find('img') for d in soup.find('h2', id='comparisons').find_next_siblings('details')]
     assert len(compare) == 1
-    assert [el.get_text() for el in section(soup, 'comparisons') if el.name == 'h3'] == ['sigmoid_deep vs relu_deep']
+    assert comparison_labels(soup) == ['sigmoid_deep vs relu_deep']
 
 
 def test_report_command_with_one_run_and_same_names(demo, tmp_path):
@@ -498,15 +580,15 @@ def test_report_command_keeps_every_run_when_a_made_up_name_is_taken(small_runs,
     assert len(names) == 3 and len(set(names)) == 3
     assert names[0] == 'runA' and names[2] == 'runA (2)'       # a name free to take is the directory's own
     assert [int(s) for s in table['steps']] == [2, 3, 4]       # each run once, in the order given
-    for name in names: assert section(soup, f'run-{name}')
-    assert [el.get_text() for el in section(soup, 'comparisons') if el.name == 'h3'] == [' vs '.join(names)]
+    for name in names: assert run_part(soup, name)
+    assert comparison_labels(soup) == [' vs '.join(names)]
 
 
 def test_write_report_draws_each_comparison_of_two_or_more_runs(small_runs, tmp_path):
     records = dict(zip('abc', small_runs))
     soup = check_self_contained(write_report(records, tmp_path/'r.html', comparisons=[('a', 'b', 'c'), ['c', 'a']])
                                 .read_text(encoding='utf-8'))
-    assert [el.get_text() for el in section(soup, 'comparisons') if el.name == 'h3'] == ['a vs b vs c', 'c vs a']
+    assert comparison_labels(soup) == ['a vs b vs c', 'c vs a']
     soup = BeautifulSoup(write_report(records, tmp_path/'none.html', comparisons=[]).read_text(encoding='utf-8'),
                          'html.parser')
     assert soup.find('h2', id='comparisons') is None
@@ -590,7 +672,7 @@ def test_figure_files_are_safe_and_one_per_figure(small_runs, tmp_path):
     out = write_report(records, tmp_path/'r.html', comparisons=comparisons, figures_dir=folder)
     assert [p for p in tmp_path.rglob('*.png') if p.parent != folder] == []
     soup = check_self_contained(out.read_text(encoding='utf-8'))
-    assert [h.get_text() for h in soup.find_all('h2')][1:-1] == list(records)
+    assert [d['id'][len('run-'):] for d in soup.find_all('details', class_='run')] == list(records)
     images = [base64.b64decode(img['src'].split(',', 1)[1]) for img in soup.find_all('img')]
     assert len(images) == len(records) * len(SECTIONS) + len(comparisons)
     files = sorted(folder.iterdir())
@@ -642,7 +724,7 @@ def test_write_report_draws_the_metric_each_comparison_names(small_runs, tmp_pat
     records = dict(zip('abc', small_runs))
     entries = [report.Comparison(('a', 'b'), metric='zero_frac'), ('b', 'c')]
     soup = check_self_contained(write_report(records, tmp_path/'r.html', comparisons=entries).read_text(encoding='utf-8'))
-    assert [el.get_text() for el in section(soup, 'comparisons') if el.name == 'h3'] == ['a vs b', 'b vs c']
+    assert comparison_labels(soup) == ['a vs b', 'b vs c']
     assert [(names, metric) for names, metric, _ in drawn] == [(('a', 'b'), 'zero_frac'), (('b', 'c'), 'grad_rms')]
     assert all(metric in title for _, metric, titles in drawn for title in titles)
     with pytest.raises(ValueError, match=r"`comparisons`.*'no_such_metric'"):
@@ -664,3 +746,31 @@ def test_demo_comparison_of_dead_units_shows_its_claim(runs):
     hidden = table.iloc[:-1]   # the output layer's units have no ReLU after them
     assert (hidden[('general', 'median')] < hidden[('relu', 'median')]).all()
     assert hidden[('relu', 'median')].mean() > 0.1
+
+
+# --- the report in a browser -----------------------------------------------------------------------------------------
+CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (apt-get install chromium)")
+def test_the_report_renders_in_headless_chromium_without_console_errors(demo, tmp_path):
+    """The demo's report opened in headless Chromium at 1280 px: a screenshot of that width is written, the page logs
+    no console message (it has no script, so nothing may fail), and the DOM Chromium built holds every section."""
+    out, _ = demo
+    flags = [CHROMIUM, '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+             '--disable-component-update', '--disable-sync', '--no-first-run', f'--user-data-dir={tmp_path/"profile"}',
+             '--enable-logging=stderr', '--v=0']
+    shot = tmp_path/'report.png'
+    url = (out/'report.html').resolve().as_uri()
+    proc = subprocess.run([*flags, f'--screenshot={shot}', '--window-size=1280,2400', url], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from PIL import Image
+    assert Image.open(shot).size == (1280, 2400)
+    console = [l for l in proc.stderr.splitlines() if 'CONSOLE' in l]
+    assert not console, console
+    dom = subprocess.run([*flags, '--dump-dom', url], capture_output=True, text=True, timeout=120).stdout
+    soup = BeautifulSoup(dom, 'html.parser')
+    assert soup.find('h2', id='questions') and len(soup.find_all('section', class_='question')) == 5
+    assert len(soup.find_all('details', class_='run')) == len(RAN)
+    assert not any(d.has_attr('open') for d in soup.find_all('details'))   # folded until opened
