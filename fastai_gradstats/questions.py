@@ -150,8 +150,8 @@ def _textbook_bands(runs) -> Answer:
     broken_over = [n for n in broken if over[n] > 100 or not np.isfinite(runs[n].steps['grad_norm']).all()]
     numbers = ('Peak total norm: ' + ', '.join(f"{n} {over[n]:.3g}" for n in sensible + broken) + '. '
                + (f"Of the sensible runs, {', '.join(sensible_over)} pass{'es' if len(sensible_over) == 1 else ''} 100 "
-                  "and train well: the level alone does not tell an explosion (the diagnosis reads growth, NaN/Inf and the "
-                  "loss instead)." if sensible_over else "Every sensible run stays under 100.")
+                  f"and train{'s' if len(sensible_over) == 1 else ''} well: the level alone does not tell an explosion (the "
+                  "diagnosis reads growth, NaN/Inf and the loss instead)." if sensible_over else "Every sensible run stays under 100.")
                + f" {len(broken_over)} of the {len(broken)} broken runs pass 100 or turn NaN/Inf.")
     verdict = (VERDICTS[0] if not sensible_over and len(broken_over) == len(broken) else
                VERDICTS[1] if len(broken_over) == len(broken) else VERDICTS[2])

@@ -411,10 +411,12 @@ def test_a_stricter_threshold_turns_ok_into_a_warning(healthy_run):
     record, cap = healthy_run
     norms = pd.Series(cap.total_norms())
     assert rows(record.health(), 'spikes').iloc[0]['status'] == 'ok'
-    over = norms / norms.rolling(20, min_periods=5).median().shift(1)
+    before = norms.rolling(20, min_periods=5).median().shift(1)                  # the 20 steps before, 5 at least ...
+    after = norms[::-1].rolling(20, min_periods=5).median().shift(1)[::-1]      # ... and after, where 5 follow
+    over = np.minimum(norms / before, (norms / after).fillna(np.inf))
     factor = float(np.sort(over.dropna())[-2]) * 0.999   # so that at least two steps are over it
     assert factor > 1
-    spikes = norms > factor * norms.rolling(20, min_periods=5).median().shift(1)
+    spikes = (norms > factor * before) & (after.isna() | (norms > factor * after))
     assert spikes.sum() >= 2
     row = rows(record.health(Thresholds(spike_factor=factor)), 'spikes').iloc[0]
     assert row['status'] == 'warning' and row['value'] == spikes.sum() and row['threshold'] == factor
@@ -531,15 +533,16 @@ def test_summary_without_explosion_has_no_clipping_advice(healthy_run, sigmoid_r
 
 def independent_clip(steps, percentile=95.0, window=20, factor=10.0, critical=100.0, warning=10.0):
     """The clip value from the step table: the percentile of the total norms of the applied, finite steps that
-    are neither spikes (over `factor` times the median of up to `window` previous such steps, given 5) nor above
-    the critical band; `warning`, the top of the healthy band, when no step is healthy."""
+    are neither spikes (over `factor` times the median of up to `window` previous such steps, given 5, and of the
+    `window` following ones, where 5 follow) nor above the critical band; `warning`, the top of the healthy band, when
+    no step is healthy."""
     applied = steps[~steps['skipped'].to_numpy()]
     norms = applied['grad_norm'].to_numpy(float)
     finite = norms[np.isfinite(norms)]
     healthy = []
     for i, v in enumerate(finite):
-        prev = finite[max(0, i - window):i]
-        spike = len(prev) >= 5 and v > factor * np.median(prev)
+        prev, following = finite[max(0, i - window):i], finite[i + 1:i + 1 + window]
+        spike = len(prev) >= 5 and v > factor * np.median(prev) and (len(following) < 5 or v > factor * np.median(following))
         if not spike and v <= critical: healthy.append(v)
     max_norm = float(np.percentile(healthy, percentile)) if healthy else warning
     return {'max_norm': max_norm, 'n_clipped': int((~(norms <= max_norm)).sum()),   # NaN and Inf clipped, once each

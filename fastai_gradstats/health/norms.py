@@ -190,13 +190,18 @@ def check_total_norm(run):
 
 
 def spike_mask(norms, phase, t):
-    """Which `norms` exceed `spike_factor` x the rolling median of the finite steps before them in the same phase (an
-    Inf norm, beyond float32's range, exceeds every one; NaN none), and that rolling median: two arrays."""
+    """Which `norms` are spikes: over `spike_factor` x the rolling median of the finite steps before them in the same
+    phase and, where 5 or more follow, of those after them too (a spike comes back down; a norm that rises and stays, as
+    a network's does when it starts to learn, is no spike). An Inf norm, beyond float32's range, exceeds every median;
+    NaN none. Returns that mask and the medians before: two arrays."""
     series = pd.Series(np.where(np.isfinite(norms), norms, np.nan))
-    window = int(t.spike_window)
-    rolling = series.groupby(phase).transform(lambda s: s.rolling(window, min_periods=min(5, window)).median().shift(1))
-    over = (pd.Series(norms) > t.spike_factor * rolling) & ~np.isnan(norms)
-    return over.to_numpy(), rolling.to_numpy()
+    window, least = int(t.spike_window), min(5, int(t.spike_window))
+    median = lambda s: s.rolling(window, min_periods=least).median().shift(1)
+    before = series.groupby(phase).transform(median)
+    after = series[::-1].groupby(phase[::-1]).transform(median)[::-1]
+    values = pd.Series(norms)
+    over = (values > t.spike_factor * before) & (after.isna() | (values > t.spike_factor * after)) & ~np.isnan(norms)
+    return over.to_numpy(), before.to_numpy()
 
 
 def check_spikes(run):

@@ -10,17 +10,17 @@ import numpy as np
 from .run import finding, span
 
 
-def last_third(run):
-    "The applied rows of the last third of the applied steps (at least 3 steps), where units are judged dead."
+def second_half(run):
+    "The applied rows of the second half of the applied steps (at least 3 steps), where units are judged dead."
     steps = run.applied['step']
-    keep = steps.iloc[len(steps) - max(3, len(steps) // 3):]
+    keep = steps.iloc[len(steps) - max(3, len(steps) // 2):]
     return run.applied_rows[run.applied_rows['step'].isin(keep)]
 
 
 def dead_fractions(run):
-    """Per weight, the least dead fraction over the last third of the applied steps: at most this share of its units
-    got no gradient at every one of those steps (a unit off for one batch is not dead)."""
-    return run.per_layer('dead_frac', run.weights, last_third(run), how='min')
+    """Per weight, the least dead fraction over the second half of the applied steps: at most this share of its units
+    got no gradient at every one of those steps (a unit off for one batch, or a few, is not dead)."""
+    return run.per_layer('dead_frac', run.weights, second_half(run), how='min')
 
 
 def check_dead(run):
@@ -32,12 +32,13 @@ def check_dead(run):
         status, threshold = ('critical', t.dead_critical) if value >= t.dead_critical else ('warning', t.dead_warning)
         units = run.shape[layer][0]
         after = '' if not run.problems(['exploding']) else ' (they died in the explosion: see exploding)'
-        rows.append(finding('dead', status, f"{value:.0%} of {layer}'s {units} units got no gradient at any step of the last "
-                            f"third of training (dead neurons){after}: use Kaiming init, LeakyReLU/GeneralRelu, a smaller "
-                            "learning rate, or check the biases", layer=layer, value=value, threshold=threshold,
-                            first_step=span(last_third(run)['step'])[0], last_step=span(last_third(run)['step'])[1]))
-    return rows or [finding('dead', 'ok', f"no weight keeps {t.dead_warning:.0%} or more of its units dead through the last "
-                            "third of training", value=float(dead.max()) if len(dead) else np.nan, threshold=t.dead_warning)]
+        first, last = span(second_half(run)['step'])
+        rows.append(finding('dead', status, f"{value:.0%} of {layer}'s {units} units got no gradient at any step of the "
+                            f"second half of training (dead neurons){after}: use Kaiming init, LeakyReLU/GeneralRelu, a "
+                            "smaller learning rate, or check the biases", layer=layer, value=value, threshold=threshold,
+                            first_step=first, last_step=last))
+    return rows or [finding('dead', 'ok', f"no weight keeps {t.dead_warning:.0%} or more of its units dead through the second "
+                            "half of training", value=float(dead.max()) if len(dead) else np.nan, threshold=t.dead_warning)]
 
 
 def check_symmetric(run):
