@@ -97,10 +97,10 @@ def _norm_curve(ax, steps, thresholds):
         ax.set_yscale('log')
         _decades_only(ax.yaxis)
     low, high = thresholds.total_norm_low, thresholds.total_norm_warning
-    ax.axhspan(low, high, color='#2ca02c', alpha=0.12, label=f'healthy {low:g}-{high:g}')
-    if len(finite) and finite.max() > high:
+    ax.axhspan(low, high, color='#2ca02c', alpha=0.12, label=f'textbook: healthy {low:g}-{high:g}')
+    if len(finite) and finite.max() > high:  # the textbook's line; the diagnosis reads growth, not the level
         ax.axhline(thresholds.total_norm_critical, color='#d62728', lw=1, ls='--',
-                   label=f'critical > {thresholds.total_norm_critical:g}')
+                   label=f'textbook: may explode > {thresholds.total_norm_critical:g}')
     bad = ~np.isfinite(norms)
     if bad.any():
         top = blended_transform_factory(ax.transData, ax.transAxes)
