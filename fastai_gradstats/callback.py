@@ -21,7 +21,8 @@ from fastai.callback.training import GradientClip
 from fastcore.basics import store_attr
 
 from .record import GradRecord
-from .stats import METRICS, LayerStats, _PerDevice, _positive_int, check_zero_tol
+from .checks import _positive_int, check_zero_tol
+from .stats import METRICS, LayerStats, _PerDevice
 from .thresholds import Thresholds
 
 __all__ = ['GradStats', 'GradientAlert', 'input_to_output']

@@ -16,7 +16,8 @@ from fastcore.basics import store_attr
 
 from .callback import GradStats, _FitScope
 from .record import COUNT_COLUMNS
-from .stats import HIST_BINS, HIST_DECADES, METRICS, _positive_int
+from .checks import _positive_int
+from .stats import HIST_BINS, HIST_DECADES, METRICS
 
 __all__ = ['TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'log10_histogram', 'SCALARS', 'STEP_SCALAR_COLUMNS']
 

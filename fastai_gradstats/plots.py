@@ -24,7 +24,8 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory, offset_copy
 
 from .record import GradRecord, record_method
-from .stats import HIST_BINS, HIST_DECADES, _positive_int
+from .checks import _positive_int
+from .stats import HIST_BINS, HIST_DECADES
 
 __all__ = ['MAX_LAYER_LABELS', 'heatmap', 'magnitude_hist', 'gradient_flow', 'layer_curves', 'update_ratio', 'total_norm', 'compare',
            'metric_table', 'hist_table', 'flow_table', 'compare_table', 'is_weight', 'SPECIAL_COLORS']

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .stats import HIST_BINS, METRICS, _is_int, _positive_int
+from .checks import _is_int, _positive_int
+from .stats import HIST_BINS, METRICS
 from .thresholds import Thresholds
 
 __all__ = ['GradRecord', 'load', 'merge', 'record_method', 'LAYER_COLUMNS', 'STEP_COLUMNS', 'COUNT_COLUMNS', 'EXTRA_COLUMNS']
