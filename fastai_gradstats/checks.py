@@ -62,3 +62,14 @@ def _check_tensors(tensors, argname):
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"`{argname}` must hold tensors only, got {type(t).__name__}")
+
+
+def _check_step(shapes, grads, params):
+    "`grads` and `params` of one step: lists of tensors, as many as the planned `shapes` (torch.Size), each of its shape."
+    _check_tensors(grads, 'grads'); _check_tensors(params, 'params')
+    if len(grads) != len(shapes) or len(params) != len(shapes):
+        raise ValueError(f"`grads` and `params` must hold {len(shapes)} tensors each (the planned shapes), "
+                         f"got {len(grads)} and {len(params)}")
+    for i, (g, p, s) in enumerate(zip(grads, params, shapes)):
+        if g.shape != s: raise ValueError(f"`grads[{i}]` has shape {tuple(g.shape)} where {tuple(s)} was planned")
+        if p.shape != s: raise ValueError(f"`params` must have their gradients' shapes: got {tuple(p.shape)} for {tuple(s)}")

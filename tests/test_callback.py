@@ -359,7 +359,7 @@ def test_update_norms_match_the_weights_before_and_after_each_step(monkeypatch, 
     """`update_norm` is ||w_after - w_before|| of every step, recording every other step: the weights kept in rows
     on the CPU (each recorded step's parameter copy, reused) and, as on CUDA, in one copy per parameter."""
     import fastai_gradstats.stats as stats_module
-    if not by_rows: monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: False)
+    if not by_rows: monkeypatch.setattr(stats_module.layout, '_param_norms_by_rows', lambda device: False)
     learn = make_learner(tiny_mlp(), small_dls(n_train=96, bs=16))
     cap = Capture()
     learn.fit(2, 0.1, cbs=[GradStats(every=2, update_ratio=True), cap])

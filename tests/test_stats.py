@@ -259,7 +259,7 @@ def test_parameter_norms_by_foreach_norm_as_on_cuda(monkeypatch, chunk_elements)
     its tensor's first row, the other rows 0. Forced here on the CPU, every statistic still matches the float64
     reference over two steps: tensors split over blocks or reduced where they lie, half and float64 precision
     (float32 blocks staged into a float64 result) and an empty tensor."""
-    monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: False)
+    monkeypatch.setattr(stats_module.layout, '_param_norms_by_rows', lambda device: False)
     gen = torch.Generator().manual_seed(3)
     grads, params = assorted_tensors()
     more = [torch.randn(5, 4, generator=gen).double(), torch.randn(9, generator=gen).half(), torch.zeros(0, 3)]
@@ -425,8 +425,8 @@ def test_refine_fixes_the_norms_of_tiny_parameters(monkeypatch):
     params = [torch.randn(shapes[0], generator=gen) * 1e-21, torch.randn(shapes[1], generator=gen) * 1e-22,
               torch.full((6,), 3e-23), torch.zeros(3, 5), torch.randn(shapes[4], generator=gen) * 1e-26]
     redone = []
-    original = stats_module._exact_stats
-    monkeypatch.setattr(stats_module, '_exact_stats', lambda g, p, *a: redone.append(len(g)) or original(g, p, *a))
+    original = stats_module.exact._exact_stats
+    monkeypatch.setattr(stats_module.exact, '_exact_stats', lambda g, p, *a: redone.append(len(g)) or original(g, p, *a))
     plan = LayerStats(shapes)
     values, _ = plan.refine(plan(grads, params).numpy(), grads, params)
     assert redone == [3]  # the three tiny ones, not the zeros nor the vanished one
@@ -769,7 +769,7 @@ def test_update_norms_equal_the_float64_distance_step_after_step(monkeypatch, by
     float64 result) and, as on CUDA or with rows longer than the buffer, in one copy per tensor. Keeping them changes
     neither the parameters nor any statistic."""
     import fastai_gradstats.stats as stats_module
-    if not by_rows: monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: False)
+    if not by_rows: monkeypatch.setattr(stats_module.layout, '_param_norms_by_rows', lambda device: False)
     gen = torch.Generator().manual_seed(6)
     grads, params = _moving_tensors()
     plan, plain = (LayerStats([g.shape for g in grads], chunk_elements=chunk_elements) for _ in range(2))
@@ -796,7 +796,7 @@ def test_tiny_and_huge_update_norms_are_taken_in_float64(monkeypatch, by_rows):
     lose precision and below about 2.6e-23 vanish, so those norms are taken again in float64 (on the CPU), in rows
     and in one copy per tensor. A row that did not move (a dead unit) stays 0; float64 and large updates are as before."""
     import fastai_gradstats.stats as stats_module
-    if not by_rows: monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: False)
+    if not by_rows: monkeypatch.setattr(stats_module.layout, '_param_norms_by_rows', lambda device: False)
     gen = torch.Generator().manual_seed(11)
     shapes = [(64,), (64,), (64,), (32, 64), (48,), (16, 8), (6, 8)]
     params = [torch.zeros(s) for s in shapes[:3]] + [torch.randn(32, 64, generator=gen), torch.zeros(48, dtype=torch.float64),

@@ -181,10 +181,10 @@ def _refined(stats, grads, params):
     raw = stats.collect(grads, params).numpy().copy()
     values, _ = stats.assemble(raw)
     calls = []
-    original = stats_module._exact_stats
-    stats_module._exact_stats = lambda *a, **k: calls.append(1) or original(*a, **k)
+    original = stats_module.exact._exact_stats
+    stats_module.exact._exact_stats = lambda *a, **k: calls.append(1) or original(*a, **k)
     try: stats.refine(values, grads, params)
-    finally: stats_module._exact_stats = original
+    finally: stats_module.exact._exact_stats = original
     return raw, bool(calls)
 
 
@@ -234,7 +234,7 @@ def test_routine_never_passes_a_step_refine_would_fix(zero_tol):
 def test_a_tiny_parameter_is_not_routine(monkeypatch, norms_by_rows, zero_tol):
     """A parameter whose norm `refine` redoes (above 0, below 1e-18) makes its step not routine; one of zeros does not.
     Also with each parameter's norm in its tensor's first row and 0 in the others, as on CUDA."""
-    monkeypatch.setattr(stats_module, '_param_norms_by_rows', lambda device: norms_by_rows)
+    monkeypatch.setattr(stats_module.layout, '_param_norms_by_rows', lambda device: norms_by_rows)
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=g) for s in SHAPES]
     stats = LayerStats(SHAPES, zero_tol=zero_tol)
