@@ -87,7 +87,7 @@ def check_syncs(learn, state, device, kwargs):
     it redoes in float64. Returns ({host copies: number of recorded steps that made that many}, steps refined, steps,
     copies after the fit, steps whose reductions a CUDA graph did)."""
     stats, copies, refined, strict, graphed = GradStats(**kwargs), [], [], [False], []
-    to_host, refine, run_graph = callback_module._to_host, LayerStats.refine, stats_module._StepGraph.run
+    to_host, refine, run_graph = callback_module.steps._to_host, LayerStats.refine, stats_module._StepGraph.run
     events = {name: getattr(GradStats, name) for name in ('before_step', 'after_step', 'after_cancel_step')}
 
     def relaxed(fn):
@@ -117,11 +117,11 @@ def check_syncs(learn, state, device, kwargs):
             try: original(self)
             finally: torch.cuda.set_sync_debug_mode(0); strict[0] = False
         return event
-    callback_module._to_host, LayerStats.refine, stats_module._StepGraph.run = counted_copy, counted_refine, counted_graph
+    callback_module.steps._to_host, LayerStats.refine, stats_module._StepGraph.run = counted_copy, counted_refine, counted_graph
     for name, original in events.items(): setattr(GradStats, name, checked(original))
     try: fit(learn, state, [stats], amp=True, device=device)
     finally:
-        callback_module._to_host, LayerStats.refine, stats_module._StepGraph.run = to_host, refine, run_graph
+        callback_module.steps._to_host, LayerStats.refine, stats_module._StepGraph.run = to_host, refine, run_graph
         for name, original in events.items(): setattr(GradStats, name, original)
     n = len(stats.record)
     per_step = [copies.count(i) for i in range(n)]

@@ -14,7 +14,8 @@ import numpy as np
 from fastai.callback.core import Callback
 from fastcore.basics import store_attr
 
-from .callback import GradStats, _FitScope
+from .callback import GradStats
+from .callback.fit_scope import _FitScope
 from .record import COUNT_COLUMNS
 from .checks import _positive_int
 from .stats import HIST_BINS, HIST_DECADES, METRICS

@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 from matplotlib.transforms import blended_transform_factory
 
-from .callback import GradStats, _FitScope
+from .callback import GradStats
+from .callback.fit_scope import _FitScope
 from .plots import SPECIAL_COLORS, heatmap
 from .record import GradRecord
 from .thresholds import Thresholds

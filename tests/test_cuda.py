@@ -77,13 +77,13 @@ def test_a_recorded_step_synchronizes_only_in_its_one_host_copy(kwargs, monkeypa
     step on (the first builds the plan and moves its indices to the device): any call that waits for the device
     raises, except inside the one host copy (`_to_host`), which runs once per step."""
     copies, strict = [], [False]
-    to_host = callback_module._to_host
+    to_host = callback_module.steps._to_host
     def counted_copy(tensor):
         copies.append(len(learn.grad_stats))
         torch.cuda.set_sync_debug_mode(0)
         try: return to_host(tensor)
         finally: torch.cuda.set_sync_debug_mode('error' if strict[0] else 0)
-    monkeypatch.setattr(callback_module, '_to_host', counted_copy)
+    monkeypatch.setattr(callback_module.steps, '_to_host', counted_copy)
     for name in ('before_step', 'after_step'):
         def checked(self, original=getattr(GradStats, name)):
             strict[0] = len(self.record) > 0

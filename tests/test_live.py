@@ -232,7 +232,7 @@ def test_a_failing_draw_stops_the_view_not_the_fit(notebook, monkeypatch):
 
 
 def test_a_rank_where_gradstats_does_not_record_shows_nothing(notebook, capsys, monkeypatch):
-    monkeypatch.setattr(callback, '_rank', lambda: 1)   # a data-parallel rank 1: GradStats records on rank 0 only
+    monkeypatch.setattr(callback.gradstats, '_rank', lambda: 1)   # a data-parallel rank 1: GradStats records on rank 0 only
     learn = _fit(ShowGradStats(every=0, max_share=1))
     assert len(learn.grad_stats) == 0 and notebook.shown == [] and capsys.readouterr().out == ''
     monkeypatch.setattr(live, '_notebook', lambda: None)

@@ -53,7 +53,7 @@ def test_batched_steps_equal_the_reference_and_the_step_by_step_record(monkeypat
     assert_record_matches(batched, cap.captured, steps=range(0, 16, kwargs.get('every', 1)))
     assert max(batches.sizes) == min(max_waiting, len(batched))  # they did wait (all at the end of a fit at most)
     # the same fit with every step assembled as it comes (as before batching): the same record, bit for bit
-    monkeypatch.setattr(GradStats, '_may_wait', lambda self, host, layout: False)
+    monkeypatch.setattr(callback_module.steps, '_may_wait', lambda self, host, layout: False)
     single = _fit([GradStats(**kwargs)], device=device).grad_stats
     assert batched.df.equals(single.df) and batched.steps.equals(single.steps)
     if kwargs.get('hist'): assert batched.hist.equals(single.hist)
