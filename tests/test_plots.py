@@ -1047,7 +1047,7 @@ def test_df_layer_order_of_a_long_run_is_quick():
     steps = np.concatenate([np.repeat(np.arange(half), 70), np.repeat(np.arange(half, 2 * half), 100)])
     df = pd.DataFrame({'step': steps, 'layer': pd.Categorical.from_codes(codes, names)})
     start = time.perf_counter()
-    _, order = plots._frame(df)
+    _, order = plots.frames._frame(df)
     assert time.perf_counter() - start < 10
     assert order == names
 
