@@ -7,7 +7,14 @@ import pytest
 
 import fastai_gradstats
 
-MODULES = [m.name for m in pkgutil.iter_modules(fastai_gradstats.__path__) if not m.name.startswith('_')]
+MODULES = [m.name[len('fastai_gradstats.'):] for m in pkgutil.walk_packages(fastai_gradstats.__path__, 'fastai_gradstats.')
+           if not m.name.rsplit('.', 1)[-1].startswith('_')]   # the rooms' modules too: 'stats', 'stats.layout', ...
+
+
+def package_of(name):
+    "The package a module's names reach: its room's for a module inside a room (stats.layout: stats), else fastai_gradstats."
+    room = name.rpartition('.')[0]
+    return importlib.import_module(f'fastai_gradstats.{room}') if room else fastai_gradstats
 
 
 @pytest.mark.parametrize('name', MODULES)
@@ -19,9 +26,9 @@ def test_public_names_are_exported_and_documented(name):
         if inspect.isfunction(obj) or inspect.isclass(obj):
             assert obj.__doc__, f'{name}.{public} has no docstring'
             if public == name:   # health.health: the package's `health` is the module (`record.health()` calls it)
-                assert getattr(fastai_gradstats, public) is module
+                assert getattr(package_of(name), public) is module
             elif name not in ('cli', 'demo', 'questions'):   # the edge modules: fastai_gradstats.cli / .demo / .questions
-                assert getattr(fastai_gradstats, public, None) is obj, f'{name}.{public} is not exported from fastai_gradstats'
+                assert getattr(package_of(name), public, None) is obj, f'{name}.{public} is not exported from its package'
 
 
 def test_record_methods_are_documented():
@@ -63,7 +70,7 @@ def test_every_third_party_import_is_a_declared_requirement():
     from pathlib import Path
     package = Path(fastai_gradstats.__file__).parent
     imported = set()
-    for path in package.glob('*.py'):
+    for path in package.rglob('*.py'):   # the rooms' modules too
         for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
             if isinstance(node, ast.Import): imported.update(a.name.split('.')[0] for a in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0: imported.add(node.module.split('.')[0])
@@ -87,4 +94,4 @@ def test_public_functions_and_constants_are_in_all_and_exported(name):
     assert not set(defined) - listed, f'{name} defines public {sorted(set(defined) - listed)} outside its __all__'
     if name in ('cli', 'demo', 'questions'): return
     for public in listed - {name}:
-        assert getattr(fastai_gradstats, public, None) is getattr(module, public), f'{name}.{public} is not exported'
+        assert getattr(package_of(name), public, None) is getattr(module, public), f'{name}.{public} is not exported'

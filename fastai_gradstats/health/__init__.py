@@ -18,13 +18,15 @@ import pandas as pd
 
 from ..record import record_method
 from ..thresholds import Thresholds
-from .flow import check_grad_param_ratio, check_layer_spread, check_vanishing
+# every name of the check families reaches this package (its `__all__` is the diagnosis' own)
+from .flow import check_grad_param_ratio, check_layer_spread, check_vanishing, depth_profile, live_rms
 from .norms import (check_exploding, check_loss_scale, check_nonfinite, check_skipped, check_spikes, check_total_norm,
-                    spike_mask)
-from .progress import (check_converged, check_lr_too_low, check_not_learning, check_stuck, check_update_ratio, unsettled)
-from .run import HEALTH_COLUMNS, MODEL, STATUSES, Run, check_inputs
+                    loss_scale_of, persistent_from, phase_baselines, spike_mask)
+from .progress import (check_converged, check_lr_too_low, check_not_learning, check_stuck, check_update_ratio, explanations,
+                       step_sizes, unsettled)
+from .run import HEALTH_COLUMNS, MODEL, STATUSES, Run, applied_mask, check_inputs, finding, span
 from .setup import check_no_gradient, check_not_in_optimizer
-from .units import check_dead, check_symmetric, check_zero_frac
+from .units import check_dead, check_symmetric, check_zero_frac, dead_fractions, second_half
 
 __all__ = ['Thresholds', 'health', 'summary', 'suggest_clip', 'verdict', 'HEALTH_COLUMNS', 'CHECKS', 'STATUSES']
 

@@ -7,6 +7,8 @@ import numpy as np
 
 from .run import finding, span
 
+__all__ = ['live_rms', 'depth_profile', 'check_vanishing', 'check_layer_spread', 'check_grad_param_ratio']
+
 
 def live_rms(run, rows):
     "Root mean square gradient of each of `rows` over its live units' elements (dead units left out)."
@@ -23,6 +25,8 @@ def depth_profile(run):
 
 
 def check_vanishing(run):
+    """A total gradient norm below `vanishing_norm` (unless the run converged), or weights' rms gradients falling
+    steadily with depth towards the input."""
     t = run.t
     findings = []
     finite = np.isfinite(run.norms)

@@ -13,6 +13,9 @@ import pandas as pd
 
 from .run import NO_APPLIED, finding, span
 
+__all__ = ['persistent_from', 'phase_baselines', 'loss_scale_of', 'check_skipped', 'check_nonfinite',
+           'check_exploding', 'check_total_norm', 'spike_mask', 'check_spikes', 'check_loss_scale']
+
 CALIBRATION = 16  # leading skipped steps that are the grad scaler calibrating (halving 2**16 down to 1), not a finding
 LASTING = 3  # bad steps in a row that make an explosion, not an isolated event (fewer: see spikes, nonfinite)
 
@@ -99,6 +102,8 @@ def check_nonfinite(run):
 
 
 def check_exploding(run):
+    """Gradients that explode: lasting steps whose total norm is over `growth_factor` times the one their phase started
+    at (and above `total_norm_warning`), or not finite."""
     t, norms = run.t, run.norms
     if not len(norms): return [finding('exploding', 'ok', NO_APPLIED, threshold=t.growth_factor)]
     steps = run.applied['step'].to_numpy()
@@ -205,6 +210,7 @@ def spike_mask(norms, phase, t):
 
 
 def check_spikes(run):
+    "Steps whose total norm is over `spike_factor` times the rolling median of the steps around them (not in an explosion)."
     t = run.t
     if not len(run.norms): return [finding('spikes', 'ok', NO_APPLIED, value=0, threshold=t.spike_factor)]
     spikes, rolling = spike_mask(run.norms, run.phase, t)

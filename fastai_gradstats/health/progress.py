@@ -9,6 +9,9 @@ import pandas as pd
 from .norms import loss_scale_of
 from .run import finding, span
 
+__all__ = ['explanations', 'step_sizes', 'check_lr_too_low', 'check_update_ratio', 'check_not_learning',
+           'check_stuck', 'unsettled', 'check_converged']
+
 RECURRENT = ('RNN', 'LSTM', 'GRU')  # modules whose gradients add up over time steps
 
 # findings that account for a loss that does not fall (of these, `dead` only when critical)
@@ -50,6 +53,7 @@ def _group_lrs(run, rows, position) -> np.ndarray:
 
 
 def check_lr_too_low(run):
+    "A flat loss while every step moves the weights by less than `step_low` of their size: a learning rate far too low."
     t = run.t
     sizes, kind = step_sizes(run)
     sizes = sizes[np.isfinite(sizes)]
@@ -158,6 +162,7 @@ def unsettled(run) -> list:
 
 
 def check_converged(run):
+    "Whether the loss fell and settled (a note, never a problem: small gradients then mean convergence)."
     t = run.t
     first, last = span(run.late_steps)
     if run.converged:

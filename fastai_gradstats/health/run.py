@@ -10,6 +10,8 @@ import pandas as pd
 from ..record import GradRecord
 from ..thresholds import Thresholds
 
+__all__ = ['finding', 'span', 'check_inputs', 'applied_mask', 'Run']
+
 MODEL = 'model'
 HEALTH_COLUMNS = ('check', 'layer', 'status', 'value', 'threshold', 'first_step', 'last_step', 'reason')
 STATUSES = ('critical', 'warning', 'ok')

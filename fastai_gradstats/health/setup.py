@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .run import finding
 
+__all__ = ['check_no_gradient', 'check_not_in_optimizer']
+
 
 def check_no_gradient(run):
     "Parameters that required a gradient in the last fit and got none at any recorded step."

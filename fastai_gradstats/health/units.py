@@ -9,6 +9,8 @@ import numpy as np
 
 from .run import finding, span
 
+__all__ = ['second_half', 'dead_fractions', 'check_dead', 'check_symmetric', 'check_zero_frac']
+
 
 def second_half(run):
     "The applied rows of the second half of the applied steps (at least 3 steps), where units are judged dead."
@@ -24,6 +26,7 @@ def dead_fractions(run):
 
 
 def check_dead(run):
+    "Weights whose units got no gradient at any step of the second half of training (dead neurons)."
     t = run.t
     dead = dead_fractions(run)
     rows = []
