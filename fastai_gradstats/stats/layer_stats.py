@@ -33,23 +33,7 @@ class LayerStats:
     """Batched statistics of a fixed list of gradient tensors and their parameters.
 
     Build it once for a list of shapes, then call it every step with the current gradients and
-    parameters. Statistics per tensor (the columns of `METRICS`):
-
-    - `grad_norm`: L2 norm of the gradient; `param_norm`: L2 norm of the parameter;
-    - `grad_max`: largest |g|; `grad_mean`, `grad_std`: mean and standard deviation of the
-      gradient's elements (`grad_std` with Bessel's correction, as `torch.std`; NaN for one element);
-    - `zero_frac`: fraction of elements with |g| <= `zero_tol`;
-    - `dead_frac`: fraction of units (slices along dim 0 of a tensor with 2+ dims: output
-      neurons or channels) whose whole gradient is <= `zero_tol`; NaN for 0-D and 1-D tensors;
-    - `shared_zero_frac`: the smallest fraction of zeros (|g| <= `zero_tol`) in the row of a live unit (one that is
-      not dead): at most this share of the fan-in gets no gradient in every live unit: inputs that are zero, units
-      upstream that are off, kernel positions that lie outside a small feature map. NaN without units, or with no
-      live unit;
-    - `unit_spread`: how much the units' gradients differ: sqrt(var(norms) + var(sums / sqrt(fan-in))) / mean(norm),
-      the variances over the units of their rows' L2 norms and sums: 0 when every unit gets the same gradient, as
-      symmetric units do (weights initialised to one constant); not for units whose gradients are each other's
-      negatives (the two outputs of a softmax). NaN for 0-D and 1-D tensors, one unit, or no gradient at all.
-    An empty tensor has norms 0 and NaN for every other statistic.
+    parameters. Statistics per tensor: the columns of `METRICS`, each defined in `fastai_gradstats.stats.metrics`.
     With `hist=True` it also counts each gradient's log10 |g| histogram, as `MagnitudeHistogram` does, on at most
     `hist_sample` fixed, evenly spread elements of each tensor (None: all of them).
 

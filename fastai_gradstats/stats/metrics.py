@@ -1,6 +1,25 @@
 """What `LayerStats` measures: the columns of its result (`METRICS`), what it reduces each row of a block to (`_ROWS`),
 and the definitions its rooms share: a tensor's units (its rows), a zero (|g| <= zero_tol, exactly, in the gradient's
-dtype) and `unit_spread` (numpy or torch alike). Adding a statistic starts here (see docs/architecture.md)."""
+dtype) and `unit_spread` (numpy or torch alike). Adding a statistic starts here (see docs/architecture.md).
+
+Statistics per tensor (the columns of `METRICS`):
+
+- `grad_norm`: L2 norm of the gradient; `param_norm`: L2 norm of the parameter;
+- `grad_max`: largest |g|; `grad_mean`, `grad_std`: mean and standard deviation of the
+  gradient's elements (`grad_std` with Bessel's correction, as `torch.std`; NaN for one element);
+- `zero_frac`: fraction of elements with |g| <= `zero_tol`;
+- `dead_frac`: fraction of units (slices along dim 0 of a tensor with 2+ dims: output
+  neurons or channels) whose whole gradient is <= `zero_tol`; NaN for 0-D and 1-D tensors;
+- `shared_zero_frac`: the smallest fraction of zeros (|g| <= `zero_tol`) in the row of a live unit (one that is
+  not dead): at most this share of the fan-in gets no gradient in every live unit: inputs that are zero, units
+  upstream that are off, kernel positions that lie outside a small feature map. NaN without units, or with no
+  live unit;
+- `unit_spread`: how much the units' gradients differ: sqrt(var(norms) + var(sums / sqrt(fan-in))) / mean(norm),
+  the variances over the units of their rows' L2 norms and sums: 0 when every unit gets the same gradient, as
+  symmetric units do (weights initialised to one constant); not for units whose gradients are each other's
+  negatives (the two outputs of a softmax). NaN for 0-D and 1-D tensors, one unit, or no gradient at all.
+An empty tensor has norms 0 and NaN for every other statistic.
+"""
 from __future__ import annotations
 
 import math
