@@ -156,7 +156,7 @@ def test_all_ranks_records_both_and_merge_joins_their_saved_runs(tmp_path, refer
 
 
 def test_the_readmes_example_runs_under_torchrun(tmp_path):
-    "README's train.py on two CPU processes (with the CPU broadcast before it): rank 0 saves the run, rank 1 nothing."
+    "The docs' train.py (docs/long-runs.md) on two CPU processes, after the CPU broadcast: rank 0 saves the run, rank 1 nothing."
     from test_readme import python_blocks
     _, example = python_blocks()
     script = tmp_path/'train.py'
