@@ -60,6 +60,33 @@ def test_the_html_card_holds_the_verdict_its_worst_finding_and_the_norm_curve():
     assert '.summary()' in card and '<script' not in card and 'http' not in card.replace('http://www.w3.org/2000/svg', '')
 
 
+def test_the_curve_of_a_long_run_draws_each_columns_range_and_median_of_its_finite_norms():
+    """Of 1,000 steps in 240 columns (NaN/Inf at three steps, a zero norm at one), each column's band spans the least
+    and the largest finite log10 norm of its steps and its line passes through their median, computed here step by step."""
+    from fastai_gradstats.view import CURVE_POINTS, _curve_svg
+    rng = np.random.default_rng(1)
+    norms = 10 ** rng.normal(0, 1, 1000)
+    norms[[5, 500, 997]] = [np.nan, np.inf, np.nan]
+    norms[7] = 0.0   # no log: left out of the band, as NaN/Inf are
+    svg = _curve_svg(norms)
+    columns = (np.arange(1000) * CURVE_POINTS) // 1000
+    expected = {}
+    for c in range(CURVE_POINTS):
+        v = [np.log10(n) for n, col in zip(norms, columns) if col == c and np.isfinite(n) and n > 0]
+        if v: expected[c] = (min(v), max(v), float(np.median(v)))
+    lo = min(e[0] for e in expected.values()); hi = max(e[1] for e in expected.values())
+    y = lambda v: 44 - 2 - (v - lo) * (44 - 4) / (hi - lo)
+    line = [tuple(map(float, p.split(','))) for p in re.search(r'<polyline points="([^"]+)"', svg).group(1).split()]
+    band = [tuple(map(float, p.split(','))) for p in re.search(r'<polygon points="([^"]+)"', svg).group(1).split()]
+    assert [x for x, _ in line] == [c + 0.5 for c in sorted(expected)]
+    np.testing.assert_allclose([v for _, v in line], [y(expected[c][2]) for c in sorted(expected)], atol=0.051)
+    top, bottom = band[:len(expected)], band[len(expected):][::-1]
+    np.testing.assert_allclose([v for _, v in top], [y(expected[c][1]) for c in sorted(expected)], atol=0.051)
+    np.testing.assert_allclose([v for _, v in bottom], [y(expected[c][0]) for c in sorted(expected)], atol=0.051)
+    ticks = re.findall(r'<line x1="([\d.]+)" y1="0"', svg)
+    assert sorted(map(float, ticks)) == sorted(c + 0.5 for c in {columns[5], columns[500], columns[997]})
+
+
 def long_record(n_steps, nan_at=()):
     layers = [{'name': f'l{i}.weight', 'module': 'Linear', 'shape': (4, 4), 'numel': 16, 'depth': i} for i in range(3)]
     record = GradRecord(layers)
