@@ -17,8 +17,8 @@ scored against the label:
 Each scenario's evidence also says whether the label is confirmed (`label_holds`): a run whose evidence does not
 back its label is reported as such (and fails `--check`), since its score would mean nothing.
 
-Scenarios that need torchvision (`needs='vision'`) run only where `fastai.vision` imports (checked in a
-subprocess: torchvision is never imported by this module itself) and are listed as skipped elsewhere.
+Scenarios that need torchvision (`needs='vision'`) run only where `fastai.vision` imports (`demo.vision_unavailable`, which tries
+it in a subprocess: torchvision is never imported by this module itself) and are listed as skipped elsewhere.
 """
 from __future__ import annotations
 
@@ -601,7 +601,8 @@ def run_dropout_weight_decay(quick):
 
 
 def run_resnet18_vision(quick):
-    from fastai.vision.all import resnet18, vision_learner  # torchvision: only here, only where it imports
+    from fastai.vision.learner import vision_learner   # torchvision: only here, only where it imports
+    from torchvision.models import resnet18
     set_seed(0)
     up = lambda x, train: nn.functional.interpolate(x.view(-1, 1, 8, 8), size=32, mode='bilinear',
                                                     align_corners=False).repeat(1, 3, 1, 1)
@@ -1044,17 +1045,6 @@ SCENARIOS: list[Scenario] = [
 
 
 # --- running -------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def vision_available() -> tuple[bool, str]:
-    "Whether fastai.vision (torchvision) imports here, tried in a subprocess so that a broken torchvision stays out."
-    try:
-        out = subprocess.run([sys.executable, '-c', 'import fastai.vision.all'], capture_output=True, text=True, timeout=300)
-    except Exception as e: return False, f'could not try importing fastai.vision: {e!r}'
-    if out.returncode == 0: return True, ''
-    last = [l for l in out.stderr.strip().splitlines() if l.strip()]
-    return False, f"fastai.vision does not import here ({last[-1].strip() if last else 'exit ' + str(out.returncode)})"
-
-
 def _plain(x):
     "JSON-friendly: numpy scalars to Python, NaN/NA to None."
     if isinstance(x, dict): return {k: _plain(v) for k, v in x.items()}
@@ -1082,8 +1072,8 @@ def run_suite(quick=False, names=None, verbose=False) -> list[dict]:
         row = dict(name=s.name, label=s.label, expect=list(s.expect), layer=s.layer, forbid=list(s.forbid), quick=s.quick,
                    needs=s.needs, about=s.about, skipped=None, error=None)
         if s.needs == 'vision':
-            ok, why = vision_available()
-            if not ok:
+            why = demo.vision_unavailable()   # tried in a subprocess: a broken torchvision stays out of this one
+            if why is not None:
                 row.update(skipped=why, passed=None, label_holds=None, seconds=0.0, evidence={})
                 rows.append(row)
                 if verbose: print(f"  {s.name:28} skipped: {why}", flush=True)
@@ -1165,7 +1155,7 @@ def _checkout() -> str:
 
 def environment() -> str:
     import fastai
-    ok, why = vision_available()
+    ok = demo.vision_unavailable() is None
     return (f"Python {platform.python_version()}, torch {torch.__version__}, fastai {fastai.__version__}, "
             f"fastai_gradstats {fastai_gradstats.__version__} ({_checkout()}), {platform.machine()} {platform.system()}, "
             f"torch threads: {torch.get_num_threads()}; torchvision: {'imports' if ok else 'does not import'}")

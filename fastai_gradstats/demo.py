@@ -7,7 +7,10 @@ self-contained `report.html`, and prints each run's health summary.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,15 +146,26 @@ class Experiment:
 
 
 def vision_unavailable() -> str | None:
-    """Why `fastai.vision` and torchvision cannot be imported here (None: they can). A torchvision built for another
-    torch raises a RuntimeError at import, not an ImportError."""
-    try:
-        import torchvision.models  # noqa: F401
-        from fastai.vision.learner import vision_learner  # noqa: F401
-    except Exception as e:
-        return (f"torchvision does not import beside torch {torch.__version__} ({type(e).__name__}: {e}); install a "
-                "matching pair, e.g. `pip install torch==2.14.1 torchvision==0.29.1` in a venv of its own")
-    return None
+    """Why `fastai.vision` and torchvision cannot be imported here (None: they can). Tried once per process, in a fresh
+    Python process: a torchvision built for another torch fails at import (a RuntimeError, not an ImportError) and would
+    leave half of itself in this one, so this process imports it only to train a vision run."""
+    if 'reason' not in _VISION: _VISION['reason'] = _try_vision()
+    return _VISION['reason']
+
+
+_VISION = {}   # what `vision_unavailable` found, once per process
+
+
+def _try_vision() -> str | None:
+    if importlib.util.find_spec('torchvision') is None:   # looks the package up without importing it
+        return "torchvision is not installed; install it with a matching torch, e.g. `pip install torch==2.14.1 torchvision==0.29.1`"
+    code = 'import torchvision.models; from fastai.vision.learner import vision_learner'
+    try: out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e: return f"could not try importing torchvision ({type(e).__name__}: {e})"
+    if out.returncode == 0: return None
+    lines = [line.strip() for line in out.stderr.splitlines() if line.strip()]
+    return (f"torchvision does not import beside torch {torch.__version__} ({lines[-1] if lines else f'exit {out.returncode}'}); "
+            "install a matching pair, e.g. `pip install torch==2.14.1 torchvision==0.29.1` in a venv of its own")
 
 
 HEALTHY = ('skipped', 'symmetric', 'lr_too_low', 'exploding', 'nonfinite', 'vanishing', 'spikes', 'not_learning', 'stuck',

@@ -45,6 +45,19 @@ def test_importing_never_imports_torchvision_or_fastai_vision():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_asking_whether_torchvision_imports_keeps_it_out_of_this_process():
+    """`demo.vision_unavailable()` (asked by the demo, its tests and notebook 02) answers as an import in a process of
+    its own does, and leaves no module of torchvision or fastai.vision behind, even where torchvision fails half-way."""
+    import subprocess, sys
+    code = ("import sys; from fastai_gradstats.demo import vision_unavailable; reason = vision_unavailable(); "
+            "bad = [m for m in sys.modules if m.startswith(('torchvision', 'fastai.vision'))]; "
+            "print(reason is None); sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    imports = subprocess.run([sys.executable, '-c', 'import torchvision.models, fastai.vision.learner'], capture_output=True)
+    assert result.stdout.split()[-1] == str(imports.returncode == 0)
+
+
 def test_version_comes_from_settings_ini_installed_or_not():
     "Installed: pip's metadata, written from settings.ini. A checkout imported without installing reads settings.ini itself."
     import configparser, subprocess, sys
