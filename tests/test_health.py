@@ -846,21 +846,24 @@ def test_small_gradients_are_small_in_absolute_terms():
 
 
 # --- isolated events are not explosions; runs with no applied step (reviewer's cases) ----------------------------
-def event_record(norms, losses, nan_steps=(), skipped=()):
-    """Three weight layers sharing each step's total norm `norms[step]` (NaN there: one NaN element per layer, at the
-    steps in `nan_steps`), loss `losses[step]`; the steps in `skipped` were skipped by the optimizer."""
+def event_record(norms, losses, nan_steps=(), skipped=(), shapes=((4, 4),) * 3, sets=None, args=None):
+    """Weight layers `w0, w1, ...` of `shapes` (three 4x4 by default) sharing each step's total norm `norms[step]` (NaN
+    there: one NaN element per layer, at the steps in `nan_steps`), loss `losses[step]`; the steps in `skipped` were
+    skipped by the optimizer. `sets[step]`: the layers with a gradient at that step (default: all); `args`: the record's."""
     from fastai_gradstats.record import COUNT_COLUMNS
-    layers = [{'name': f'w{i}', 'module': 'Linear', 'shape': (4, 4), 'numel': 16, 'depth': i} for i in range(3)]
-    record = GradRecord(layers)
-    idx = record.layer_index([f'w{i}' for i in range(3)])
+    layers = [{'name': f'w{i}', 'module': 'Linear', 'shape': shape, 'numel': int(np.prod(shape)), 'depth': i}
+              for i, shape in enumerate(shapes)]
+    record = GradRecord(layers, args=args)
     for step, norm in enumerate(norms):
-        values = np.full((3, len(METRICS)), 0.01)
-        values[:, METRICS.index('grad_norm')] = norm / math.sqrt(3)
+        names = [l['name'] for l in layers] if sets is None else sets[step]
+        values = np.full((len(names), len(METRICS)), 0.01)
+        values[:, METRICS.index('grad_norm')] = norm / math.sqrt(len(names))
         values[:, METRICS.index('param_norm')] = 1e3
         values[:, METRICS.index('zero_frac')] = values[:, METRICS.index('dead_frac')] = 0.0
-        counts = np.zeros((3, len(COUNT_COLUMNS)), np.int64)
+        counts = np.zeros((len(names), len(COUNT_COLUMNS)), np.int64)
         if step in nan_steps: counts[:, COUNT_COLUMNS.index('n_nan')] = 1
-        record.add_step(step, 0, 1e-3, losses[step], idx, values, counts=counts, skipped=step in skipped)
+        record.add_step(step, 0, 1e-3, losses[step], record.layer_index(names), values, counts=counts,
+                        skipped=step in skipped)
     return record
 
 
@@ -1051,3 +1054,78 @@ def test_thresholds_given_to_gradstats_reach_the_records_diagnosis_live_and_afte
     assert list(inspect.signature(record.health).parameters) == ['thresholds']
     assert list(inspect.signature(record.summary).parameters) == ['thresholds', 'show_ok']
     assert 'show_ok' in record.summary.__doc__
+
+
+# --- false alarms and misses of the last review: a regression's loss, alternating tensor sets, merges, one empty batch --
+def noisy_falling(n, start=2.3, end=0.3, seed=0):
+    "A loss falling geometrically from `start` to `end` over `n` steps, with 2% noise."
+    return list(np.geomspace(start, end, n) * (1 + 0.02 * np.random.default_rng(seed).standard_normal(n)))
+
+
+REGRESSION = ((8, 4), (8, 8), (1, 8))   # one output: no classifier, so no "uniform guess" loss to compare with
+
+
+def test_a_regressions_loss_is_not_read_as_a_classifiers_summed_over_the_batch():
+    """A one-output regression whose first MSE, 20, happens to be about its batch size (32) times ln 2: its loss says
+    nothing of a summed reduction (was WARNING loss_scale, 'use reduction=mean'), and that finding no longer divides the
+    norms by 32 and hides a lasting 20x jump of the total norm (was: no explosion)."""
+    n = 60
+    steady = health(event_record([3.0] * n, noisy_falling(n, 20, 2), shapes=REGRESSION, args={'batch_size': 32}))
+    assert rows(steady, 'loss_scale').iloc[0]['status'] == 'ok'
+    assert (steady['status'] == 'ok').all(), not_ok(steady, 'loss_scale')
+    jump = health(event_record([3.0] * 20 + [60.0] * 40, [20.0] * n, shapes=REGRESSION, args={'batch_size': 32}))
+    assert rows(jump, 'exploding').iloc[0]['status'] == 'critical'
+    assert rows(jump, 'exploding').iloc[0]['first_step'] == 20
+
+
+def test_a_classifiers_summed_loss_is_still_found():
+    "Ten classes, batch 64, first loss 64 x ln 10: the loss is summed over the batch (the guard above must not hide it)."
+    n = 60
+    record = event_record([3.0] * n, noisy_falling(n, 64 * math.log(10), 10), shapes=((8, 4), (8, 8), (10, 8)),
+                          args={'batch_size': 64})
+    assert rows(health(record), 'loss_scale').iloc[0]['status'] == 'warning'
+
+
+def test_one_empty_batch_is_not_vanishing_but_lasting_tiny_gradients_are():
+    """Norms about 1 and one step with next to no gradient (a batch the loss masks entirely) while the loss falls: no
+    vanishing (was CRITICAL 'no learning' for that one step). Norms below vanishing_norm from step 30 to the end, the
+    loss flat at chance: critical, from step 30."""
+    n = 100
+    norms = [1.0] * n
+    norms[50] = 1e-9
+    one = health(event_record(norms, list(np.linspace(2.3, 1.0, n))))   # still falling at the end: not converged
+    assert not_ok(one, 'vanishing').empty, not_ok(one, 'vanishing')[['status', 'reason']].to_string()
+    lasting = health(event_record([1.0] * 30 + [1e-9] * 70, [2.3] * n))
+    found = not_ok(lasting, 'vanishing')
+    assert (found['status'] == 'critical').any() and found.iloc[0]['first_step'] == 30
+
+
+ALTERNATING = [['w0', 'w1'] if step % 2 == 0 else ['w2'] for step in range(60)]   # a GAN's generator and critic by turns
+
+
+def test_steps_of_one_tensor_set_are_compared_with_each_other_when_sets_take_turns():
+    """fastai's GAN trainer switches the trained tensors every step. The norm growing 1.4x a step from step 20 (to 7e5)
+    is an explosion, and five 300x steps are spikes, as they are with one set (were: no finding, since every step
+    started a phase of its own)."""
+    growing = [1.0] * 20 + [1.4 ** k for k in range(1, 41)]
+    for sets in (None, ALTERNATING):
+        assert rows(health(event_record(growing, noisy_falling(60), sets=sets)), 'exploding').iloc[0]['status'] == 'critical'
+    spiky = [1.0] * 60
+    for s in (20, 21, 30, 40, 50): spiky[s] = 300.0
+    for sets in (None, ALTERNATING):
+        table = health(event_record(spiky, noisy_falling(60), sets=sets))
+        assert rows(table, 'spikes').iloc[0]['status'] == 'warning' and rows(table, 'exploding').iloc[0]['status'] == 'ok'
+
+
+def test_a_merge_of_ranks_reads_each_ranks_steps_in_order():
+    """One spike at step 30 on each of 3 ranks is a spike, not 3 bad steps in a row (was CRITICAL exploding); 8 ranks whose
+    scalers each skip their first 12 steps are calibrating, not overflowing (was WARNING skipped: 16 calibration steps
+    allowed for all ranks together)."""
+    from fastai_gradstats import merge
+    norms = [1.0] * 60
+    norms[30] = 1e4
+    merged = health(merge([event_record(norms, noisy_falling(60)) for _ in range(3)]))
+    assert rows(merged, 'exploding').iloc[0]['status'] == 'ok'
+    assert rows(merged, 'spikes').iloc[0]['status'] == 'warning' and rows(merged, 'spikes').iloc[0]['first_step'] == 30
+    calibrating = merge([event_record([1.0] * 100, noisy_falling(100), skipped=range(12)) for _ in range(8)])
+    assert rows(health(calibrating), 'skipped').iloc[0]['status'] == 'ok'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .norms import persistent_from
 from .run import finding, span
 
 __all__ = ['live_rms', 'depth_profile', 'check_vanishing', 'check_layer_spread', 'check_grad_param_ratio']
@@ -32,7 +33,9 @@ def check_vanishing(run):
     finite = np.isfinite(run.norms)
     norms, steps = run.norms[finite], run.applied['step'].to_numpy()[finite]
     tiny = norms < t.vanishing_norm
-    if tiny.any() and not run.converged:
+    start = persistent_from(tiny)   # lasting, as an explosion must be: one empty batch (a fully masked loss) is none
+    if start is not None and not run.converged:
+        tiny[:start] = False
         first, last = span(steps[tiny])
         cause = ('after the explosion (see exploding), the network is dead' if run.problems(['exploding']) else
                  'check the initialisation and activations')

@@ -48,18 +48,29 @@ def loss_scale_of(run) -> float:
     return float(found[0]['value']) if found else 1.0
 
 
+def _after_calibration(skipped):
+    "Of one scaler's steps in order (`skipped`: whether each was), those after its calibration."
+    return skipped[min(CALIBRATION, int(np.argmin(skipped)) if not skipped.all() else len(skipped)):]
+
+
+def _calibration_words(n, ranks) -> str:
+    k = len(np.unique(ranks))
+    return f"its first {n} calibration step(s)" if k == 1 else f"the {n} calibration step(s) of its {k} ranks' scalers"
+
+
 def check_skipped(run):
     "Steps the optimizer skipped (the fp16 grad scaler after an overflow): a few are normal; most throw the updates away."
     t, steps = run.t, run.record.steps
     skipped = steps['skipped'].to_numpy(bool) & ~np.isin(steps['step'].to_numpy(), run.stopped_steps)
     if not skipped.any(): return [finding('skipped', 'ok', 'no step was skipped by the optimizer', value=0)]
-    # the scaler's first steps, halving its scale down to one that fits (at most CALIBRATION: from 2**16 to 1)
-    calibration = min(CALIBRATION, int(np.argmin(skipped)) if not skipped.all() else len(skipped))
-    rest = skipped[calibration:]
+    # the scaler's first steps, halving its scale down to one that fits (at most CALIBRATION: from 2**16 to 1); each
+    # rank of a merge has a scaler of its own
+    ranks = steps['rank'].to_numpy() if 'rank' in steps else np.zeros(len(steps), int)
+    rest = np.concatenate([_after_calibration(skipped[ranks == r]) for r in np.unique(ranks)])
     share = float(rest.mean()) if len(rest) else 0.0  # every step within the calibration: too early to tell
     first, last = span(steps['step'][skipped])
     what = (f"{int(skipped.sum())} of {len(skipped)} recorded steps were skipped by the optimizer (the fp16 grad scaler "
-            f"after an overflow), {int(rest.sum())} of the {len(rest)} after its first {calibration} calibration step(s)")
+            f"after an overflow), {int(rest.sum())} of the {len(rest)} after {_calibration_words(len(skipped) - len(rest), ranks)}")
     if share >= t.skipped_critical:
         return [finding('skipped', 'critical', f"{what}: most updates are thrown away, the loss scale overflows again "
                         "and again; lower GradScaler's init_scale or growth_factor, look for Inf in the loss, or train "
@@ -165,8 +176,7 @@ def _huge_from_the_start(run, scale):
     t = run.t
     first = run.norms[np.isfinite(run.norms)][:1]
     if not len(first) or first[0] / scale <= t.total_norm_critical: return []
-    # a loss's scale says something only of a classifier of 2+ classes (one output may be a regression's)
-    over_chance = run.loss_start / run.chance if run.chance > 0 and run.outputs >= 2 else math.nan
+    over_chance = run.loss_start / run.chance if run.classifier else math.nan
     if not (over_chance >= 10 or first[0] / scale > 10 * t.total_norm_critical): return []
     loss = (f" and a first loss of {run.loss_start:.3g}, {over_chance:.3g}x that of a uniform guess over "
             f"{run.classes} classes (ln {run.classes} = {run.chance:.3g})" if over_chance >= 10 else '')
@@ -241,7 +251,7 @@ def check_loss_scale(run):
     uniform guess, and every gradient is as many times larger."""
     t = run.t
     batch = run.record.args.get('batch_size')
-    over = run.loss_start / run.chance if run.chance > 0 else math.nan
+    over = run.loss_start / run.chance if run.classifier else math.nan
     if not batch or batch < 8 or not np.isfinite(over) or abs(over - batch) > t.chance_margin * batch:
         return [finding('loss_scale', 'ok', 'the first loss is on the scale of a mean over the batch'
                         + (f" ({over:.3g}x ln {run.classes})" if np.isfinite(over) else ''), value=over)]

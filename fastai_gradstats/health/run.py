@@ -49,14 +49,15 @@ def applied_mask(steps, record):
     return applied
 
 
-def _phases(rows, position, n):
-    """A phase number for each of `n` applied steps (`position`: the applied step of each of `rows`): it changes where
-    the set of recorded tensors does (a frozen body unfrozen, a new head, gradual unfreezing), so that norms are
-    compared like with like. A merge of ranks starts a phase at each rank's first step."""
+def _phases(rows, position, n, ranks=None):
+    """A phase number for each of `n` applied steps (`position`: the applied step of each of `rows`): one per set of
+    recorded tensors (a frozen body, then the whole model unfrozen; a GAN's generator and critic taking turns), so that
+    norms are compared like with like, the steps of one set with each other wherever they fall. In a merge (`ranks`:
+    each applied step's rank), each rank's steps are phases of their own."""
     codes = rows['layer'].cat.codes.to_numpy(np.float64)
     signature = np.stack([np.bincount(position, weights=w, minlength=n) for w in (np.ones_like(codes), codes, codes ** 2)], 1)
-    change = np.r_[False, (np.abs(np.diff(signature, axis=0)) > 0).any(axis=1)]
-    return np.cumsum(change)
+    if ranks is not None: signature = np.column_stack([signature, ranks])
+    return np.unique(signature, axis=0, return_inverse=True)[1].reshape(-1)
 
 
 class Run:
@@ -70,6 +71,8 @@ class Run:
         steps = record.steps
         applied = applied_mask(steps, record)
         self.applied, self.not_applied = steps[applied].reset_index(drop=True), steps[~applied]
+        if 'rank' in steps:   # a merge: each rank's steps one after the other, so that a step's neighbours are its rank's
+            self.applied = self.applied.sort_values(['rank', 'step'], kind='stable').reset_index(drop=True)
         table = self.layers.set_index('name')
         self.depth, self.module, self.shape = table['depth'], table['module'], table['shape']
         self.group, self.numel = table['group'], table['numel']
@@ -88,7 +91,8 @@ class Run:
         known = (self.group >= 0).any()
         self.optimized = [n for n in present if self.group[n] >= 0] if known else list(present)
         self.norms = self._total_norms()
-        self.phase = _phases(self.applied_rows, self.position, len(self.applied))
+        self.phase = _phases(self.applied_rows, self.position, len(self.applied),
+                             self.applied['rank'].to_numpy() if 'rank' in steps else None)
         self.findings = {}
         self._read_loss()
 
@@ -126,7 +130,9 @@ class Run:
         self.outputs = self.shape[out][0] if out is not None else 0
         self.classes = max(2, self.outputs) if self.outputs else 0
         self.chance = math.log(self.classes) if self.classes else math.nan
-        self.at_chance = bool(abs(self.loss_start - self.chance) <= t.chance_margin * self.chance)
+        # a loss's scale says something only of a classifier of 2+ classes: one output may be a regression's
+        self.classifier = self.outputs >= 2
+        self.at_chance = bool(self.classifier and abs(self.loss_start - self.chance) <= t.chance_margin * self.chance)
         late = self.norms[len(self.norms) - max(1, len(self.norms) // 5):]
         late = late[np.isfinite(late)]
         self.late_norm = float(np.median(late)) if len(late) else math.nan
