@@ -27,6 +27,7 @@ from matplotlib.transforms import blended_transform_factory
 
 from .callback import GradStats
 from .callback.fit_scope import _FitScope
+from .health import _lines
 from .plots import SPECIAL_COLORS, heatmap
 from .record import GradRecord
 from .thresholds import Thresholds
@@ -58,14 +59,15 @@ def _decades_only(axis):
 
 
 def _worst(record) -> tuple[str, str, str, int]:
-    """The worst finding of `record.health()`: (its status, its check and layer, its reason, how many more findings
-    are not ok); ('ok', 'healthy so far', '', 0) when every check is ok."""
+    """The worst finding of `record.health()`: (its status, its check and layer, its reason, how many more problem
+    lines `record.summary()` has, which gives a check found in several layers one line); ('ok', 'healthy so far', '', 0)
+    when every check is ok."""
     table = record.health()
     bad = table[table['status'] != 'ok']
     if bad.empty: return 'ok', 'healthy so far', '', 0
     first = bad.iloc[0]
     where = '' if first['layer'] == 'model' else f" in {first['layer']}"
-    return first['status'], f"{first['status'].upper()} {first['check']}{where}", first['reason'], len(bad) - 1
+    return first['status'], f"{first['status'].upper()} {first['check']}{where}", first['reason'], len(_lines(bad)) - 1
 
 
 def _title(record, alerts) -> tuple[str, str, str]:

@@ -347,3 +347,24 @@ def test_a_notebook_kernel_shows_one_picture_updated_while_fit_runs(tmp_path):
     assert counted[pictures[0]] == len(updates)   # DisplayHandle.update, counted in the kernel
     replayed = [o for o in nb.cells[3].outputs if 'image/png' in o.get('data', {})]
     assert len(replayed) == 1, nb.cells[3].outputs   # displayed once, though the cell also returns the figure
+
+
+class WithUnused(nn.Module):
+    "tiny_mlp and two Linear layers that forward never uses: four tensors without a gradient, one summary() line."
+    def __init__(self):
+        super().__init__()
+        self.body, self.unused = tiny_mlp(), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+    def forward(self, x): return self.body(x)
+
+
+def test_the_title_counts_more_findings_as_summary_lists_them():
+    """A check found in several layers is one line of `record.summary()` (and of the card); the live title's
+    '(+N more findings)' counts those lines, not the rows of health() (it said +4 where summary() had 1 more)."""
+    record = _fit(model=WithUnused()).grad_stats
+    problems = [l for l in record.summary().splitlines()[1:] if l.strip().split(' ', 1)[0] in ('CRITICAL', 'WARNING')]
+    assert len(problems) >= 1
+    assert len(record.health().query("status != 'ok'")) > len(problems)   # the case: several rows, fewer lines
+    headline, _, _ = live._title(record, ())
+    more = re.search(r'\+(\d+) more findings', headline)
+    assert (int(more.group(1)) if more else 0) == len(problems) - 1
