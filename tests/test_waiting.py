@@ -347,3 +347,22 @@ def test_a_network_refine_redoes_every_step_skips_most_checks(monkeypatch):
     assert len(learn.grad_stats) == 32
     assert len(calls) == 4 + 4   # fails at steps 0-3, skips 1, fails, skips 2, fails, skips 4, fails, skips 8, fails, skips 16
     assert_record_matches(learn.grad_stats, cap.captured)
+
+
+def test_steps_of_a_healthy_run_above_the_textbooks_band_still_wait(monkeypatch):
+    """A loss scaled by 1000 puts every total norm far above `total_norm_critical` (100) without growth: no alert fires
+    (an explosion is growth within a phase) and the steps wait in batches as those of the unscaled run do (the gate
+    read the level: every step went the per-step path). The record equals the step-by-step reference."""
+    sizes, batches = {}, Batches(monkeypatch)
+    for scale in (1.0, 1000.0):
+        cap, before = Capture(), len(batches.sizes)
+        learn = make_learner(tiny_mlp(), small_dls(n_train=256, bs=16, shuffle=False))
+        learn.loss_func = lambda out, y, s=scale: nn.functional.cross_entropy(out, y) * s
+        with warnings.catch_warnings():
+            warnings.simplefilter('error', GradientAlert)   # an alert would fail the test
+            with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.0, cbs=[GradStats(), cap])
+        sizes[scale] = batches.sizes[before:]
+        norms = learn.grad_stats.steps['grad_norm']
+        assert scale == 1 or norms.min() > Thresholds().total_norm_critical
+        assert_record_matches(learn.grad_stats, cap.captured)
+    assert sizes[1000.0] == sizes[1.0] and max(sizes[1.0]) > 1, sizes

@@ -23,17 +23,25 @@ PHASE_START = 3
 "The first recorded total norms of a phase (the same tensors training) that the explosion alert measures growth from."
 
 
+def _alert_limit(phase_start: list, t: Thresholds) -> float:
+    """The total norm above which a step is an explosion the alerts warn of (see `_explodes`), given the first norms
+    of its phase so far: `total_norm_critical` and `growth_factor` times the least of them, or `total_norm_critical`
+    alone when the phase's first step was already over ten times it (inf: no finite norm to grow from yet)."""
+    start = [n for n in phase_start if math.isfinite(n)]
+    if not start: return math.inf
+    if start[0] > 10 * t.total_norm_critical: return t.total_norm_critical
+    return max(t.total_norm_critical, t.growth_factor * min(start))
+
+
 def _explodes(total: float, phase_start: list, t: Thresholds) -> str:
     """Why a step's total norm is an explosion the alerts warn of ('' when it is not), as the diagnosis reads one: above
     `total_norm_critical` and `growth_factor` times the least of the first norms of its phase, or ten times
     `total_norm_critical` from the phase's first step (a level alone is not one: a healthy resnet18 starts above 100)."""
-    if not math.isfinite(total) or total <= t.total_norm_critical: return ''
-    start = [n for n in phase_start if math.isfinite(n)]
-    if start and total > t.growth_factor * min(start):
-        return f"{total / min(start):.3g}x the {min(start):.3g} its phase started at, above {t.total_norm_critical:g}"
-    if start and start[0] > 10 * t.total_norm_critical:
-        return f"huge from the phase's first step, over 10x {t.total_norm_critical:g}"
-    return ''
+    if not math.isfinite(total) or total <= _alert_limit(phase_start, t): return ''
+    start = min(n for n in phase_start if math.isfinite(n))
+    if total > t.growth_factor * start:
+        return f"{total / start:.3g}x the {start:.3g} its phase started at, above {t.total_norm_critical:g}"
+    return f"huge from the phase's first step, over 10x {t.total_norm_critical:g}"
 
 
 def _note_phase_start(cb, total):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..stats import LayerStats, _PerDevice
-from .alerts import _alert, _note_phase_start
+from .alerts import _alert, _alert_limit, _note_phase_start
 from .learner import _place_by_depth, _with_grads
 
 __all__ = []
@@ -115,7 +115,7 @@ def _group_lrs(cb) -> list:
 
 def _may_wait(cb, host, layout) -> bool:
     """Whether this step can wait to be assembled with the next ones: a routine step (`LayerStats._routine`:
-    nothing for `refine` to fix, and a total gradient norm surely below the alert threshold), whose copy is
+    nothing for `refine` to fix, and a total gradient norm surely below the alerts' `_alert_limit`), whose copy is
     small enough to keep a few of. After 4 steps in a row that were not (a network whose gradients underflow
     every step: `refine` must redo them all), the check itself is skipped for 1, 2, 4, ... up to 64 steps,
     which then take the per-step path as the failed ones did."""
@@ -125,7 +125,8 @@ def _may_wait(cb, host, layout) -> bool:
     if cb._checks_to_skip:
         cb._checks_to_skip -= 1
         return False
-    limit = cb.thresholds.total_norm_critical ** 2 if cb.alerts or cb.stop_on_critical else math.inf
+    # the alerts read this step now, unless its total norm is surely below theirs (growth within the phase, not a level)
+    limit = _alert_limit(cb._phase_start, cb.thresholds) ** 2 if cb.alerts or cb.stop_on_critical else math.inf
     if cb._plan._routine(host, layout, limit):
         cb._not_routine = 0
         return True
