@@ -55,14 +55,14 @@ def _alert(cb, values, counts):
     """Warn once per kind when a critical condition first appears (NaN/Inf gradients, or an explosion, see
     `_explodes`); stop before the optimizer step if asked."""
     names = cb._plan_key
-    _note_phase_start(cb, lambda: math.sqrt(np.square(values[:, METRICS.index('grad_norm')], dtype=np.float64).sum()))
+    norms = values[:, METRICS.index('grad_norm')]
+    total = math.sqrt(np.square(norms, dtype=np.float64).sum())  # float64: squares of large float32 norms overflow
+    _note_phase_start(cb, lambda: total)
     problems = []
     if counts.any():
         bad_rows = np.flatnonzero(counts.sum(1) > 0)
         problems.append(('nonfinite', f"NaN/Inf gradients at step {cb.step_count}, nearest the output in "
                          f"{names[bad_rows[-1]]} ({int(counts[:, 0].sum())} NaN, {int(counts[:, 1].sum())} Inf)"))
-    norms = values[:, METRICS.index('grad_norm')]
-    total = math.sqrt(np.square(norms, dtype=np.float64).sum())  # float64: squares of large float32 norms overflow
     exploding = _explodes(total, cb._phase_start, cb.thresholds)
     if exploding:
         problems.append(('exploding', f"total gradient norm {total:.3g} at step {cb.step_count} ({exploding}), "

@@ -140,12 +140,6 @@ class GradRecord(_Filling, _Pending, _Thinning, _Tables, _Saving):
                     None if self._hist is None else self._hist.view[rows])
         return out
 
-    def __repr__(self):
-        if not len(self): return f"GradRecord(no steps recorded, {len(self._layers)} layers)"
-        s = self._step_cols['step'].view
-        return (f"GradRecord({len(self)} steps from {s[0]} to {s[-1]}, {len(self._layers)} layers, "
-                f"{int(self._step_cols['skipped'].view.sum())} skipped)")
-
 
 def record_method(func, name=None):
     """Make `func(record, ...)` available as the method `name` (default: its own name) of `GradRecord`.

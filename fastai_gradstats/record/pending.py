@@ -18,7 +18,7 @@ class _Pending:
         """Some recorded steps are not added yet: `add()` adds them (with `add_step` or `_extend`). The record calls
         it once, before anything reads or changes it (`len`, `df`, `steps`, `last`, `save`, `set_last`, ...) and
         when pickled, so no reader ever misses a step. `GradStats` holds the steps it records this way and
-        assembles them up to 16 at a time, which costs less than one step at a time."""
+        assembles them up to `MAX_WAITING` (16) at a time, which costs less than one step at a time."""
         if not callable(add): raise TypeError(f"`add` must be callable, got {type(add).__name__}")
         self._waiting = add
 
