@@ -561,3 +561,18 @@ def test_a_run_saved_before_the_unit_statistics_loads_with_them_unknown(tmp_path
     assert old.df[['shared_zero_frac', 'unit_spread']].isna().all().all()
     pd.testing.assert_frame_equal(old.df.drop(columns=['shared_zero_frac', 'unit_spread']),
                                   record.df.drop(columns=['shared_zero_frac', 'unit_spread']))
+
+
+def test_a_record_pickled_before_the_steps_kept_their_squared_norm_reads_the_same_total_norms():
+    "A pickle without the per-step squared norms (`grad_sq`) gets them from its rows: `steps['grad_norm']` as `df` gives it."
+    learn = make_learner(tiny_mlp(), small_dls(n_train=64, bs=16))
+    learn.fit(1, 0.1, cbs=GradStats())
+    state = pickle.loads(pickle.dumps(learn.grad_stats.__getstate__()))
+    del state['_step_cols']['grad_sq']  # what an earlier version's pickle holds
+    old = GradRecord.__new__(GradRecord)
+    old.__setstate__(state)
+    by_rows = old.df.groupby('step', observed=True)['grad_norm'].apply(lambda g: np.sqrt((g.astype(float) ** 2).sum()))
+    np.testing.assert_allclose(old.steps['grad_norm'].to_numpy(), by_rows.to_numpy(), rtol=1e-12)
+    index = old.layer_index(list(learn.grad_stats.layers['name']))
+    old.add_step(99, 1, 0.1, 1.0, index, np.full((len(index), len(old.value_columns)), 2, np.float32))
+    assert old.steps['grad_norm'].iloc[-1] == pytest.approx(2 * np.sqrt(len(index)))

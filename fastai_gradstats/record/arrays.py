@@ -1,10 +1,21 @@
-"""The record's compact arrays: numpy arrays that grow by a quarter at a time while training (`_Growable`), and the
-index ranges that pick the rows of some steps out of them (`_ranges`)."""
+"""The record's compact arrays: numpy arrays that grow by a quarter at a time while training (`_Growable`), the
+index ranges that pick the rows of some steps out of them (`_ranges`), and each step's squared total norm
+(`_step_squares`, kept as steps arrive)."""
 from __future__ import annotations
 
 import numpy as np
 
+from ..stats import METRICS
+
 __all__ = []
+
+
+def _step_squares(values, n_rows) -> np.ndarray:
+    """Each step's sum of its layers' squared `grad_norm` in float64, for `values` (rows x value columns) holding
+    `n_rows` consecutive rows per step: the square of the step's total norm (`steps['grad_norm']`)."""
+    n_rows = np.asarray(n_rows, np.int64)
+    squares = np.square(values[:, METRICS.index('grad_norm')], dtype=np.float64)
+    return np.bincount(np.repeat(np.arange(len(n_rows)), n_rows), weights=squares, minlength=len(n_rows))
 
 
 class _Growable:

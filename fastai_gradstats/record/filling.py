@@ -7,6 +7,7 @@ import pandas as pd
 
 from ..checks import _is_int
 from ..stats import HIST_BINS
+from .arrays import _step_squares
 from .columns import COUNT_COLUMNS, LAYER_COLUMNS
 
 __all__ = []
@@ -136,7 +137,7 @@ class _Filling:
         self._extend_rows(layer_index, values, counts, hist)
         for name, value in (('step', step), ('epoch', epoch), ('lr', lr), ('loss', loss), ('skipped', skipped),
                             ('n_rows', len(values)), ('kept_every', self.every), ('rank', self.rank or 0),
-                            ('n_groups', len(group_lrs))):
+                            ('n_groups', len(group_lrs)), ('grad_sq', _step_squares(values, [len(values)])[0])):
             columns[name].append(value)
         self._lrs.extend(group_lrs)
         self._grew(1)
@@ -178,6 +179,8 @@ class _Filling:
         self._step_cols['n_groups'].extend([len(lrs) for lrs in group_lrs] if group_lrs else np.zeros(len(new_steps)))
         if group_lrs: self._lrs.extend(np.concatenate(group_lrs))
         self._step_cols['n_rows'].extend(n_rows)
+        n_rows = np.asarray(n_rows, np.int64)
+        self._step_cols['grad_sq'].extend(_step_squares(self._values.view[len(self._values) - int(n_rows.sum()):], n_rows))
         self._step_cols['kept_every'].extend(np.asarray(steps['kept_every']) if 'kept_every' in steps
                                              else np.full(len(new_steps), self.every))
         self._step_cols['rank'].extend(np.asarray(steps['rank']) if 'rank' in steps

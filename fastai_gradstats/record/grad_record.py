@@ -14,7 +14,7 @@ import numpy as np
 
 from ..checks import _positive_int
 from ..stats import HIST_BINS, METRICS
-from .arrays import _Growable, _ranges
+from .arrays import _Growable, _ranges, _step_squares
 from .columns import COUNT_COLUMNS, EXTRA_COLUMNS
 from .filling import _Filling
 from .pending import _Pending
@@ -88,7 +88,8 @@ class GradRecord(_Filling, _Pending, _Thinning, _Tables, _Saving):
         self._row_layer = _Growable(np.int32)
         self._step_cols = {'step': _Growable(np.int64), 'epoch': _Growable(np.int32), 'lr': _Growable(np.float64),
                            'loss': _Growable(np.float32), 'skipped': _Growable(np.bool_), 'n_rows': _Growable(np.int64),
-                           'kept_every': _Growable(np.int64), 'rank': _Growable(np.int32), 'n_groups': _Growable(np.int32)}
+                           'kept_every': _Growable(np.int64), 'rank': _Growable(np.int32), 'n_groups': _Growable(np.int32),
+                           'grad_sq': _Growable(np.float64)}  # each step's sum of squared layer norms: `steps['grad_norm']`
         self._lrs = _Growable(np.float64)  # every parameter group's learning rate, `n_groups` of them per step
         self._cache = {}
         self.pending_last = False
@@ -108,6 +109,9 @@ class GradRecord(_Filling, _Pending, _Thinning, _Tables, _Saving):
             self._lrs = _Growable(np.float64)
             self._step_cols['n_groups'] = _Growable(np.int32)
             self._step_cols['n_groups'].extend(np.zeros(len(self._step_cols['step']), np.int32))
+        if 'grad_sq' not in self._step_cols:  # pickled before the steps' squared norms were kept as they arrived
+            self._step_cols['grad_sq'] = _Growable(np.float64)
+            self._step_cols['grad_sq'].extend(_step_squares(self._values.view, self._step_cols['n_rows'].view))
 
     # --- reading -------------------------------------------------------------------------
     def __len__(self):

@@ -36,7 +36,7 @@ class _Tables:
         out = {k: self._step_cols[k].view[-1 - back].item() for k in ('step', 'epoch', 'lr', 'loss', 'skipped')}
         out.update(layers=names, values=values, counts=self._counts.view[rows],
                    hist=None if self._hist is None else self._hist.view[rows],
-                   grad_norm=float(np.sqrt(np.sum(values[:, METRICS.index('grad_norm')].astype(np.float64) ** 2))))
+                   grad_norm=float(np.sqrt(self._step_cols['grad_sq'].view[-1 - back])))
         return out
 
     @property
@@ -105,10 +105,8 @@ class _Tables:
         (the columns of `STEP_COLUMNS`), preceded by `rank` in a merge of several ranks."""
         self._thin_if_due()
         if 'steps' not in self._cache:
-            sq = self._values.view[:, METRICS.index('grad_norm')].astype(np.float64) ** 2
-            total = np.sqrt(np.bincount(self._row_step(), weights=sq, minlength=len(self._step_cols['step'])))
             cols = {k: self._step_cols[k].view.copy() for k in ('step', 'epoch', 'lr', 'loss')}
-            cols['grad_norm'] = total
+            cols['grad_norm'] = np.sqrt(self._step_cols['grad_sq'].view)  # kept per step as they arrive
             cols['skipped'] = self._step_cols['skipped'].view.copy()
             cols['kept_every'] = self._step_cols['kept_every'].view.copy()
             if self.multi_rank: cols = {'rank': self._step_cols['rank'].view.copy(), **cols}
