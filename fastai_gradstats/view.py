@@ -1,9 +1,10 @@
 """How a record shows itself: `learn.grad_stats` in a notebook (`_repr_html_`) and in a terminal (`repr`).
 
 One glance says what was recorded, whether the run is healthy (the diagnosis' worst finding, in one line), how the
-total gradient norm went (a small inline SVG curve), and what to call next. A record of more than `SAMPLE_STEPS` * 2
-steps is diagnosed on a sample of `SAMPLE_STEPS` evenly spread steps (and every step with NaN/Inf), so that showing it
-stays fast (tens of milliseconds, also for 100,000 steps); the view says so, and `record.health()` reads every step.
+total gradient norm went (a small inline SVG curve), and what to call next. A long record is diagnosed on a sample of
+evenly spread steps (and every step with NaN/Inf): `SAMPLE_STEPS` of them, fewer for a model of many parameter tensors
+(at most `SAMPLE_ROWS` rows in all, and at least `MIN_SAMPLE_STEPS` steps), so that showing it stays fast (tens of
+milliseconds, also for 100,000 steps); the view says so, and `record.health()` reads every step.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import html
 import math
 
 import numpy as np
-import pandas as pd
 
 from .health import verdict
 from .record import GradRecord
@@ -20,25 +20,32 @@ __all__ = ['SAMPLE_STEPS', 'record_text', 'record_html']
 
 SAMPLE_STEPS = 500
 "Steps the notebook and terminal views diagnose at most (evenly spread, plus every step with NaN/Inf): `health()` reads all."
+SAMPLE_ROWS = 20_000     # ... and at most this many (step, tensor) rows: 200 steps of a model of 100 parameter tensors
+MIN_SAMPLE_STEPS = 100   # ... but never fewer steps than this
 CURVE_POINTS = 240  # buckets of the inline curve of the total norm
 CALLS = ('.summary()', '.health()', '.plot_heatmap()', '.plot_gradient_flow()', '.df', '.steps', '.save(path)')
 _COLORS = {'healthy': '#1a7f37', 'warning': '#9a6700', 'critical': '#cf222e'}
 
 
 def _sampled_verdict(record) -> tuple[dict, int]:
-    """The record's verdict, on at most `SAMPLE_STEPS` of its steps (and those with NaN/Inf), and how many steps it read;
-    kept with the record's DataFrames until a step arrives (showing a record twice diagnoses it once)."""
-    key = ('view', SAMPLE_STEPS, record.thresholds)
+    """The record's verdict, on a sample of its steps (`sample_size`, and those with NaN/Inf) when it is long, and how
+    many steps it read; kept with the record's DataFrames until a step arrives (showing a record twice diagnoses it once)."""
+    key = ('view', SAMPLE_STEPS, SAMPLE_ROWS, record.thresholds)
     if key not in record._cache: record._cache[key] = _diagnose_sample(record)
     return record._cache[key]
 
 
+def sample_size(n_tensors: int) -> int:
+    "How many evenly spread steps the views diagnose of a long record of `n_tensors` parameter tensors."
+    return int(min(SAMPLE_STEPS, max(MIN_SAMPLE_STEPS, SAMPLE_ROWS // max(n_tensors, 1))))
+
+
 def _diagnose_sample(record):
-    n = len(record)
-    if n <= 2 * SAMPLE_STEPS: return verdict(record), n
-    # the steps with NaN/Inf gradients (a total norm that is not finite) are all read, up to SAMPLE_STEPS of them
-    bad = np.flatnonzero(~np.isfinite(record.steps['grad_norm'].to_numpy()))[:SAMPLE_STEPS]
-    positions = np.union1d(np.linspace(0, n - 1, SAMPLE_STEPS).round().astype(np.int64), bad)
+    n, size = len(record), sample_size(len(record.layers))
+    if n <= 2 * size: return verdict(record), n
+    # the steps with NaN/Inf gradients (a total norm that is not finite) are all read, up to `size` of them
+    bad = np.flatnonzero(~np.isfinite(record.steps['grad_norm'].to_numpy()))[:size]
+    positions = np.union1d(np.linspace(0, n - 1, size).round().astype(np.int64), bad)
     return verdict(record._subset(positions)), len(positions)
 
 
@@ -84,6 +91,21 @@ def record_text(record) -> str:
         f"  next: {'  '.join(CALLS)}"])
 
 
+def _bucket_stats(values, bucket):
+    """Of `values` (NaN: none) in the increasing `bucket` of each, per bucket that has a finite value: the bucket, and
+    the least, the largest and the median value (of an even count, the mean of the two middle ones)."""
+    edges = np.flatnonzero(np.diff(bucket, prepend=bucket[:1] - 1))     # where each bucket starts
+    sizes = np.diff(np.append(edges, len(values)))
+    table = np.full((len(edges), int(sizes.max())), np.nan)            # a row per bucket, NaN beyond its values
+    table[np.repeat(np.arange(len(edges)), sizes), np.arange(len(values)) - np.repeat(edges, sizes)] = values
+    table.sort(axis=1)                                                 # NaNs last
+    counts = np.isfinite(table).sum(axis=1)
+    has = counts > 0
+    table, counts, rows = table[has], counts[has], np.arange(int(has.sum()))
+    median = (table[rows, (counts - 1) // 2] + table[rows, counts // 2]) / 2
+    return bucket[edges[has]].astype(np.float64), table[:, 0], table[rows, counts - 1], median
+
+
 def _curve_svg(norms, width=CURVE_POINTS, height=44) -> str:
     """The total norm per step as an inline SVG: each bucket's range of log10 norms as a band and its median as a line
     (log scale), steps whose norm is NaN/Inf as red ticks at the top."""
@@ -93,15 +115,15 @@ def _curve_svg(norms, width=CURVE_POINTS, height=44) -> str:
     with np.errstate(divide='ignore', invalid='ignore'): logs = np.log10(np.where(~bad & (norms > 0), norms, np.nan))
     shapes = ''
     if np.isfinite(logs).any():
-        by_bucket = pd.Series(logs).groupby(x).agg(['min', 'max', 'median']).dropna()
-        lo, hi = float(by_bucket['min'].min()), float(by_bucket['max'].max())
+        cols, low, high, median = _bucket_stats(logs, x)
+        lo, hi = float(low.min()), float(high.max())
         scale = (height - 4) / (hi - lo if hi > lo else 1.0)
         y = lambda v: height - 2 - (v - lo) * scale
-        cols = by_bucket.index.to_numpy(np.float64) + 0.5
+        cols = cols + 0.5
         points = lambda cs, ys: ' '.join(f'{c:.1f},{y(v):.1f}' for c, v in zip(cs, ys))
-        band = points(cols, by_bucket['max']) + ' ' + points(cols[::-1], by_bucket['min'].to_numpy()[::-1])
+        band = points(cols, high) + ' ' + points(cols[::-1], low[::-1])
         shapes = (f'<polygon points="{band}" fill="#9ecae1" opacity="0.6"/>'
-                  f'<polyline points="{points(cols, by_bucket["median"])}" fill="none" stroke="#08519c" stroke-width="1.2"/>')
+                  f'<polyline points="{points(cols, median)}" fill="none" stroke="#08519c" stroke-width="1.2"/>')
     ticks = ''.join(f'<line x1="{c + 0.5}" y1="0" x2="{c + 0.5}" y2="6" stroke="#cf222e" stroke-width="1.5"/>'
                     for c in np.unique(x[bad]))
     return (f'<svg class="gradstats-curve" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '

@@ -1129,3 +1129,29 @@ def test_a_merge_of_ranks_reads_each_ranks_steps_in_order():
     assert rows(merged, 'spikes').iloc[0]['status'] == 'warning' and rows(merged, 'spikes').iloc[0]['first_step'] == 30
     calibrating = merge([event_record([1.0] * 100, noisy_falling(100), skipped=range(12)) for _ in range(8)])
     assert rows(health(calibrating), 'skipped').iloc[0]['status'] == 'ok'
+
+
+@pytest.mark.parametrize('how', ['median', 'min', 'max'])
+def test_per_layer_equals_pandas_groupby_over_the_rows_asked_for(how):
+    """`Run.per_layer`, which every check reads, against pandas' groupby over the same rows: finite values only, odd
+    and even counts, layers missing at some steps (a phase), a layer left with no finite value, rows of a subset."""
+    from fastai_gradstats.health import Run
+    rng = np.random.default_rng(3)
+    record = GradRecord([{'name': f'l{i}', 'module': 'Linear', 'shape': (4, 4), 'numel': 16, 'depth': 5 - i}
+                         for i in range(6)])
+    for step in range(41):
+        names = [f'l{i}' for i in range(6) if not (i == 2 and step % 3 == 0)]   # l2 is missing at every third step
+        values = rng.lognormal(size=(len(names), len(METRICS))).astype(np.float32)
+        values[rng.random(len(names)) < 0.2, METRICS.index('grad_norm')] = np.nan
+        if 'l4' in names: values[names.index('l4'), METRICS.index('grad_norm')] = np.inf   # no finite value at all
+        record.add_step(step, 0, 0.1, 1.0, record.layer_index(names), values, skipped=step == 7)
+    run = Run(record, Thresholds())
+    for rows in (run.applied_rows, run.applied_rows[run.applied_rows['step'] >= 25]):
+        got = run.per_layer('grad_norm', rows=rows, how=how)
+        finite = rows[np.isfinite(rows['grad_norm'].astype(float))]
+        expected = getattr(finite['grad_norm'].astype(float).groupby(finite['layer'].astype(str)), how)()
+        order = [f'l{i}' for i in (5, 3, 2, 1, 0)]   # by depth, l4 (nothing finite) left out
+        assert list(got.index) == order
+        np.testing.assert_allclose(got.to_numpy(), expected.reindex(order).to_numpy(), rtol=1e-12)
+        some = run.per_layer('grad_norm', ['l1', 'l3'], rows=rows, how=how)
+        assert list(some.index) == ['l3', 'l1'] and some.to_dict() == pytest.approx(got[['l3', 'l1']].to_dict())

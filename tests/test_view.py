@@ -61,13 +61,14 @@ def test_the_html_card_holds_the_verdict_its_worst_finding_and_the_norm_curve():
 
 
 def test_the_curve_of_a_long_run_draws_each_columns_range_and_median_of_its_finite_norms():
-    """Of 1,000 steps in 240 columns (NaN/Inf at three steps, a zero norm at one), each column's band spans the least
+    """Of 1,000 steps in 240 columns (NaN/Inf at three steps and a run of twelve, a zero norm at one), each column's band spans the least
     and the largest finite log10 norm of its steps and its line passes through their median, computed here step by step."""
     from fastai_gradstats.view import CURVE_POINTS, _curve_svg
     rng = np.random.default_rng(1)
     norms = 10 ** rng.normal(0, 1, 1000)
     norms[[5, 500, 997]] = [np.nan, np.inf, np.nan]
     norms[7] = 0.0   # no log: left out of the band, as NaN/Inf are
+    norms[600:612] = np.nan   # whole columns without a finite norm: no point there
     svg = _curve_svg(norms)
     columns = (np.arange(1000) * CURVE_POINTS) // 1000
     expected = {}
@@ -84,7 +85,7 @@ def test_the_curve_of_a_long_run_draws_each_columns_range_and_median_of_its_fini
     np.testing.assert_allclose([v for _, v in top], [y(expected[c][1]) for c in sorted(expected)], atol=0.051)
     np.testing.assert_allclose([v for _, v in bottom], [y(expected[c][0]) for c in sorted(expected)], atol=0.051)
     ticks = re.findall(r'<line x1="([\d.]+)" y1="0"', svg)
-    assert sorted(map(float, ticks)) == sorted(c + 0.5 for c in {columns[5], columns[500], columns[997]})
+    assert sorted(map(float, ticks)) == sorted(c + 0.5 for c in {columns[5], columns[500], columns[997], *columns[600:612]})
 
 
 def long_record(n_steps, nan_at=()):

@@ -69,13 +69,14 @@ def health(record, thresholds: Thresholds | None = None) -> pd.DataFrame:
 
 
 def _table(run) -> pd.DataFrame:
-    rows = [f for check in _ORDER for f in run.findings[_name(check)]]
+    # worst status first, and of one status in the order of `_ORDER` (a stable sort keeps a check's own order)
+    rows = sorted((f for check in _ORDER for f in run.findings[_name(check)]), key=lambda f: _STATUS_RANK[f['status']])
     out = pd.DataFrame(rows, columns=list(HEALTH_COLUMNS))
     out['first_step'] = out['first_step'].astype('Int64'); out['last_step'] = out['last_step'].astype('Int64')
-    rank = out['status'].map({s: i for i, s in enumerate(STATUSES)})
-    check_rank = out['check'].map({c: i for i, c in enumerate(CHECKS)})
-    return (out.assign(_r=rank, _c=check_rank).sort_values(['_r', '_c'], kind='stable').drop(columns=['_r', '_c'])
-            .reset_index(drop=True))
+    return out
+
+
+_STATUS_RANK = {s: i for i, s in enumerate(STATUSES)}
 
 
 def suggest_clip(record, thresholds: Thresholds | None = None) -> dict:

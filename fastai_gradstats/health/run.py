@@ -60,6 +60,24 @@ def _phases(rows, position, n, ranks=None):
     return np.unique(signature, axis=0, return_inverse=True)[1].reshape(-1)
 
 
+def _by_code(values, codes, positions, n_codes, n_positions, how) -> np.ndarray:
+    """`how` ('median', 'min', 'max') of finite `values` per code (0 to `n_codes` - 1), where `positions` (0 to
+    `n_positions` - 1) tell values of one code apart (at most one value per code and position); NaN for a code without
+    values. A median of an even count is the mean of the two middle values, as pandas takes it."""
+    if how not in ('median', 'min', 'max'): raise ValueError(f"`how` must be 'median', 'min' or 'max', got {how!r}")
+    if not len(values): return np.full(n_codes, np.nan)
+    table = np.full((n_codes, n_positions), np.nan)   # a row per code: sorting it puts its NaNs (no value) last
+    table[codes, positions] = values
+    if how == 'min': return np.fmin.reduce(table, axis=1)
+    if how == 'max': return np.fmax.reduce(table, axis=1)
+    counts = np.bincount(codes, minlength=n_codes)
+    table.sort(axis=1)
+    rows = np.arange(n_codes)
+    low, high = np.maximum(counts - 1, 0) // 2, counts // 2
+    with np.errstate(invalid='ignore'):
+        return np.where(counts > 0, (table[rows, low] + table[rows, high]) / 2, np.nan)
+
+
 class Run:
     """The shared reading of a record for the checks: `t` (the thresholds), `df`, `layers`; `applied` and `not_applied`
     steps; per applied step its total norm over the tensors the optimizer holds (`norms`) and its `phase`; the loss at
@@ -80,13 +98,16 @@ class Run:
         self.categories = list(self.df['layer'].cat.categories)
         self.code_of = {n: i for i, n in enumerate(self.categories)}
         present = [self.categories[c] for c in pd.unique(self.df['layer'].cat.codes.to_numpy()) if c >= 0]
-        self.order = sorted(present, key=lambda n: self.depth[n])
-        self.weights = [n for n in self.order if len(self.shape[n]) >= 2 and self.module[n] != 'Embedding']
-        # each row's applied step (its place in `applied`; -1: a skipped step), by step and, in a merge, rank
-        keys = ['rank', 'step'] if 'rank' in steps else ['step']
-        position = pd.MultiIndex.from_frame(self.applied[keys]).get_indexer(pd.MultiIndex.from_frame(self.df[keys]))
+        names = self.layers['name'].tolist()
+        depth, shape, module = (dict(zip(names, self.layers[c].tolist())) for c in ('depth', 'shape', 'module'))
+        self.order = sorted(present, key=depth.__getitem__)
+        self._depth_codes = np.array([self.code_of[n] for n in self.order], np.int64)
+        self.weights = [n for n in self.order if len(shape[n]) >= 2 and module[n] != 'Embedding']
+        position = self._applied_position(steps)
         self.applied_rows = self.df[position >= 0]
         self.position = position[position >= 0]
+        self._applied_codes = self.applied_rows['layer'].cat.codes.to_numpy()
+        self._applied_labels = self.applied_rows.index.to_numpy()   # increasing: `df` is in step order
         # the optimizer's tensors, when it is known: gradients it never uses (no parameter group) cannot explode training
         known = (self.group >= 0).any()
         self.optimized = [n for n in present if self.group[n] >= 0] if known else list(present)
@@ -95,6 +116,17 @@ class Run:
                              self.applied['rank'].to_numpy() if 'rank' in steps else None)
         self.findings = {}
         self._read_loss()
+
+    def _applied_position(self, steps) -> np.ndarray:
+        "Each row's applied step (its place in `applied`; -1: a skipped step), by step and, in a merge, rank."
+        if 'rank' in steps:
+            keys = ['rank', 'step']
+            return pd.MultiIndex.from_frame(self.applied[keys]).get_indexer(pd.MultiIndex.from_frame(self.df[keys]))
+        applied, rows = self.applied['step'].to_numpy(), self.df['step'].to_numpy()   # each step once, increasing
+        position = np.searchsorted(applied, rows)
+        found = position < len(applied)
+        found[found] = applied[position[found]] == rows[found]
+        return np.where(found, position, -1)
 
     def _total_norms(self):
         "The total norm of each applied step over the optimizer's tensors (all of them when it is unknown; NaN: none)."
@@ -148,21 +180,36 @@ class Run:
         return [f for check, found in self.findings.items() if checks is None or check in checks
                 for f in found if f['status'] != 'ok']
 
+    def codes(self, rows) -> np.ndarray:
+        "The layer code (an index of `categories`) of each of `rows` (of `df`); those of `applied_rows` read once."
+        if rows is self.applied_rows: return self._applied_codes
+        return rows['layer'].cat.codes.to_numpy()
+
     def mask(self, rows, layers) -> np.ndarray:
         "Which of `rows` (of `df`) belong to one of `layers` (names)."
-        return np.isin(rows['layer'].cat.codes.to_numpy(), [self.code_of[n] for n in layers])
+        wanted = np.zeros(len(self.categories) + 1, bool)   # the last entry stands for code -1 (no layer)
+        wanted[[self.code_of[n] for n in layers]] = True
+        return wanted[self.codes(rows)]
 
     def of_rows(self, rows, attribute: pd.Series) -> np.ndarray:
         "`attribute` (a Series by layer name, e.g. `self.numel`) for each of `rows`."
-        return attribute.reindex(self.categories).to_numpy()[rows['layer'].cat.codes.to_numpy()]
+        return attribute.reindex(self.categories).to_numpy()[self.codes(rows)]
 
     def per_layer(self, column, layers=None, rows=None, how='median', values=None):
-        """`how` ('median', 'min', ...) of `column` (or of `values`, one per row) per layer over applied `rows`
-        (default: all), finite values only, in depth order."""
+        """`how` ('median', 'min' or 'max') of `column` (or of `values`, one per row) per layer over applied `rows`
+        (default: all), finite values only, in depth order: a Series by layer name."""
         rows = self.applied_rows if rows is None else rows
         values = rows[column].to_numpy(np.float64) if values is None else np.asarray(values, np.float64)
         keep = np.isfinite(values)
         if layers is not None: keep &= self.mask(rows, layers)
-        out = getattr(pd.Series(values[keep]).groupby(rows['layer'].cat.codes.to_numpy()[keep]), how)()
-        out.index = [self.categories[c] for c in out.index]
-        return out.reindex([n for n in self.order if n in out.index])
+        at = self._at(rows)
+        codes = self._applied_codes[at][keep]
+        found = _by_code(values[keep], codes, self.position[at][keep], len(self.categories), len(self.applied), how)
+        present = self._depth_codes[np.bincount(codes, minlength=len(self.categories))[self._depth_codes] > 0]
+        return pd.Series(found[present], index=pd.Index([self.categories[c] for c in present], dtype=object),
+                         dtype=np.float64)
+
+    def _at(self, rows):
+        "Where each of `rows` (some of `applied_rows`) is in `applied_rows`."
+        if rows is self.applied_rows: return slice(None)
+        return np.searchsorted(self._applied_labels, rows.index.to_numpy())

@@ -71,8 +71,9 @@ def check_zero_frac(run):
     shared = (1 - dead) * np.nan_to_num(rows['shared_zero_frac'].to_numpy(np.float64))
     scattered = np.maximum(zero - dead - shared, 0)
     medians = run.per_layer('zero_frac')
-    parts = {name: run.per_layer('zero_frac', rows=rows, values=v) for name, v in
-             (('dead', dead), ('shared', shared), ('scattered', scattered))}
+    attributed = [n for n, z in medians.items() if z > t.zero_frac_warning]   # only these are told apart
+    parts = {name: run.per_layer('zero_frac', attributed, rows=rows, values=v).to_dict() if attributed else {}
+             for name, v in (('dead', dead), ('shared', shared), ('scattered', scattered))}
     out = []
     for layer, z in medians.items():
         if z <= t.zero_frac_warning: continue
