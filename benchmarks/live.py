@@ -47,15 +47,15 @@ class StandInNotebook:
 
 
 def time_drawing(notebook):
-    """Add the time ShowGradStats spends in `live_figure` and `_png` (all of a draw but handing the PNG over) to
-    `notebook.drawing`."""
+    """Add the time ShowGradStats spends in `live_png` (all of a draw but handing the PNG over: the verdict, the
+    picture and its PNG) to `notebook.drawing`."""
     def timed(function):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             try: return function(*args, **kwargs)
             finally: notebook.drawing += time.perf_counter() - start
         return wrapper
-    live.live_figure, live._png = timed(live.live_figure), timed(live._png)
+    live.live_png = timed(live.live_png)
 
 
 def wall_fit(learn, state, epochs, show):
@@ -128,7 +128,7 @@ def main(argv=None):
              '`[GradStats(), ShowGradStats()]` / with `[GradStats()]`, on the MLP of `overhead.py` (10 x 256, digits, '
              'Adam), the same batches and initial weights every fit. ShowGradStats draws on its notebook path (each '
              'draw renders the PNG; a stand-in display takes it). `GradStats() again` is the noise floor. Drawing: the '
-             'time spent in `live_figure` and PNG rendering per fit, and its share of the fit (medians).', '',
+             'time spent in `live_png` per fit (the verdict, the picture and its PNG), and its share of the fit (medians).', '',
              '| fit | steps | ShowGradStats | time without | ratio | noise floor | draws | drawing | share |',
              '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for (name, cadence), row in results.items():
@@ -137,7 +137,7 @@ def main(argv=None):
                      f"{row['ratio']:.3f}x | {row['noise']:.3f}x | {row['draws']:g} | {row['drawing']:.3f} s | "
                      f"{100 * row['share']:.1f}% |")
     lines += ['', 'The target: at most 1.03x at the default cadence. Every fit ends with one draw; a fit shorter than '
-              'about 2 draws / `max_share` (10-30 s here) gets that one only, so its share is one draw over the fit.']
+              'about 2 draws / `max_share` gets that one only, so its share is one draw over the fit.']
     out = args.out or (None if args.quick else Path(__file__).parent/'RESULTS_LIVE.md')
     if out is not None: Path(out).write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))

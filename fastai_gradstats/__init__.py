@@ -28,6 +28,7 @@ from . import health  # the module (fastai_gradstats.health.Thresholds); its fun
 from .report import write_report, run_figures, overview, Comparison
 from .export import TensorBoardGradStats, WandbGradStats, step_scalars, log10_histogram, SCALARS, STEP_SCALAR_COLUMNS
 from .live import ShowGradStats, live_figure
+from .live_picture import live_png
 from .view import SAMPLE_STEPS, record_text, record_html
 
 __all__ = ['__version__',
@@ -47,4 +48,4 @@ __all__ = ['__version__',
            'write_report', 'run_figures', 'overview', 'Comparison', 'TensorBoardGradStats', 'WandbGradStats', 'step_scalars', 'log10_histogram',
            'SCALARS', 'STEP_SCALAR_COLUMNS',
            # watch while training
-           'ShowGradStats', 'live_figure']
+           'ShowGradStats', 'live_figure', 'live_png']

@@ -1,10 +1,11 @@
 """`ShowGradStats`: watch what `GradStats` records while a fit runs.
 
 In a notebook it shows one picture, redrawn in place: the total gradient norm per step beside the layer x step
-heatmap of `grad_norm`. The title gives the worst finding of `record.health()` so far, or 'healthy so far'.
-Elsewhere (a terminal, a script) it prints one line per epoch. It only reads the record, and it skips redraws
-that would take more than `max_share` of the fit. `live_figure` draws the picture from a record alone, so a
-saved run can be drawn the same way (`ShowGradStats.replay`).
+heatmap of `grad_norm`, titled with the worst finding so far (the card's verdict) or 'healthy so far'. The picture is
+`live_png`, drawn straight to PNG in a few tens of milliseconds, so redraws cost little. Elsewhere (a terminal, a
+script) it prints one line per epoch. It only reads the record, and it skips redraws that would take more than
+`max_share` of the fit. `live_figure` draws the same picture as a matplotlib Figure, from a record alone, so a saved
+run can be drawn, saved and changed (`ShowGradStats.replay`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import io
 import math
 import numbers
 import sys
-import textwrap
 import time
 import warnings
 
@@ -27,67 +27,23 @@ from matplotlib.transforms import blended_transform_factory
 
 from .callback import GradStats
 from .callback.fit_scope import _FitScope
-from .health import _lines
+from .live_picture import (_ALERT_NAMES, _STATUS_COLORS, _check_alerts, _heatmap_columns, _plain_number, _size_of,
+                           _title, _worst, live_png)
 from .plots import SPECIAL_COLORS, heatmap
 from .record import GradRecord
 from .thresholds import Thresholds
 
 __all__ = ['ShowGradStats', 'live_figure']
 
-_ALERT_NAMES = {'nonfinite': 'NaN/Inf gradients', 'exploding': 'exploding gradients'}
-# what each kind of `GradientAlert` that GradStats keeps in `_alerted` is called in the title
-_STATUS_COLORS = {'critical': '#b00000', 'warning': '#a05000', 'ok': '#1b7a1b'}
-_TITLE_CHARS = 160    # a longer finding is shortened: the whole text is in `record.summary()`
-_MAX_COLUMNS = 250    # the heatmap draws at most this many steps (2 pixels each): every k-th, back from the last
 _FIRST_COST = 0.1     # seconds one draw is assumed to take before the first one is timed
 _now = time.perf_counter
 
 
-# --- the picture ---------------------------------------------------------------------------------
-def _plain_number(value, _position=None) -> str:
-    """A tick label a newcomer reads at once: 0.01, 1, 100, 1e5, 1e-5 (not matplotlib's mathtext 10^5, which is
-    also slower to draw)."""
-    if value == 0 or 1e-3 <= abs(value) < 1e4: return f'{value:g}'
-    mantissa, exponent = f'{value:.0e}'.split('e')
-    return f'{mantissa}e{int(exponent)}'
-
-
+# --- the picture as a matplotlib figure (the live view draws `live_png`) ----------------------------
 def _decades_only(axis):
     "A log axis with a plain label at each decade and no minor ticks (each tick is a few artists to draw)."
     axis.set_major_formatter(FuncFormatter(_plain_number))
     axis.set_minor_locator(NullLocator())
-
-
-def _worst(record) -> tuple[str, str, str, int]:
-    """The worst finding of `record.health()`: (its status, its check and layer, its reason, how many more problem
-    lines `record.summary()` has, which gives a check found in several layers one line); ('ok', 'healthy so far', '', 0)
-    when every check is ok."""
-    table = record.health()
-    bad = table[table['status'] != 'ok']
-    if bad.empty: return 'ok', 'healthy so far', '', 0
-    first = bad.iloc[0]
-    where = '' if first['layer'] == 'model' else f" in {first['layer']}"
-    return first['status'], f"{first['status'].upper()} {first['check']}{where}", first['reason'], len(_lines(bad)) - 1
-
-
-def _title(record, alerts) -> tuple[str, str, str]:
-    """The title of the live view: (headline, detail, status). The headline names the alerts raised while training,
-    then the worst finding; the detail is that finding's reason, shortened; the status sets the colour."""
-    status, finding, reason, more = _worst(record)
-    if more: finding += f' (+{more} more findings: record.summary())'
-    if alerts:
-        finding = 'ALERT ' + ', '.join(_ALERT_NAMES[kind] for kind in sorted(alerts)) + ' | ' + finding
-        status = 'critical'
-    return finding, textwrap.shorten(reason, _TITLE_CHARS, placeholder=' ...') if reason else '', status
-
-
-def _check_alerts(alerts) -> tuple:
-    if isinstance(alerts, str) or not hasattr(alerts, '__iter__'):
-        raise TypeError(f"`alerts` must be a collection of alert kinds ({', '.join(_ALERT_NAMES)}), got {alerts!r}")
-    alerts = tuple(alerts)
-    unknown = [a for a in alerts if a not in _ALERT_NAMES]
-    if unknown: raise ValueError(f"unknown `alerts` {unknown}; known: {', '.join(_ALERT_NAMES)}")
-    return alerts
 
 
 def _norm_curve(ax, steps, thresholds):
@@ -138,8 +94,7 @@ def live_figure(record, fig=None, alerts=()) -> Figure:
         raise ValueError(f"`record` is a merge of {steps['rank'].nunique()} ranks, which would draw over each other: "
                          "draw one rank's saved run")
     n_layers = record.df['layer'].nunique() if len(steps) else 0
-    # a heatmap row per layer, as tall as its name; a line of text for a record without steps
-    size = (11.5, min(9.0, max(3.8, 0.15 * n_layers + 2.0)) if len(steps) else 1.2)
+    size = _size_of(n_layers, len(steps))
     if fig is None: fig = Figure(figsize=size, dpi=90)
     else:
         fig.clear()
@@ -168,14 +123,13 @@ def live_figure(record, fig=None, alerts=()) -> Figure:
 
 
 def _columns(record, steps):
-    """What the heatmap draws: the record, or for more than `_MAX_COLUMNS` steps the rows of every k-th step back from
-    the last one (evenly spaced as the steps are): narrower columns would hardly show, and the table behind the
-    heatmap costs time in proportion to its cells."""
-    if len(steps) <= _MAX_COLUMNS: return record
-    stride = math.ceil(len(steps) / _MAX_COLUMNS)
-    kept = steps['step'].to_numpy()[::-1][::stride]
+    """What the heatmap draws: the record, or of a long one the rows of the steps `_heatmap_columns` picks (every k-th
+    back from the last): narrower columns would hardly show, and the table behind the heatmap costs time in proportion
+    to its cells."""
+    positions = _heatmap_columns(len(steps))
+    if len(positions) == len(steps): return record
     df = record.df
-    return df[df['step'].isin(kept)]
+    return df[df['step'].isin(steps['step'].to_numpy()[positions])]
 
 
 def _png(fig) -> bytes:
@@ -199,13 +153,15 @@ def _notebook():
         return None
 
 
-def _show_once(fig, shell, display):
-    """Display `fig` now, and give it the `_ipython_display_` IPython uses to show an object: returned by the cell
-    that displayed it (`ShowGradStats.replay(run)` as its last line), it would show twice; in later cells it shows."""
-    display(_bundle(fig), raw=True)
+def _show_once(record, fig, shell, display):
+    """Display the live view's picture of `record` now, and give `fig` (its matplotlib Figure) the `_ipython_display_`
+    IPython uses to show an object: returned by the cell that displayed it (`ShowGradStats.replay(run)` as its last
+    line), it would show twice; in later cells it shows itself."""
+    display(_bundle(record), raw=True)
     shown_in = shell.execution_count
     def show():
-        if shell.execution_count != shown_in: display(_bundle(fig), raw=True)
+        if shell.execution_count != shown_in:
+            display({'image/png': _png(fig), 'text/plain': f'<ShowGradStats: {fig.get_suptitle()}>'}, raw=True)
     fig._ipython_display_ = show
 
 
@@ -239,11 +195,12 @@ class ShowGradStats(_FitScope, Callback):
 
     @staticmethod
     def replay(record) -> Figure:
-        """Draw the picture of the end of a fit for `record` (a GradRecord, live or loaded: `fastai_gradstats.load`)
-        and return the Figure (`live_figure`); in a notebook it is also displayed, once."""
+        """Draw the picture of the end of a fit for `record` (a GradRecord, live or loaded: `fastai_gradstats.load`):
+        in a notebook, display it once as the live view shows it (`live_png`), and return it as a matplotlib Figure
+        (`live_figure`) to save or change."""
         fig = live_figure(record)
         notebook = _notebook()
-        if notebook is not None: _show_once(fig, *notebook)
+        if notebook is not None: _show_once(record, fig, *notebook)
         return fig
 
     # --- events --------------------------------------------------------------------------
@@ -261,7 +218,7 @@ class ShowGradStats(_FitScope, Callback):
         self._first_step = recorder.step_count   # this fit's steps start here (GradStats counts on across fits)
         self._started = self._last_drawn = _now()
         self._spent, self._cost = 0.0, _FIRST_COST
-        self._figure = self._handle = None
+        self._handle = None
         self._printed = set()   # the epochs of this fit that have their line
 
     def after_batch(self):
@@ -275,7 +232,7 @@ class ShowGradStats(_FitScope, Callback):
         if not self._active: return
         if self._display is not None: self._safely(self._draw)
         elif self.learn.epoch not in self._printed: self._safely(self._print_epoch, self.learn.epoch, True)  # a fit cut short
-        self._active, self._figure, self._handle, self._display, self._recorder = False, None, None, None, None
+        self._active, self._handle, self._display, self._recorder = False, None, None, None
 
     # --- helpers -------------------------------------------------------------------------
     def _due(self) -> bool:
@@ -311,8 +268,7 @@ class ShowGradStats(_FitScope, Callback):
     def _draw(self):
         "Draw the record on the kept figure and show it: in place of the last picture of this fit, or as a new output."
         def draw():
-            self._figure = live_figure(self.learn.grad_stats, self._figure, self._alerts())
-            bundle = _bundle(self._figure)
+            bundle = _bundle(self.learn.grad_stats, self._alerts())
             if self._handle is None: self._handle = self._display(bundle, raw=True, display_id=True)
             else: self._handle.update(bundle, raw=True)
         self._timed(draw)
@@ -335,13 +291,13 @@ class ShowGradStats(_FitScope, Callback):
 
 def _worst_short(record, alerts) -> str:
     "The worst finding as a few words for the terminal line: 'ok', 'WARNING spikes', 'ALERT NaN/Inf gradients; ...'."
-    status, finding, _, _ = _worst(record)
-    words = 'ok' if status == 'ok' else finding
+    _, finding, _, _ = _worst(record)
+    words = 'ok' if finding == 'healthy so far' else finding
     if alerts: words = 'ALERT ' + ', '.join(_ALERT_NAMES[k] for k in sorted(alerts)) + '; ' + words
     return words
 
 
-def _bundle(fig) -> dict:
-    "What IPython displays: the figure as PNG, and its title as the text a console without images shows."
-    title = fig.get_suptitle() or 'no step recorded yet'
-    return {'image/png': _png(fig), 'text/plain': f'<ShowGradStats: {title}>'}
+def _bundle(record, alerts=()) -> dict:
+    "What IPython displays: the live view's picture of `record` (PNG), and its title as the text a console without images shows."
+    title = _title(record, alerts)[0] if len(record) else 'no step recorded yet'
+    return {'image/png': live_png(record, alerts), 'text/plain': f'<ShowGradStats: {title}>'}

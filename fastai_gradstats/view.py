@@ -28,20 +28,20 @@ _COLORS = {'healthy': '#1a7f37', 'warning': '#9a6700', 'critical': '#cf222e'}
 
 
 def _sampled_verdict(record) -> tuple[dict, int]:
-    """The record's verdict, on a sample of its steps (`sample_size`, and those with NaN/Inf) when it is long, and how
+    """The record's verdict, on a sample of its steps (`_sample_size`, and those with NaN/Inf) when it is long, and how
     many steps it read; kept with the record's DataFrames until a step arrives (showing a record twice diagnoses it once)."""
     key = ('view', SAMPLE_STEPS, SAMPLE_ROWS, record.thresholds)
     if key not in record._cache: record._cache[key] = _diagnose_sample(record)
     return record._cache[key]
 
 
-def sample_size(n_tensors: int) -> int:
+def _sample_size(n_tensors: int) -> int:
     "How many evenly spread steps the views diagnose of a long record of `n_tensors` parameter tensors."
     return int(min(SAMPLE_STEPS, max(MIN_SAMPLE_STEPS, SAMPLE_ROWS // max(n_tensors, 1))))
 
 
 def _diagnose_sample(record):
-    n, size = len(record), sample_size(len(record.layers))
+    n, size = len(record), _sample_size(len(record.layers))
     if n <= 2 * size: return verdict(record), n
     # the steps with NaN/Inf gradients (a total norm that is not finite) are all read, up to `size` of them
     bad = np.flatnonzero(~np.isfinite(record.steps['grad_norm'].to_numpy()))[:size]
@@ -49,11 +49,18 @@ def _diagnose_sample(record):
     return verdict(record._subset(positions)), len(positions)
 
 
+def _shown_verdict(record) -> tuple[dict, int]:
+    """The verdict the views show (`verdict`'s dict, on a sample of a long record) and how many steps it read; status
+    'unknown' with the error in its `line` when the diagnosis itself failed (a view never fails for it)."""
+    try: return _sampled_verdict(record)
+    except Exception as e:
+        return {'status': 'unknown', 'line': f'the diagnosis failed: {type(e).__name__}: {e}', 'findings': 0}, 0
+
+
 def _facts(record):
-    "What the views show: the step table's numbers and the verdict (None when the diagnosis itself failed)."
+    "What the views show: the step table's numbers and the verdict (status 'unknown' when the diagnosis itself failed)."
     steps = record.steps
-    try: found, read = _sampled_verdict(record)
-    except Exception as e: found, read = {'status': 'unknown', 'line': f'the diagnosis failed: {type(e).__name__}: {e}'}, 0
+    found, read = _shown_verdict(record)
     norms = steps['grad_norm'].to_numpy(np.float64)
     finite = norms[np.isfinite(norms) & (norms > 0)]
     return {'steps': steps, 'n': len(steps), 'first': int(steps['step'].iloc[0]), 'last': int(steps['step'].iloc[-1]),

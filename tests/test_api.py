@@ -92,7 +92,7 @@ def test_every_third_party_import_is_a_declared_requirement():
     config.read(package.parent/'settings.ini', encoding='utf-8')
     declared = {re.split(r'[<>=!~ ]', r)[0].lower() for key, value in config['DEFAULT'].items()
                 if key == 'requirements' or key.endswith('_requirements') and key != 'dev_requirements' for r in value.split()}
-    distribution = {'sklearn': 'scikit-learn'}   # import name -> the name pip installs
+    distribution = {'sklearn': 'scikit-learn', 'PIL': 'pillow'}   # import name -> the name pip installs
     assert third_party, 'no import found: the scan is broken'
     assert {distribution.get(m, m) for m in third_party} <= declared, third_party
 

@@ -18,7 +18,7 @@ from nbclient import NotebookClient
 
 import fastai_gradstats
 from fastai_gradstats import GradRecord, GradStats, ShowGradStats, live_figure, load
-from fastai_gradstats import callback, live
+from fastai_gradstats import callback, live, live_picture
 from fastai_gradstats.demo import TensorPairs, mlp
 from helpers import InjectNonFinite, Repair, make_learner, small_dls, tiny_mlp
 
@@ -193,8 +193,7 @@ def test_drawing_keeps_to_its_share_of_the_fit_and_draws_at_the_end(monkeypatch)
     monkeypatch.setattr(live, '_notebook', lambda: (fake, fake.display))
     monkeypatch.setattr(live, '_now', clock)
     # the fake clock times the draws: skip drawing them
-    monkeypatch.setattr(live, 'live_figure', lambda record, fig=None, alerts=(): fig or Figure())
-    monkeypatch.setattr(live, '_png', lambda fig: b'\x89PNG')
+    monkeypatch.setattr(live, 'live_png', lambda record, alerts=(): b'\x89PNG')
     _fit(Tick(clock, 1.0), ShowGradStats(every=0, max_share=0.02), epochs=5)   # 20 batches
     drawing = 0.08 * len(fake.shown)
     assert len(fake.shown) >= 3 and drawing <= 0.02 * clock.t, (fake.at, clock.t)
@@ -224,7 +223,7 @@ def test_without_gradstats_a_message_once_and_nothing_drawn(notebook, capsys):
 
 def test_a_failing_draw_stops_the_view_not_the_fit(notebook, monkeypatch):
     def broken(*args, **kwargs): raise RuntimeError('no figure today')
-    monkeypatch.setattr(live, 'live_figure', broken)
+    monkeypatch.setattr(live, 'live_png', broken)
     with pytest.warns(UserWarning, match='ShowGradStats stopped showing .RuntimeError: no figure today') as caught:
         learn = _fit(ShowGradStats(every=0, max_share=1))
     assert len([w for w in caught if 'ShowGradStats' in str(w.message)]) == 1 and notebook.shown == []
@@ -265,7 +264,7 @@ def test_replay_of_a_saved_run_draws_its_norms(tmp_path):
 
 def test_a_long_run_draws_every_kth_step_back_from_the_last():
     record = _fit(epochs=5, n_train=64, bs=1).grad_stats   # 320 steps, more than the heatmap's 250 columns
-    assert live._MAX_COLUMNS == 250
+    assert live_picture._MAX_COLUMNS == 250
     fig = live_figure(record)
     df = record.df
     kept = sorted(range(319, -1, -2))    # every 2nd step, back from the last one
@@ -368,3 +367,78 @@ def test_the_title_counts_more_findings_as_summary_lists_them():
     headline, _, _ = live._title(record, ())
     more = re.search(r'\+(\d+) more findings', headline)
     assert (int(more.group(1)) if more else 0) == len(problems) - 1
+
+
+# --- the picture the live view shows (live_png) ----------------------------------------------------
+def _pixels(png):
+    from PIL import Image
+    import io
+    image = Image.open(io.BytesIO(png))
+    assert image.format == 'PNG'
+    return np.asarray(image.convert('RGB')).astype(int)
+
+
+def _cell_centres(png, names, n_columns):
+    "The pixel at the centre of each heatmap cell (layers x columns x RGB), where `live_picture._boxes` puts the cells."
+    pixels = _pixels(png)
+    height, width, _ = pixels.shape
+    _, (x0, y0, x1, y1) = live_picture._boxes(width, height, names)
+    xs = np.floor(x0 + (np.arange(n_columns) + 0.5) * (x1 - x0) / n_columns).astype(int)
+    ys = np.floor(y0 + (np.arange(len(names)) + 0.5) * (y1 - y0) / len(names)).astype(int)
+    return pixels[ys[:, None], xs[None, :]]
+
+
+def test_the_live_picture_colours_each_cell_as_the_heatmap_does():
+    """Each heatmap cell of the live view's PNG has the colour matplotlib's viridis gives its layer's grad_norm at that
+    step, on a log scale between the least and the largest norm when they span two decades (else linear)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import LogNorm, Normalize
+    record = _fit(epochs=3).grad_stats
+    png = live_picture.live_png(record)
+    expected = record.df.pivot(index='layer', columns='step', values='grad_norm')
+    expected.index = expected.index.astype(str)
+    values = expected.reindex(LAYERS).to_numpy(float)
+    norm = (LogNorm if values.max() / values.min() >= 100 else Normalize)(values.min(), values.max())
+    colours = np.round(colormaps['viridis'](norm(values))[..., :3] * 255)
+    got = _cell_centres(png, LAYERS, values.shape[1])
+    assert np.abs(got - colours).max() <= 4, np.abs(got - colours).max()
+
+
+def test_the_live_picture_marks_what_a_colour_scale_cannot_show():
+    """NaN (magenta), Inf (orange) and, on a log scale, zero (black) cells in SPECIAL_COLORS; a layer not recorded at a
+    step stays white; a step whose total norm is NaN/Inf gets a magenta mark above the curve, none without."""
+    from fastai_gradstats import SPECIAL_COLORS
+    layers = [{'name': f'l{i}.weight', 'module': 'Linear', 'shape': (4, 4), 'numel': 16, 'depth': i} for i in range(3)]
+    def record_with(special):
+        record = GradRecord(layers)
+        for step in range(6):
+            names = [f'l{i}.weight' for i in range(3) if not (special and step == 5 and i == 2)]   # l2 missing at step 5
+            values = np.full((len(names), len(fastai_gradstats.METRICS)), 1.0, np.float32)
+            values[:, 0] = [10.0 ** -(i + step % 2) for i in range(len(names))]   # grad_norm 1e-3 to 1: a log scale
+            if special and step == 2: values[0, 0] = np.nan
+            if special and step == 3: values[1, 0] = np.inf
+            if special and step == 4: values[2, 0] = 0.0
+            record.add_step(step, 0, 0.1, 1.0, record.layer_index(names), values)
+        return record
+    rgb = lambda c: [int(c[i:i + 2], 16) for i in (1, 3, 5)]
+    png = live_picture.live_png(record_with(special=True))
+    cells = _cell_centres(png, [l['name'] for l in layers], 6)
+    assert cells[0, 2].tolist() == rgb(SPECIAL_COLORS['nan']) and cells[1, 3].tolist() == rgb(SPECIAL_COLORS['inf'])
+    assert cells[2, 4].tolist() == rgb(SPECIAL_COLORS['zero']) and cells[2, 5].tolist() == [255, 255, 255]
+    def marks(png):
+        pixels = _pixels(png)
+        (x0, y0, x1, _), _ = live_picture._boxes(pixels.shape[1], pixels.shape[0], [l['name'] for l in layers])
+        strip = pixels[int(y0) - 7:int(y0), int(x0):int(x1)]
+        return (np.abs(strip - rgb(SPECIAL_COLORS['nan'])).sum(axis=2) < 60).sum()
+    assert marks(png) > 0 and marks(live_picture.live_png(record_with(special=False))) == 0
+
+
+def test_the_live_picture_of_an_empty_record_says_so_and_bad_input_is_named():
+    pixels = _pixels(live_picture.live_png(GradRecord()))
+    assert pixels.shape[:2] == (108, 1035) and (pixels < 128).any()   # one line of text
+    record = _fit(epochs=1).grad_stats
+    with pytest.raises(TypeError, match='`record`'): live_picture.live_png(record.df)
+    with pytest.raises(TypeError, match='`alerts`'): live_picture.live_png(record, alerts='nonfinite')
+    with pytest.raises(ValueError, match='`alerts`'): live_picture.live_png(record, alerts=['boom'])
+    two = fastai_gradstats.merge([record, _fit(epochs=1).grad_stats])
+    with pytest.raises(ValueError, match='merge of 2 ranks'): live_picture.live_png(two)

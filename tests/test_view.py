@@ -88,20 +88,31 @@ def test_the_curve_of_a_long_run_draws_each_columns_range_and_median_of_its_fini
     assert sorted(map(float, ticks)) == sorted(c + 0.5 for c in {columns[5], columns[500], columns[997], *columns[600:612]})
 
 
-def long_record(n_steps, nan_at=()):
-    layers = [{'name': f'l{i}.weight', 'module': 'Linear', 'shape': (4, 4), 'numel': 16, 'depth': i} for i in range(3)]
+def long_record(n_steps, nan_at=(), n_layers=3):
+    layers = [{'name': f'l{i}.weight', 'module': 'Linear', 'shape': (4, 4), 'numel': 16, 'depth': i} for i in range(n_layers)]
     record = GradRecord(layers)
     rng = np.random.default_rng(0)
     k = 1000
     for start in range(0, n_steps, k):
-        values = rng.uniform(0.1, 1, (3 * k, len(METRICS))).astype(np.float32)
-        counts = np.zeros((3 * k, 2), np.int64)
+        values = rng.uniform(0.1, 1, (n_layers * k, len(METRICS))).astype(np.float32)
+        counts = np.zeros((n_layers * k, 2), np.int64)
         for s in nan_at:
-            if start <= s < start + k: values[3 * (s - start), 0] = np.nan; counts[3 * (s - start), 0] = 1
+            if start <= s < start + k: values[n_layers * (s - start), 0] = np.nan; counts[n_layers * (s - start), 0] = 1
         steps = {'step': np.arange(start, start + k), 'epoch': np.zeros(k, int), 'lr': np.full(k, 1e-3),
                  'loss': np.geomspace(2.3, 0.1, n_steps)[start:start + k].astype(np.float32), 'skipped': np.zeros(k, bool)}
-        record._extend(steps, np.full(k, 3), np.tile(record.layer_index([l['name'] for l in layers]), k), values, counts)
+        record._extend(steps, np.full(k, n_layers), np.tile(record.layer_index([l['name'] for l in layers]), k), values,
+                       counts)
     return record
+
+
+@pytest.mark.parametrize('n_layers, sampled', [(80, 250), (400, 100)])
+def test_a_long_record_of_many_tensors_is_diagnosed_on_fewer_steps(n_layers, sampled):
+    """The sample is bounded to SAMPLE_ROWS (step, tensor) rows, and never below MIN_SAMPLE_STEPS steps: 20,000 / 80
+    tensors = 250 steps; 20,000 / 400 = 50, so 100."""
+    from fastai_gradstats.view import MIN_SAMPLE_STEPS, SAMPLE_ROWS
+    assert (SAMPLE_ROWS, MIN_SAMPLE_STEPS) == (20_000, 100)
+    record = long_record(3000, n_layers=n_layers)
+    assert f"(diagnosed on {sampled} of its steps)" in repr(record)
 
 
 def test_a_long_record_is_diagnosed_on_a_sample_that_keeps_every_nan_step():

@@ -141,22 +141,29 @@ def _lines(shown) -> list:
     """One line per (status, check, side) of the health rows `shown`, in their order: `STATUS   check layer: reason [steps]`,
     or `STATUS   check in N layers (a, b, ...); worst x: reason` for several layers."""
     lines = []
+    value, threshold = shown['value'].to_numpy(float), shown['threshold'].to_numpy(float)
     # a check's findings on both sides of their thresholds (steps too small here, too large there) call for opposite
     # remedies: one line per side
-    side = np.sign(shown['value'].to_numpy(float) - shown['threshold'].to_numpy(float))
-    side = pd.Series(np.where(side > 0, 'above', np.where(side < 0, 'below', '')), index=shown.index)
-    for (status, check, _), group in shown.groupby([shown['status'], shown['check'], side], sort=False):
-        worst = group.iloc[_distance(group).argmax()] if len(group) > 1 else group.iloc[0]
-        first, last = group['first_step'].min(), group['last_step'].max()
-        where = '' if pd.isna(first) else f" [step {first}]" if first == last else f" [steps {first}-{last}]"
-        if len(group) > 1:
-            names = list(group['layer'])
+    side = np.sign(value - threshold)
+    groups = {}   # (status, check, side) -> the positions of its rows, in the order they first appear
+    for i, key in enumerate(zip(shown['status'], shown['check'], side > 0, side < 0)): groups.setdefault(key, []).append(i)
+    layers, reasons = shown['layer'].tolist(), shown['reason'].tolist()
+    firsts, lasts = shown['first_step'].tolist(), shown['last_step'].tolist()
+    far = _distance(value, threshold)
+    for (status, check, _, _), at in groups.items():
+        worst = at[int(np.argmax(far[at]))]
+        known_first = [firsts[i] for i in at if not pd.isna(firsts[i])]
+        known_last = [lasts[i] for i in at if not pd.isna(lasts[i])]
+        first, last = (min(known_first), max(known_last)) if known_first and known_last else (None, None)
+        where = '' if first is None else f" [step {first}]" if first == last else f" [steps {first}-{last}]"
+        if len(at) > 1:
+            names = [layers[i] for i in at]
             listed = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
-            lines.append(f"{status.upper():8} {check} in {len(names)} layers ({listed}); worst {worst['layer']}: "
-                         f"{worst['reason']}{where}")
+            lines.append(f"{status.upper():8} {check} in {len(names)} layers ({listed}); worst {layers[worst]}: "
+                         f"{reasons[worst]}{where}")
         else:
-            layer = '' if worst['layer'] == MODEL else f" {worst['layer']}"
-            lines.append(f"{status.upper():8} {check}{layer}: {worst['reason']}{where}")
+            layer = '' if layers[worst] == MODEL else f" {layers[worst]}"
+            lines.append(f"{status.upper():8} {check}{layer}: {reasons[worst]}{where}")
     return lines
 
 
@@ -179,10 +186,10 @@ def verdict(record, thresholds: Thresholds | None = None) -> dict:
             'line': ' '.join(line.split()), 'findings': len(problems)}
 
 
-def _distance(findings) -> np.ndarray:
+def _distance(value, threshold) -> np.ndarray:
     "How far each finding's value lies from its threshold, |log(value / threshold)| (0 where either is unknown)."
     with np.errstate(divide='ignore', invalid='ignore'):
-        far = np.abs(np.log(findings['value'].to_numpy(float) / findings['threshold'].to_numpy(float)))
+        far = np.abs(np.log(value / threshold))
     return np.nan_to_num(far, nan=0.0, posinf=np.inf)
 
 

@@ -45,7 +45,15 @@ def _group_lrs(run, rows, position) -> np.ndarray:
     step_lr = run.applied['lr'].to_numpy(np.float64)[position]
     lrs = run.record.lrs
     if not len(lrs): return step_lr
-    keys = [c for c in ('rank', 'step') if c in lrs]
+    if 'rank' not in lrs:   # one process: (step, group) as one increasing number, looked up by bisection
+        groups = int(lrs['group'].max()) + 2
+        known = lrs['step'].to_numpy(np.int64) * groups + lrs['group'].to_numpy(np.int64)
+        group = run.of_rows(rows, run.group).astype(np.int64)
+        wanted = run.applied['step'].to_numpy(np.int64)[position] * groups + np.where(group >= 0, group, groups - 1)
+        at = np.minimum(np.searchsorted(known, wanted), len(known) - 1)
+        found = (known[at] == wanted) & (group >= 0)   # no rate of its own where the group is unknown (-1)
+        return np.where(found, lrs['lr'].to_numpy(np.float64)[at], step_lr)
+    keys = ['rank', 'step']
     table = lrs.set_index([*keys, 'group'])['lr']
     at = pd.MultiIndex.from_arrays([run.applied[c].to_numpy()[position] for c in keys] + [run.of_rows(rows, run.group)])
     lr = table.reindex(at).to_numpy(np.float64)  # NaN where the group has no rate of its own (-1)

@@ -30,12 +30,12 @@ def check_dead(run):
     t = run.t
     dead = dead_fractions(run)
     rows = []
+    after = '' if not run.problems(['exploding']) else ' (they died in the explosion: see exploding)'
+    first, last = span(second_half(run)['step'].unique())
     for layer, value in dead.items():
         if value < t.dead_warning: continue
         status, threshold = ('critical', t.dead_critical) if value >= t.dead_critical else ('warning', t.dead_warning)
         units = run.shape[layer][0]
-        after = '' if not run.problems(['exploding']) else ' (they died in the explosion: see exploding)'
-        first, last = span(second_half(run)['step'])
         rows.append(finding('dead', status, f"{value:.0%} of {layer}'s {units} units got no gradient at any step of the "
                             f"second half of training (dead neurons){after}: use Kaiming init, LeakyReLU/GeneralRelu, a "
                             "smaller learning rate, or check the biases", layer=layer, value=value, threshold=threshold,
