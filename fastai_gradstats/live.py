@@ -27,10 +27,9 @@ from matplotlib.transforms import blended_transform_factory
 
 from .callback import GradStats
 from .callback.fit_scope import _FitScope
-from .live_picture import (_ALERT_NAMES, _STATUS_COLORS, _check_alerts, _heatmap_columns, _plain_number, _size_of,
+from .live_picture import (_ALERT_NAMES, _STATUS_COLORS, _checked, _heatmap_columns, _plain_number, _size_of,
                            _title, _worst, live_png)
 from .plots import SPECIAL_COLORS, heatmap
-from .record import GradRecord
 from .thresholds import Thresholds
 
 __all__ = ['ShowGradStats', 'live_figure']
@@ -84,15 +83,9 @@ def live_figure(record, fig=None, alerts=()) -> Figure:
     the title. Draws on `fig` (cleared first) when given, else on a new Figure that pyplot does not know of (nothing
     shows it or keeps it open). Returns the Figure: `fig.axes[0]` holds the norm curve (`lines[0]`), `fig.axes[1]`
     the heatmap (`images[0]`). A record without steps gets a figure that says so."""
-    if not isinstance(record, GradRecord):
-        raise TypeError(f"`record` must be a GradRecord (live or loaded), got {type(record).__name__}")
+    steps, alerts = _checked(record, alerts)
     if fig is not None and not isinstance(fig, Figure):
         raise TypeError(f"`fig` must be a matplotlib Figure or None, got {type(fig).__name__}")
-    alerts = _check_alerts(alerts)
-    steps = record.steps
-    if 'rank' in steps and steps['rank'].nunique() > 1:
-        raise ValueError(f"`record` is a merge of {steps['rank'].nunique()} ranks, which would draw over each other: "
-                         "draw one rank's saved run")
     n_layers = record.df['layer'].nunique() if len(steps) else 0
     size = _size_of(n_layers, len(steps))
     if fig is None: fig = Figure(figsize=size, dpi=90)

@@ -81,6 +81,19 @@ def _title(record, alerts) -> tuple[str, str, str]:
     return headline, textwrap.shorten(detail, _TITLE_CHARS, placeholder=' ...') if detail else '', status
 
 
+def _checked(record, alerts):
+    """The `steps` of `record` and the `alerts` the live view's pictures (`live_png`, `live_figure`) draw; a TypeError
+    or ValueError naming the argument for anything else (a merge of several ranks would draw over each other)."""
+    if not isinstance(record, GradRecord):
+        raise TypeError(f"`record` must be a GradRecord (live or loaded), got {type(record).__name__}")
+    alerts = _check_alerts(alerts)
+    steps = record.steps
+    if 'rank' in steps and steps['rank'].nunique() > 1:
+        raise ValueError(f"`record` is a merge of {steps['rank'].nunique()} ranks, which would draw over each other: "
+                         "draw one rank's saved run")
+    return steps, alerts
+
+
 def _heatmap_columns(n_steps) -> np.ndarray:
     """The positions (in `steps`) of the steps the heatmap draws, increasing: all of them, or of more than `_MAX_COLUMNS`
     every k-th back from the last one (evenly spaced as the steps are): narrower columns would hardly show."""
@@ -377,13 +390,7 @@ def live_png(record, alerts=()) -> bytes:
     column's range and median where there are more steps than pixels). `alerts` names the kinds of `GradientAlert`
     raised while training (`'nonfinite'`, `'exploding'`), put first in the title. `live_figure` draws the same as a
     matplotlib Figure. A record without steps gets a picture that says so."""
-    if not isinstance(record, GradRecord):
-        raise TypeError(f"`record` must be a GradRecord (live or loaded), got {type(record).__name__}")
-    alerts = _check_alerts(alerts)
-    steps = record.steps
-    if 'rank' in steps and steps['rank'].nunique() > 1:
-        raise ValueError(f"`record` is a merge of {steps['rank'].nunique()} ranks, which would draw over each other: "
-                         "draw one rank's saved run")
+    steps, alerts = _checked(record, alerts)
     positions = _heatmap_columns(len(steps))
     names, table, recorded = _layer_table(record, positions) if len(steps) else ([], None, None)
     width, height = (round(inches * _DPI) for inches in _size_of(len(names), len(steps)))

@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from .health import verdict
+from .health.run import _by_code
 from .record import GradRecord
 
 __all__ = ['SAMPLE_STEPS', 'record_text', 'record_html']
@@ -101,16 +102,15 @@ def record_text(record) -> str:
 def _bucket_stats(values, bucket):
     """Of `values` (NaN: none) in the increasing `bucket` of each, per bucket that has a finite value: the bucket, and
     the least, the largest and the median value (of an even count, the mean of the two middle ones)."""
-    edges = np.flatnonzero(np.diff(bucket, prepend=bucket[:1] - 1))     # where each bucket starts
-    sizes = np.diff(np.append(edges, len(values)))
-    table = np.full((len(edges), int(sizes.max())), np.nan)            # a row per bucket, NaN beyond its values
-    table[np.repeat(np.arange(len(edges)), sizes), np.arange(len(values)) - np.repeat(edges, sizes)] = values
-    table.sort(axis=1)                                                 # NaNs last
-    counts = np.isfinite(table).sum(axis=1)
-    has = counts > 0
-    table, counts, rows = table[has], counts[has], np.arange(int(has.sum()))
-    median = (table[rows, (counts - 1) // 2] + table[rows, counts // 2]) / 2
-    return bucket[edges[has]].astype(np.float64), table[:, 0], table[rows, counts - 1], median
+    starts = np.flatnonzero(np.diff(bucket, prepend=bucket[:1] - 1))   # where each bucket starts
+    sizes = np.diff(np.append(starts, len(values)))
+    code = np.repeat(np.arange(len(starts)), sizes)
+    at = np.arange(len(values)) - np.repeat(starts, sizes)               # a value's place in its bucket
+    keep = np.isfinite(values)
+    low, high, median = (_by_code(values[keep], code[keep], at[keep], len(starts), int(sizes.max()), how)
+                         for how in ('min', 'max', 'median'))
+    has = np.bincount(code[keep], minlength=len(starts)) > 0
+    return bucket[starts[has]].astype(np.float64), low[has], high[has], median[has]
 
 
 def _curve_svg(norms, width=CURVE_POINTS, height=44) -> str:
