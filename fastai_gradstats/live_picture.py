@@ -10,10 +10,11 @@ step arrives), so a redraw costs the same on the 100th epoch as on the first.
 from __future__ import annotations
 
 import functools
-import io
 import math
 import re
+import struct
 import textwrap
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -195,9 +196,22 @@ class _Canvas:
         self.image.paste(cells, (x0, y0))
 
     def png(self) -> bytes:
-        buffer = io.BytesIO()
-        self.image.reduce(_SCALE).save(buffer, format='PNG', compress_level=1)
-        return buffer.getvalue()
+        return _png_bytes(np.asarray(self.image.reduce(_SCALE)))
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    """`rgb` (height x width x 3, uint8) as a PNG file: each row stored as its difference from the row above (PNG's
+    'Up' filter: the picture's flat areas become zeros) and deflated fast. Pillow's encoder takes two to three times as
+    long for the same size, choosing a filter per row."""
+    height, width, _ = rgb.shape
+    rows = np.empty((height, 1 + 3 * width), np.uint8)
+    rows[:, 0] = 2   # the filter of each row: Up
+    rows[:, 1:] = rgb.reshape(height, -1)
+    rows[1:, 1:] -= rgb[:-1].reshape(height - 1, 3 * width)   # uint8 arithmetic wraps, as the filter is defined
+    def chunk(kind, data): return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)   # 8 bits a channel, RGB, no interlace
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(rows.tobytes(), 1))
+            + chunk(b'IEND', b''))
 
 
 def _nice_ticks(low, high, count=6, integer=False) -> list:

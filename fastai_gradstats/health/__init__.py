@@ -71,9 +71,10 @@ def health(record, thresholds: Thresholds | None = None) -> pd.DataFrame:
 def _table(run) -> pd.DataFrame:
     # worst status first, and of one status in the order of `_ORDER` (a stable sort keeps a check's own order)
     rows = sorted((f for check in _ORDER for f in run.findings[_name(check)]), key=lambda f: _STATUS_RANK[f['status']])
-    out = pd.DataFrame(rows, columns=list(HEALTH_COLUMNS))
-    out['first_step'] = out['first_step'].astype('Int64'); out['last_step'] = out['last_step'].astype('Int64')
-    return out
+    columns = {c: [f[c] for f in rows] for c in HEALTH_COLUMNS}
+    for c in ('value', 'threshold'): columns[c] = np.array(columns[c], np.float64)
+    for c in ('first_step', 'last_step'): columns[c] = pd.array(columns[c], dtype='Int64')
+    return pd.DataFrame(columns)
 
 
 _STATUS_RANK = {s: i for i, s in enumerate(STATUSES)}

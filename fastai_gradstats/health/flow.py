@@ -11,18 +11,19 @@ from .run import finding, span
 __all__ = ['live_rms', 'depth_profile', 'check_vanishing', 'check_layer_spread', 'check_grad_param_ratio']
 
 
-def live_rms(run, rows):
-    "Root mean square gradient of each of `rows` over its live units' elements (dead units left out)."
+def live_rms(run, rows=None):
+    "Root mean square gradient of each of `rows` (default: the applied rows) over its live units' elements (dead units left out)."
+    rows = run.applied_rows if rows is None else rows
+    read = run.column if rows is run.applied_rows else lambda c: rows[c].to_numpy(np.float64)
     numel = run.of_rows(rows, run.numel).astype(np.float64)
-    live = 1 - np.nan_to_num(rows['dead_frac'].to_numpy(np.float64))
+    live = 1 - np.nan_to_num(read('dead_frac'))
     with np.errstate(divide='ignore', invalid='ignore'):
-        return rows['grad_norm'].to_numpy(np.float64) / np.sqrt(numel * live)
+        return read('grad_norm') / np.sqrt(numel * live)
 
 
 def depth_profile(run):
     "Median live rms gradient of each weight over the applied steps, from input to output."
-    rows = run.applied_rows[run.mask(run.applied_rows, run.weights)]
-    return run.per_layer('live_rms', run.weights, rows, values=live_rms(run, rows)).dropna()
+    return run.per_layer('live_rms', run.weights, values=live_rms(run)).dropna()
 
 
 def check_vanishing(run):
@@ -87,15 +88,19 @@ def check_vanishing(run):
 def check_layer_spread(run):
     "Max over min weight-gradient norm across layers, per step: a note, and a warning only when extreme and unexplained."
     t = run.t
-    rows = run.applied_rows[run.mask(run.applied_rows, run.weights)]
-    rows = rows[np.isfinite(rows['grad_norm']) & (rows['grad_norm'] > 0)]
-    if len(np.unique(rows['layer'].cat.codes.to_numpy())) < 2:
+    norms = run.column('grad_norm')
+    with np.errstate(invalid='ignore'):
+        keep = run.mask(run.applied_rows, run.weights) & np.isfinite(norms) & (norms > 0)
+    if len(np.unique(run.codes(run.applied_rows)[keep])) < 2:
         return [finding('layer_spread', 'ok', 'fewer than two weights with gradients: no spread to measure')]
-    per_step = rows.groupby('step')['grad_norm'].agg(['max', 'min'])
-    spread = float((per_step['max'] / per_step['min']).median())
+    steps, norms = run.applied['step'].to_numpy()[run.position[keep]], norms[keep]
+    order = np.argsort(steps, kind='stable')   # a step's rows together (of all ranks, in a merge)
+    steps, norms = steps[order], norms[order]
+    starts = np.flatnonzero(np.r_[True, steps[1:] != steps[:-1]])   # each step with such a gradient
+    spread = float(np.median(np.maximum.reduceat(norms, starts) / np.minimum.reduceat(norms, starts)))
     explained = run.problems(['vanishing', 'dead'])
     if spread > t.layer_spread_critical and not explained:
-        first, last = span(per_step.index)
+        first, last = span(steps[starts])
         return [finding('layer_spread', 'warning', f"median max/min weight-gradient norm across layers is {spread:.3g}x "
                         f"(over {t.layer_spread_critical:g}x): some layers get far less gradient than others and learn far "
                         "slower; check the gradient flow plot", value=spread, threshold=t.layer_spread_critical,

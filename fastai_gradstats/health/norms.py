@@ -92,8 +92,10 @@ def _normal_before(run, index, baseline):
 def check_nonfinite(run):
     "NaN or Inf in the gradients of applied steps, said where they first appear and whether they came after growth."
     df = run.df
-    bad = df[((df['n_nan'] > 0) | (df['n_inf'] > 0)) & df['step'].isin(run.applied['step'])]
-    if bad.empty: return [finding('nonfinite', 'ok', 'no NaN or Inf in any applied gradient', value=0)]
+    bad = (df['n_nan'].to_numpy() > 0) | (df['n_inf'].to_numpy() > 0)
+    if bad.any(): bad &= np.isin(df['step'].to_numpy(), run.applied['step'].to_numpy())
+    if not bad.any(): return [finding('nonfinite', 'ok', 'no NaN or Inf in any applied gradient', value=0)]
+    bad = df[bad]
     first_step = int(bad['step'].min())
     at_first = bad[bad['step'] == first_step]
     nearest_output = max(at_first['layer'].astype(str), key=lambda n: run.depth[n])
@@ -212,11 +214,12 @@ def spike_mask(norms, phase, t):
     series = pd.Series(np.where(np.isfinite(norms), norms, np.nan))
     window, least = int(t.spike_window), min(5, int(t.spike_window))
     median = lambda s: s.rolling(window, min_periods=least).median().shift(1)
-    before = series.groupby(phase).transform(median)
-    after = series[::-1].groupby(phase[::-1]).transform(median)[::-1]
-    values = pd.Series(norms)
-    over = (values > t.spike_factor * before) & (after.isna() | (values > t.spike_factor * after)) & ~np.isnan(norms)
-    return over.to_numpy(), before.to_numpy()
+    if len(phase) and (phase == phase[0]).all(): before, after = median(series), median(series[::-1])[::-1]   # one phase
+    else: before, after = series.groupby(phase).transform(median), series[::-1].groupby(phase[::-1]).transform(median)[::-1]
+    before, after = before.to_numpy(np.float64), after.to_numpy(np.float64)   # both in the order of `norms`
+    with np.errstate(invalid='ignore'):
+        over = (norms > t.spike_factor * before) & (np.isnan(after) | (norms > t.spike_factor * after)) & ~np.isnan(norms)
+    return over, before
 
 
 def check_spikes(run):

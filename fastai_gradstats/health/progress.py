@@ -28,15 +28,13 @@ def step_sizes(run):
     """Per weight, the median over applied steps of how far a step moves it, as a fraction of its size: the recorded
     `update_ratio` when there is one; else an upper bound from the learning rate, lr x max(10 x grad/param, 1 / rms(w)),
     which holds for SGD (with momentum up to 0.9) and for Adam-like optimizers (a step of about lr per element)."""
-    is_weight = run.mask(run.applied_rows, run.weights)
-    rows, position = run.applied_rows[is_weight], run.position[is_weight]
-    if 'update_ratio' in rows: return run.per_layer('update_ratio', run.weights, rows), 'update_ratio'
-    lr = _group_lrs(run, rows, position)
+    rows = run.applied_rows
+    if 'update_ratio' in rows: return run.per_layer('update_ratio', run.weights), 'update_ratio'
+    lr = _group_lrs(run, rows, run.position)
     numel = run.of_rows(rows, run.numel).astype(np.float64)
     with np.errstate(divide='ignore', invalid='ignore'):
-        bound = lr * np.maximum(10 * rows['grad_param_ratio'].to_numpy(np.float64),
-                                np.sqrt(numel) / rows['param_norm'].to_numpy(np.float64))
-    return run.per_layer('bound', run.weights, rows, values=bound), 'bound'
+        bound = lr * np.maximum(10 * run.column('grad_param_ratio'), np.sqrt(numel) / run.column('param_norm'))
+    return run.per_layer('bound', run.weights, values=bound), 'bound'
 
 
 def _group_lrs(run, rows, position) -> np.ndarray:
@@ -68,7 +66,8 @@ def check_lr_too_low(run):
     if not len(sizes): return [finding('lr_too_low', 'ok', 'no weight whose steps can be measured', threshold=t.step_low)]
     largest = float(sizes.max())
     what = ('each step moved the weights by' if kind == 'update_ratio' else 'the learning rate lets a step move the weights by')
-    lr = float(run.applied['lr'].median())
+    lrs = run.applied['lr'].to_numpy(np.float64)
+    lr = float(np.median(lrs[~np.isnan(lrs)])) if (~np.isnan(lrs)).any() else float('nan')   # as pandas' median
     if run.flat and largest < t.step_low:
         first, last = span(run.applied['step'])
         return [finding('lr_too_low', 'critical', f"the loss stays at {run.loss_end:.3g} (from {run.loss_start:.3g}) while "

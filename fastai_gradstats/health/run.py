@@ -88,7 +88,8 @@ class Run:
         self.df, self.layers, self.stopped_steps = record.df, record.layers, list(record.stopped_steps)
         steps = record.steps
         applied = applied_mask(steps, record)
-        self.applied, self.not_applied = steps[applied].reset_index(drop=True), steps[~applied]
+        if applied.all(): self.applied, self.not_applied = steps.reset_index(drop=True), steps.iloc[:0]
+        else: self.applied, self.not_applied = steps[applied].reset_index(drop=True), steps[~applied]
         if 'rank' in steps:   # a merge: each rank's steps one after the other, so that a step's neighbours are its rank's
             self.applied = self.applied.sort_values(['rank', 'step'], kind='stable').reset_index(drop=True)
         table = self.layers.set_index('name')
@@ -104,8 +105,10 @@ class Run:
         self._depth_codes = np.array([self.code_of[n] for n in self.order], np.int64)
         self.weights = [n for n in self.order if len(shape[n]) >= 2 and module[n] != 'Embedding']
         position = self._applied_position(steps)
-        self.applied_rows = self.df[position >= 0]
-        self.position = position[position >= 0]
+        every = bool((position >= 0).all())   # the usual run: every step applied, no copy of the rows
+        self.applied_rows = self.df if every else self.df[position >= 0]
+        self.position = position if every else position[position >= 0]
+        self._columns, self._indexes = {}, {}
         self._applied_codes = self.applied_rows['layer'].cat.codes.to_numpy()
         self._applied_labels = self.applied_rows.index.to_numpy()   # increasing: `df` is in step order
         # the optimizer's tensors, when it is known: gradients it never uses (no parameter group) cannot explode training
@@ -180,6 +183,11 @@ class Run:
         return [f for check, found in self.findings.items() if checks is None or check in checks
                 for f in found if f['status'] != 'ok']
 
+    def column(self, name) -> np.ndarray:
+        "Column `name` of `applied_rows` as float64, read once."
+        if name not in self._columns: self._columns[name] = self.applied_rows[name].to_numpy(np.float64)
+        return self._columns[name]
+
     def codes(self, rows) -> np.ndarray:
         "The layer code (an index of `categories`) of each of `rows` (of `df`); those of `applied_rows` read once."
         if rows is self.applied_rows: return self._applied_codes
@@ -195,19 +203,24 @@ class Run:
         "`attribute` (a Series by layer name, e.g. `self.numel`) for each of `rows`."
         return attribute.reindex(self.categories).to_numpy()[self.codes(rows)]
 
-    def per_layer(self, column, layers=None, rows=None, how='median', values=None):
+    def per_layer(self, column, layers=None, rows=None, how='median', values=None, where=None):
         """`how` ('median', 'min' or 'max') of `column` (or of `values`, one per row) per layer over applied `rows`
-        (default: all), finite values only, in depth order: a Series by layer name."""
+        (default: all) or those of `applied_rows` that `where` (a mask) keeps, finite values only, in depth order: a
+        Series by layer name."""
+        if rows is not None and where is not None: raise ValueError("pass `rows` or `where`, not both")
         rows = self.applied_rows if rows is None else rows
-        values = rows[column].to_numpy(np.float64) if values is None else np.asarray(values, np.float64)
+        if values is not None: values = np.asarray(values, np.float64)
+        else: values = self.column(column) if rows is self.applied_rows else rows[column].to_numpy(np.float64)
         keep = np.isfinite(values)
+        if where is not None: keep &= where
         if layers is not None: keep &= self.mask(rows, layers)
         at = self._at(rows)
         codes = self._applied_codes[at][keep]
         found = _by_code(values[keep], codes, self.position[at][keep], len(self.categories), len(self.applied), how)
         present = self._depth_codes[np.bincount(codes, minlength=len(self.categories))[self._depth_codes] > 0]
-        return pd.Series(found[present], index=pd.Index([self.categories[c] for c in present], dtype=object),
-                         dtype=np.float64)
+        key = present.tobytes()   # checks ask for the same layers again and again: one index for each set
+        if key not in self._indexes: self._indexes[key] = pd.Index([self.categories[c] for c in present], dtype=object)
+        return pd.Series(found[present], index=self._indexes[key], dtype=np.float64, copy=False)
 
     def _at(self, rows):
         "Where each of `rows` (some of `applied_rows`) is in `applied_rows`."

@@ -12,17 +12,17 @@ from .run import finding, span
 __all__ = ['second_half', 'dead_fractions', 'check_dead', 'check_symmetric', 'check_zero_frac']
 
 
-def second_half(run):
-    "The applied rows of the second half of the applied steps (at least 3 steps), where units are judged dead."
-    steps = run.applied['step']
-    keep = steps.iloc[len(steps) - max(3, len(steps) // 2):]
-    return run.applied_rows[run.applied_rows['step'].isin(keep)]
+def second_half(run) -> np.ndarray:
+    """Which applied rows (a mask over `run.applied_rows`) are of the second half of the applied steps (at least 3
+    steps), where units are judged dead."""
+    steps = run.applied['step'].to_numpy()
+    return np.isin(run.applied_rows['step'].to_numpy(), steps[len(steps) - max(3, len(steps) // 2):])
 
 
 def dead_fractions(run):
     """Per weight, the least dead fraction over the second half of the applied steps: at most this share of its units
     got no gradient at every one of those steps (a unit off for one batch, or a few, is not dead)."""
-    return run.per_layer('dead_frac', run.weights, second_half(run), how='min')
+    return run.per_layer('dead_frac', run.weights, where=second_half(run), how='min')
 
 
 def check_dead(run):
@@ -31,7 +31,7 @@ def check_dead(run):
     dead = dead_fractions(run)
     rows = []
     after = '' if not run.problems(['exploding']) else ' (they died in the explosion: see exploding)'
-    first, last = span(second_half(run)['step'].unique())
+    first, last = span(np.unique(run.applied_rows['step'].to_numpy()[second_half(run)]))
     for layer, value in dead.items():
         if value < t.dead_warning: continue
         status, threshold = ('critical', t.dead_critical) if value >= t.dead_critical else ('warning', t.dead_warning)
@@ -66,9 +66,9 @@ def check_zero_frac(run):
     batch, and the scattered rest; only a large scattered rest in a weight warns."""
     t = run.t
     rows = run.applied_rows
-    zero = rows['zero_frac'].to_numpy(np.float64)
-    dead = np.nan_to_num(rows['dead_frac'].to_numpy(np.float64))
-    shared = (1 - dead) * np.nan_to_num(rows['shared_zero_frac'].to_numpy(np.float64))
+    zero = run.column('zero_frac')
+    dead = np.nan_to_num(run.column('dead_frac'))
+    shared = (1 - dead) * np.nan_to_num(run.column('shared_zero_frac'))
     scattered = np.maximum(zero - dead - shared, 0)
     medians = run.per_layer('zero_frac')
     attributed = [n for n, z in medians.items() if z > t.zero_frac_warning]   # only these are told apart
