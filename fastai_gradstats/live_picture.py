@@ -2,9 +2,10 @@
 `grad_norm`, titled with the record's verdict (its worst finding) and any alert raised while training.
 
 `ShowGradStats` redraws it while a fit runs, so it has to be cheap: it is drawn with Pillow (a dependency of matplotlib)
-at twice its size and reduced, which smooths its lines and text, in a few tens of milliseconds. Rendering the same
-picture as a matplotlib figure (`live_figure`, kept for saving and editing) takes about ten times as long, mostly for
-its text. The title reads the notebook card's verdict (`view._shown_verdict`: a sample of a long record, cached until a
+at twice its size and reduced, which smooths its lines and text, in a few tens of milliseconds; its short text (layer
+names, ticks, labels), most of the cost of a draw, is rendered once and kept for the next draws (`_text_mask`), and
+the PNG is written by `_png_bytes`. Rendering the same picture as a matplotlib figure (`live_figure`, kept for saving
+and editing) takes about ten times as long, mostly for its text. The title reads the notebook card's verdict (`view._shown_verdict`: a sample of a long record, cached until a
 step arrives), so a redraw costs the same on the 100th epoch as on the first.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ _MAX_COLUMNS = 250    # the heatmap draws at most this many steps: every k-th, b
 _SCALE = 2            # drawn at twice the size, then reduced
 _DPI = 90             # pixels per inch of the sizes below, as `live_figure` draws at
 _FONTS = Path(matplotlib.get_data_path()) / 'fonts' / 'ttf'
+_CACHED_CHARS = 64    # text up to this long (names, ticks, labels) is rendered once and kept (`_text_mask`)
 
 
 # --- what the picture says -----------------------------------------------------------------------
@@ -133,6 +135,20 @@ def _font(size, bold=False):
     return ImageFont.truetype(str(_FONTS / ('DejaVuSans-Bold.ttf' if bold else 'DejaVuSans.ttf')), round(size * _SCALE))
 
 
+@functools.lru_cache(maxsize=512)   # at most a few MB: labels of up to `_CACHED_CHARS` characters
+def _text_mask(text, size, bold, anchor, vertical=False) -> tuple[tuple[int, int], Image.Image]:
+    """`text` rendered once (at `_SCALE` times `size` points, placed by `anchor` as Pillow places it) as a mask, and the
+    offset of its top left corner from the anchor point: most of a picture's text (names, ticks, labels) is the same
+    from one redraw to the next, and rendering it is most of the cost of drawing. `vertical`: turned to read from bottom
+    to top (with a pixel of margin; the offset is then unused)."""
+    font = _font(size, bold)
+    left, top, right, bottom = font.getbbox(text, anchor=anchor)
+    if vertical: left, top, right, bottom = left - 1, top - 1, right + 1, bottom + 1
+    mask = Image.new('L', (max(1, right - left), max(1, bottom - top)), 0)
+    ImageDraw.Draw(mask).text((-left, -top), text, font=font, fill=255, anchor=anchor)
+    return (left, top), mask.rotate(90, expand=True) if vertical else mask
+
+
 @functools.lru_cache(maxsize=None)
 def _viridis() -> np.ndarray:
     "matplotlib's viridis as 256 RGB rows (uint8), as `plots.heatmap` colours its cells."
@@ -174,20 +190,20 @@ class _Canvas:
         if len(points) >= 3: self.draw.polygon([(x * _SCALE, y * _SCALE) for x, y in points], fill=fill)
 
     def text(self, xy, text, size=9.0, color='#222222', anchor='la', bold=False):
-        self.draw.text((xy[0] * _SCALE, xy[1] * _SCALE), text, font=_font(size, bold), fill=color, anchor=anchor)
+        if len(text) > _CACHED_CHARS:   # a title or a finding: new at each draw, not worth keeping
+            self.draw.text((xy[0] * _SCALE, xy[1] * _SCALE), text, font=_font(size, bold), fill=color, anchor=anchor)
+            return
+        (left, top), mask = _text_mask(text, size, bold, anchor)
+        self.draw.bitmap((round(xy[0] * _SCALE) + left, round(xy[1] * _SCALE) + top), mask, fill=color)
 
     def width_of(self, text, size=9.0, bold=False) -> float:
         return _font(size, bold).getlength(text) / _SCALE
 
     def vertical_text(self, centre, text, size=9.0, color='#222222'):
         "`text` read from bottom to top, centred on `centre`."
-        font = _font(size)
-        left, top, right, bottom = font.getbbox(text)
-        label = Image.new('L', (right - left + 2, bottom - top + 2), 0)
-        ImageDraw.Draw(label).text((1 - left, 1 - top), text, font=font, fill=255)
-        label = label.rotate(90, expand=True)
+        _, label = _text_mask(text, size, False, 'la', vertical=True)
         at = (round(centre[0] * _SCALE - label.width / 2), round(centre[1] * _SCALE - label.height / 2))
-        self.image.paste(Image.new('RGB', label.size, color), at, label)
+        self.draw.bitmap(at, label, fill=color)
 
     def cells(self, rgb, box):
         "An array of RGB cells (rows x columns x 3, uint8) stretched over `box`, each cell one flat colour."

@@ -455,3 +455,22 @@ def test_the_live_picture_png_decodes_to_the_pixels_drawn(shape):
         back = Image.open(io.BytesIO(live_picture._png_bytes(pixels)))
         assert back.mode == 'RGB' and back.size == (shape[1], shape[0])
         np.testing.assert_array_equal(np.asarray(back), pixels)
+
+
+def test_the_live_picture_text_kept_from_draw_to_draw_is_the_text_pillow_draws():
+    """Short text is rendered once and kept (`_text_mask`): drawn again, from the kept mask, it has the pixels Pillow's
+    own `ImageDraw.text` gives at that place, for each anchor the picture uses and for bold text; long text (a title)
+    is drawn directly and not kept."""
+    from PIL import Image, ImageDraw
+    cases = [('0.weight', 7, 'rm', False), ('step', 10, 'mt', False), ('1e-5', 9, 'lm', False), ('gjq|', 9.5, 'md', False),
+             ('CRITICAL', 11.5, 'mt', True), ('x' * (live_picture._CACHED_CHARS + 1), 8.5, 'mt', False)]
+    live_picture._text_mask.cache_clear()
+    for text, size, anchor, bold in cases:
+        reference = Image.new('RGB', (2 * 700, 2 * 60), 'white')
+        ImageDraw.Draw(reference).text((2 * 350, 2 * 30), text, font=live_picture._font(size, bold), fill='#222222',
+                                       anchor=anchor)
+        for _ in range(2):   # the first draw renders it, the second (when short) draws what was kept
+            canvas = live_picture._Canvas(700, 60)
+            canvas.text((350, 30), text, size, '#222222', anchor, bold)
+            np.testing.assert_array_equal(np.asarray(canvas.image), np.asarray(reference))
+    assert live_picture._text_mask.cache_info().currsize == len(cases) - 1   # the long one was not kept

@@ -92,9 +92,9 @@ class Run:
         else: self.applied, self.not_applied = steps[applied].reset_index(drop=True), steps[~applied]
         if 'rank' in steps:   # a merge: each rank's steps one after the other, so that a step's neighbours are its rank's
             self.applied = self.applied.sort_values(['rank', 'step'], kind='stable').reset_index(drop=True)
-        table = self.layers.set_index('name')
-        self.depth, self.module, self.shape = table['depth'], table['module'], table['shape']
-        self.group, self.numel = table['group'], table['numel']
+        by_name = pd.Index(self.layers['name'].to_numpy(object), name='name')
+        self.depth, self.module, self.shape, self.group, self.numel = (
+            pd.Series(self.layers[c].to_numpy(), index=by_name, name=c) for c in ('depth', 'module', 'shape', 'group', 'numel'))
         # layers as their categorical codes (fast to group and look up), and what each code is
         self.categories = list(self.df['layer'].cat.categories)
         self.code_of = {n: i for i, n in enumerate(self.categories)}
