@@ -6,7 +6,8 @@ lengths, in interleaved rounds (the order rotates every round, as in `overhead.p
 over rounds of time(with) / time(without), beside the noise floor `[GradStats()] again`. ShowGradStats runs its
 notebook path at its default cadence (`every=3`, `max_share=0.02`): this process is no notebook kernel, so a stand-in
 for IPython's `display` takes each draw's real PNG and counts it. Writes the table to benchmarks/RESULTS_LIVE.md
-(or --out; with --quick only to --out).
+(or --out; with --quick only to --out). Each fit's final picture is also timed as the first draw of a fresh process
+makes it, with nothing kept from earlier draws.
 """
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ from pathlib import Path
 import torch
 
 import fastai_gradstats.live as live
+import fastai_gradstats.live_picture as live_picture
 from fastai_gradstats import GradStats, ShowGradStats
 from overhead import make_learner, versions   # the workload and the machine's description of the overhead benchmark
 
 warnings.filterwarnings('ignore')
 WORKLOAD = 'mlp 10x256'
+MAKE_BUNDLE = live._bundle   # what a draw makes: the verdict, the picture and its PNG (not timed: `time_drawing` times it)
 FITS = {'short': (1, 50), 'medium': (3, 112), 'long': (20, 112)}
 "Fit name -> (epochs, training batches per epoch); 112 batches is all of `overhead.digits_repeated`."
 
@@ -47,15 +50,15 @@ class StandInNotebook:
 
 
 def time_drawing(notebook):
-    """Add the time ShowGradStats spends in `live_png` (all of a draw but handing the PNG over: the verdict, the
-    picture and its PNG) to `notebook.drawing`."""
+    """Add the time ShowGradStats spends making what it displays (`live._bundle`: all of a draw but handing it over:
+    the verdict, the picture and its PNG) to `notebook.drawing`."""
     def timed(function):
         def wrapper(*args, **kwargs):
             start = time.perf_counter()
             try: return function(*args, **kwargs)
             finally: notebook.drawing += time.perf_counter() - start
         return wrapper
-    live.live_png = timed(live.live_png)
+    live._bundle = timed(live._bundle)
 
 
 def wall_fit(learn, state, epochs, show):
@@ -92,7 +95,19 @@ def bench_fit(name, rounds, notebook, show_kwargs):
     ratio = lambda config: statistics.median(t / b for t, b in zip(times[config], base))
     return {'steps': epochs * n_batches, 'base': statistics.median(base), 'ratio': ratio(configs[1]),
             'noise': ratio(configs[2]), 'draws': statistics.median(draws), 'drawing': statistics.median(drawing),
-            'share': statistics.median(d / t for d, t in zip(drawing, times[configs[1]]))}
+            'share': statistics.median(d / t for d, t in zip(drawing, times[configs[1]])),
+            'first_draw': first_draw(learn.grad_stats)}
+
+
+def first_draw(record, repeats=5):
+    """Seconds of the final draw of `record` as a process's first draw makes it: nothing kept from earlier draws (the
+    rendered text, `live_picture._text_mask`; the record's tables and verdict), median of `repeats`. The fits above
+    follow a warm-up fit, so their draws find the names, ticks and labels already rendered."""
+    seconds = []
+    for _ in range(repeats):
+        live_picture._text_mask.cache_clear(); record._cache.clear()
+        start = time.perf_counter(); MAKE_BUNDLE(record); seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 def main(argv=None):
@@ -128,16 +143,23 @@ def main(argv=None):
              '`[GradStats(), ShowGradStats()]` / with `[GradStats()]`, on the MLP of `overhead.py` (10 x 256, digits, '
              'Adam), the same batches and initial weights every fit. ShowGradStats draws on its notebook path (each '
              'draw renders the PNG; a stand-in display takes it). `GradStats() again` is the noise floor. Drawing: the '
-             'time spent in `live_png` per fit (the verdict, the picture and its PNG), and its share of the fit (medians).', '',
-             '| fit | steps | ShowGradStats | time without | ratio | noise floor | draws | drawing | share |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+             'time spent making what is displayed per fit (`live._bundle`: the verdict, the picture and its PNG), and '
+             'its share of the fit (medians).', '',
+             '| fit | steps | ShowGradStats | time without | ratio | noise floor | draws | drawing | share | a first draw | its share |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for (name, cadence), row in results.items():
         epochs, n_batches = FITS[name]
         lines.append(f"| {name} ({epochs} x {n_batches} steps) | {row['steps']} | {cadence} | {row['base']:.2f} s | "
                      f"{row['ratio']:.3f}x | {row['noise']:.3f}x | {row['draws']:g} | {row['drawing']:.3f} s | "
-                     f"{100 * row['share']:.1f}% |")
-    lines += ['', 'The target: at most 1.03x at the default cadence. Every fit ends with one draw; a fit shorter than '
-              'about 2 draws / `max_share` gets that one only, so its share is one draw over the fit.']
+                     f"{100 * row['share']:.1f}% | {row['first_draw']:.3f} s | "
+                     f"{100 * row['first_draw'] / (row['base'] + row['first_draw']):.1f}% |")
+    lines += ['', 'The target: drawing takes at most 3% of a digits MLP fit at the default cadence (`share`; the '
+              'wall-time ratio beside its noise floor cannot resolve a few percent on these cores). Every fit ends with one '
+              'draw; a fit shorter than about 2 draws / `max_share` gets that one only, so its share is one draw over the '
+              'fit. The fits above follow '
+              'a warm-up fit, so their draws reuse the layer names, ticks and labels rendered before. `a first draw`: the '
+              'same final picture drawn with nothing kept, as the first draw in a fresh process makes it; `its share`: of '
+              'the fit without ShowGradStats plus that draw.']
     out = args.out or (None if args.quick else Path(__file__).parent/'RESULTS_LIVE.md')
     if out is not None: Path(out).write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))

@@ -56,7 +56,6 @@ class MagnitudeHistogram:
         numels = [s.numel() for s in _check_shapes(shapes)]
         self.index = [None if sample is None or n <= sample else _spread(n, sample, seed) for n in numels]
         sizes = torch.tensor([n if i is None else len(i) for n, i in zip(numels, self.index)], dtype=torch.long)
-        self.sample_sizes = sizes
         self.owner_offset = torch.repeat_interleave(torch.arange(len(numels)) * len(HIST_BINS), sizes)
         self._on_device = {}
 
