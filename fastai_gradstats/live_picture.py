@@ -5,8 +5,9 @@
 at twice its size and reduced, which smooths its lines and text, in a few tens of milliseconds; its short text (layer
 names, ticks, labels), most of the cost of a draw, is rendered once and kept for the next draws (`_text_mask`), and
 the PNG is written by `_png_bytes`. Rendering the same picture as a matplotlib figure (`live_figure`, kept for saving
-and editing) takes about ten times as long, mostly for its text. The title reads the notebook card's verdict (`view._shown_verdict`: a sample of a long record, cached until a
-step arrives), so a redraw costs the same on the 100th epoch as on the first.
+and editing) takes about ten times as long, mostly for its text. The title reads the notebook card's verdict
+(`view._shown_verdict`: a sample of a long record, cached until a step arrives), so a redraw costs the same on the
+100th epoch as on the first.
 """
 from __future__ import annotations
 

@@ -14,11 +14,10 @@ __all__ = ['live_rms', 'depth_profile', 'check_vanishing', 'check_layer_spread',
 def live_rms(run, rows=None):
     "Root mean square gradient of each of `rows` (default: the applied rows) over its live units' elements (dead units left out)."
     rows = run.applied_rows if rows is None else rows
-    read = run.column if rows is run.applied_rows else lambda c: rows[c].to_numpy(np.float64)
     numel = run.of_rows(rows, run.numel).astype(np.float64)
-    live = 1 - np.nan_to_num(read('dead_frac'))
+    live = 1 - np.nan_to_num(run.column('dead_frac', rows))
     with np.errstate(divide='ignore', invalid='ignore'):
-        return read('grad_norm') / np.sqrt(numel * live)
+        return run.column('grad_norm', rows) / np.sqrt(numel * live)
 
 
 def depth_profile(run):

@@ -183,8 +183,9 @@ class Run:
         return [f for check, found in self.findings.items() if checks is None or check in checks
                 for f in found if f['status'] != 'ok']
 
-    def column(self, name) -> np.ndarray:
-        "Column `name` of `applied_rows` as float64, read once."
+    def column(self, name, rows=None) -> np.ndarray:
+        "Column `name` of `rows` (default: `applied_rows`, whose columns are read once) as float64."
+        if rows is not None and rows is not self.applied_rows: return rows[name].to_numpy(np.float64)
         if name not in self._columns: self._columns[name] = self.applied_rows[name].to_numpy(np.float64)
         return self._columns[name]
 
@@ -209,8 +210,7 @@ class Run:
         Series by layer name."""
         if rows is not None and where is not None: raise ValueError("pass `rows` or `where`, not both")
         rows = self.applied_rows if rows is None else rows
-        if values is not None: values = np.asarray(values, np.float64)
-        else: values = self.column(column) if rows is self.applied_rows else rows[column].to_numpy(np.float64)
+        values = self.column(column, rows) if values is None else np.asarray(values, np.float64)
         keep = np.isfinite(values)
         if where is not None: keep &= where
         if layers is not None: keep &= self.mask(rows, layers)

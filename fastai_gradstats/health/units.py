@@ -19,19 +19,21 @@ def second_half(run) -> np.ndarray:
     return np.isin(run.applied_rows['step'].to_numpy(), steps[len(steps) - max(3, len(steps) // 2):])
 
 
-def dead_fractions(run):
-    """Per weight, the least dead fraction over the second half of the applied steps: at most this share of its units
-    got no gradient at every one of those steps (a unit off for one batch, or a few, is not dead)."""
-    return run.per_layer('dead_frac', run.weights, where=second_half(run), how='min')
+def dead_fractions(run, half=None):
+    """Per weight, the least dead fraction over the second half of the applied steps (`half`: `second_half(run)`, when
+    already made): at most this share of its units got no gradient at every one of those steps (a unit off for one
+    batch, or a few, is not dead)."""
+    return run.per_layer('dead_frac', run.weights, where=second_half(run) if half is None else half, how='min')
 
 
 def check_dead(run):
     "Weights whose units got no gradient at any step of the second half of training (dead neurons)."
     t = run.t
-    dead = dead_fractions(run)
+    half = second_half(run)
+    dead = dead_fractions(run, half)
     rows = []
     after = '' if not run.problems(['exploding']) else ' (they died in the explosion: see exploding)'
-    first, last = span(np.unique(run.applied_rows['step'].to_numpy()[second_half(run)]))
+    first, last = span(np.unique(run.applied_rows['step'].to_numpy()[half]))
     for layer, value in dead.items():
         if value < t.dead_warning: continue
         status, threshold = ('critical', t.dead_critical) if value >= t.dead_critical else ('warning', t.dead_warning)
